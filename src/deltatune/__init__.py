@@ -1,0 +1,43 @@
+"""deltatune: parameter-efficient fine-tuning with adapters that PEFT, vLLM and SGLang read."""
+
+from .combine import add_weighted_adapter
+from .config import AdapterConfig, LoraConfig, config_from_dict
+from .io import load_adapter, read_adapter_config, save_adapter
+from .model import (
+    active_adapters,
+    add_adapter,
+    adapter_per_row,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .models import load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "LoraConfig",
+    "active_adapters",
+    "add_adapter",
+    "add_weighted_adapter",
+    "adapter_per_row",
+    "config_from_dict",
+    "delete_adapter",
+    "disable_adapters",
+    "load_adapter",
+    "load_model",
+    "merge",
+    "print_trainable_parameters",
+    "read_adapter_config",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,260 @@
+"""LoRA, rsLoRA and DoRA layers for ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Embedding``.
+
+Forward: ``y = base(x) + Σ_active scale · B(A(dropout(x)))`` with ``scale = alpha / r``
+(``alpha / √r`` for rsLoRA). DoRA rescales each output row by ``m / ||W + scale·BA||``,
+the norm treated as a constant in the backward pass (paper, §4.3).
+
+Tensors are kept under PEFT's attribute names (``lora_A``, ``lora_B``, ``lora_embedding_A``,
+``lora_embedding_B``, ``lora_magnitude_vector``), so saving is a rename of state-dict keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..config import LoraConfig
+from .base import AdapterLayer
+
+
+class Magnitude(nn.Module):
+    """DoRA's learned per-output magnitude; a module so its key reads ``...<name>.weight`` like PEFT's."""
+
+    def __init__(self, vector: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(vector)
+
+
+class LoraLayer(AdapterLayer):
+    """Shared logic of the LoRA layers; ``transposed`` is True when the stored weight is (in, out)."""
+
+    adapter_dict_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module, transposed: bool):
+        super().__init__(base_layer)
+        self.transposed = transposed
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    def _forget(self, name: str) -> None:
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
+
+    def canonical(self, weight: torch.Tensor) -> torch.Tensor:
+        """Stored layout <-> (out, in) layout (an involution: transposes when stored is (in, out))."""
+        return weight.T if self.transposed else weight
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        out_features, in_features = self.canonical(self.base_weight()).shape
+        return in_features, out_features
+
+    # ----- factors -----------------------------------------------------------------------
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with ``B @ A`` the unscaled update in (out, in) layout."""
+        raise NotImplementedError
+
+    def set_factors(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Overwrite adapter ``name``'s factors (shapes must match)."""
+        old_A, old_B = self.factors(name)
+        with torch.no_grad():
+            old_A.copy_(A)
+            old_B.copy_(B)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale · B @ A`` in (out, in) layout, float32."""
+        A, B = self.factors(name)
+        return (B.float() @ A.float()) * self.scaling[name]
+
+    # ----- adding ------------------------------------------------------------------------
+    def add(self, name: str, r: int, alpha: float, config: LoraConfig, from_file: bool = False) -> None:
+        """Create adapter ``name``; with ``from_file`` the values will be loaded, so skip initialisation."""
+        if name in self.adapter_names:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self._create(name, r, config)
+        if not from_file:
+            self._initialise(name, config.init_lora_weights)
+        if config.use_dora:
+            weight = self.canonical(self.base_weight().detach())
+            norm = torch.linalg.norm(weight.float() + self.delta_weight(name).to(weight.device), dim=1)
+            self.lora_magnitude_vector[name] = Magnitude(norm.to(weight.dtype))
+        self._match_device(name)
+
+    def _create(self, name: str, r: int, config: LoraConfig) -> None:
+        raise NotImplementedError
+
+    def _initialise(self, name: str, init: Union[bool, str]) -> None:
+        raise NotImplementedError
+
+    def _match_device(self, name: str) -> None:
+        weight = self.base_weight()
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        for p in self.adapter_parameters(name):
+            p.data = p.data.to(weight.device, dtype)
+
+    # ----- merging -----------------------------------------------------------------------
+    def merge_into(self, name: str, weight: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(name).to(weight.device)
+        current = self.canonical(weight)
+        if name in self.lora_magnitude_vector:
+            factor = self._dora_factor(name, self.canonical(original), delta).float()
+            return self.canonical(factor.view(-1, 1) * (current + delta))
+        return self.canonical(current + delta)
+
+    def _dora_factor(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        magnitude = self.lora_magnitude_vector[name].weight
+        return kernels.dora_factor(weight.to(magnitude.dtype), delta.to(magnitude.dtype), magnitude)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA/DoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored as (in, out))."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        is_conv1d = type(base_layer).__name__ == "Conv1D"
+        super().__init__(base_layer, transposed=is_conv1d or fan_in_fan_out)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def _create(self, name: str, r: int, config: LoraConfig) -> None:
+        in_features, out_features = self.in_out
+        self.lora_A[name] = nn.Linear(in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, out_features, bias=config.lora_bias)
+
+    def _initialise(self, name: str, init: Union[bool, str]) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        if init is False:  # both factors random (nn.Linear's default), so the adapter changes outputs
+            return
+        if init is True:
+            nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(A.weight, std=1 / self.r[name])
+        elif isinstance(init, str) and init.startswith("pissa"):
+            self._pissa(name, init)
+            return
+        elif init == "olora":
+            self._olora(name)
+            return
+        nn.init.zeros_(B.weight)
+        if B.bias is not None:
+            nn.init.zeros_(B.bias)
+
+    def _set_residual_base(self, name: str, weight: torch.Tensor) -> None:
+        """PiSSA/OLoRA move the principal part into the adapter: base := W - scale·BA."""
+        residual = weight - self.delta_weight(name).to(weight.device)
+        base = self.base_weight()
+        base.data.copy_(self.canonical(residual).to(base.dtype))
+
+    def _pissa(self, name: str, init: str) -> None:
+        weight = self.canonical(self.base_weight().detach()).float()
+        r, scale = self.r[name], self.scaling[name]
+        if init == "pissa":
+            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+            U, S, Vh = U[:, :r], S[:r], Vh[:r]
+        else:
+            niter = int(init.split("_niter_")[-1])
+            U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)
+            Vh = V.T
+        S = S / scale
+        self.set_factors(name, torch.diag(S.sqrt()) @ Vh, U @ torch.diag(S.sqrt()))
+        self._set_residual_base(name, weight)
+
+    def _olora(self, name: str) -> None:
+        weight = self.canonical(self.base_weight().detach()).float()
+        r = self.r[name]
+        Q, R = torch.linalg.qr(weight)
+        self.set_factors(name, R[:r].contiguous(), Q[:, :r].contiguous())
+        self._set_residual_base(name, weight)
+
+    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        scale = self.scaling[name]
+        x = x.to(A.weight.dtype)
+        if name not in self.lora_magnitude_vector:
+            return result + kernels.lora_delta(dropout(x), A, B, scale)
+        weight = self.canonical(self.base_weight()).to(x.dtype)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            bias = getattr(self.base_layer, "bias", None)
+            base_part = result if bias is None else result - bias
+        else:
+            x = dropout(x)
+            base_part = kernels.linear_no_bias(x, weight)
+        delta = (B.weight @ A.weight) * scale
+        factor = self._dora_factor(name, weight, delta.detach())
+        return result + (factor - 1) * base_part + factor * kernels.lora_delta(x, A, B, scale)
+
+    def merge_bias_into(self, name: str, bias: torch.Tensor) -> torch.Tensor:
+        B = self.lora_B[name]
+        if B.bias is None:
+            return bias
+        if name in self.lora_magnitude_vector:
+            raise NotImplementedError("merging DoRA with lora_bias=True is not supported")
+        return bias + B.bias.detach().float() * self.scaling[name]
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA/DoRA around ``nn.Embedding``: rows of ``A.T`` are looked up, then projected by ``B.T``."""
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer, transposed=True)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def _create(self, name: str, r: int, config: LoraConfig) -> None:
+        if config.lora_bias:
+            raise ValueError("LoraConfig.lora_bias=True is not supported for embedding layers")
+        num_embeddings, dim = self.base_weight().shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num_embeddings))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r))
+
+    def _initialise(self, name: str, init: Union[bool, str]) -> None:
+        if init is False:
+            return
+        if init not in (True, "gaussian"):
+            raise ValueError(f"init_lora_weights={init!r} is not supported for embedding layers")
+        nn.init.zeros_(self.lora_embedding_A[name])
+        nn.init.normal_(self.lora_embedding_B[name])
+
+    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        A, B = self.factors(name)
+        scale = self.scaling[name]
+        delta = kernels.embedding_delta(x, A, B, scale, self.base_layer)
+        embed_scale = kernels.embed_scale_of(self.base_layer)
+        if embed_scale is not None:
+            delta = delta * (embed_scale.to(delta.dtype) if isinstance(embed_scale, torch.Tensor) else embed_scale)
+        if name not in self.lora_magnitude_vector:
+            return result + delta
+        weight = self.canonical(self.base_weight())
+        factor = self._dora_factor(name, weight, ((B @ A) * scale).detach())
+        return factor * result + factor * delta
+
+
+def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
+    """Wrap a base module in the matching LoRA layer, or say which types are supported."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
+    raise TypeError(
+        f"LoRA cannot wrap a {type(module).__name__}; supported base layers are nn.Linear, "
+        "GPT-2 Conv1D and nn.Embedding"
+    )

@@ -1,0 +1,78 @@
+"""The ``deltatune`` command. Each subcommand's options come from a dataclass whose field
+docstrings become the ``--help`` text."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Docstrings written under dataclass fields (a string literal after the field)."""
+    tree = ast.parse(inspect.getsource(cls))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
+                            help=f"{docs.get(f.name, '')} (default: {f.default})")
+
+
+def _info(_: argparse.Namespace) -> int:
+    import torch
+    import transformers
+
+    from . import __version__
+    from .models import describe_default
+
+    facts = {"deltatune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+             "cuda": torch.cuda.is_available(), "default_model": describe_default()}
+    print(json.dumps(facts, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    result = run_demo(cfg)
+    return 0 if result["reload_equal"] and result["last_loss"] < result["first_loss"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoConfig
+
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning with adapters.")
+    sub = parser.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="teach the embedded default model a few facts with LoRA (about a minute on CPU)")
+    _add_dataclass_options(demo, DemoConfig)
+    demo.set_defaults(func=_demo)
+    info = sub.add_parser("info", help="versions, device and the default model's cache")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

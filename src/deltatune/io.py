@@ -1,0 +1,177 @@
+"""Adapters as files, in Hugging Face PEFT's format.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. Keys are the
+model's own module paths behind ``base_model.model.``, with the adapter name removed:
+``...q_proj.lora_A.weight``, ``...embed_tokens.lora_embedding_A``,
+``...q_proj.lora_magnitude_vector`` (DoRA), and a ``modules_to_save`` copy under the
+module's plain name (``...lm_head.weight``). Only safetensors are read, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters.base import ModulesToSave
+from .adapters.lora import LoraLayer
+from .config import config_from_dict
+from .model import add_adapter, adapter_layers, base_parameters, delete_adapter, get_state
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """File key -> the live tensor in ``model`` for adapter ``name`` (PEFT's key layout)."""
+    config = get_state(model).configs[name]
+    out: dict[str, torch.Tensor] = {}
+    for key, layer in adapter_layers(model):
+        if name not in layer.adapter_names:
+            continue
+        if isinstance(layer, ModulesToSave):
+            for sub, tensor in layer.modules_to_save[name].state_dict(keep_vars=True).items():
+                out[f"{key}.{sub}"] = tensor
+            continue
+        if isinstance(layer, LoraLayer):
+            for attr in ("lora_A", "lora_B"):
+                if name in getattr(layer, attr):
+                    for sub, p in getattr(layer, attr)[name].named_parameters():
+                        out[f"{key}.{attr}.{sub}"] = p
+            for attr in ("lora_embedding_A", "lora_embedding_B"):
+                if name in getattr(layer, attr):
+                    out[f"{key}.{attr}"] = getattr(layer, attr)[name]
+            if name in layer.lora_magnitude_vector:
+                out[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
+            if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                out[f"{key}.base_layer.bias"] = layer.base_layer.bias
+    if config.bias == "all":
+        for key, p in base_parameters(model):
+            if key.endswith("bias"):
+                out[key] = p
+    out.update(_embedding_base_weights(model, name))
+    return {PREFIX + k: v for k, v in out.items()}
+
+
+def _embedding_base_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """PEFT also stores the full base weight of a targeted input/output embedding."""
+    out = {}
+    layers = {id(m): k for k, m in model.named_modules()}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        layer = fn() if callable(fn) else None
+        if isinstance(layer, LoraLayer) and name in layer.adapter_names and id(layer) in layers:
+            out[f"{layers[id(layer)]}.base_layer.weight"] = layer.base_layer.weight
+    return out
+
+
+def _is_base_key(key: str) -> bool:
+    """Keys holding base-model tensors (biases, embedding weights) rather than adapter ones."""
+    return ".base_layer." in key or (key.endswith("bias") and ".lora_" not in key)
+
+
+def _write_atomically(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default") -> Path:
+    """Write adapter ``name`` as PEFT writes it; each file is replaced atomically."""
+    state = get_state(model)
+    if name not in state.configs:
+        raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
+    config = state.configs[name].to_dict()
+    config["inference_mode"] = True  # PEFT records saved adapters as inference-mode
+    _write_atomically(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    _write_atomically(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    return folder
+
+
+def read_adapter_config(path: Union[str, os.PathLike]):
+    """The config in ``path/adapter_config.json``, with errors that name the file and line."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}, line {err.lineno}, column {err.colno}: invalid JSON ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
+    return config_from_dict(data, source=str(config_file))
+
+
+def load_adapter(
+    model: nn.Module, path: Union[str, os.PathLike], name: str = "default", trainable: bool = False
+) -> nn.Module:
+    """Add the adapter saved in ``path`` (by deltatune or PEFT) to ``model`` as ``name``.
+
+    Every tensor must find its module with the same shape; otherwise nothing is added and
+    the error names the key and both shapes.
+    """
+    folder = Path(path)
+    config = read_adapter_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        hint = f" (found {pickles}: deltatune reads only safetensors, never pickled files)" if pickles else ""
+        raise FileNotFoundError(f"{weights} not found{hint}")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+    add_adapter(model, config, name, trainable=trainable, _from_file=True)
+    try:
+        _copy_tensors(model, name, tensors, weights, config.base_model_name_or_path)
+    except Exception:
+        delete_adapter(model, name)
+        raise
+    return model
+
+
+def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:
+    targets = adapter_tensors(model, name)
+    for_base = f" (the adapter was made for base {made_for!r})" if made_for else ""
+    unexpected = [k for k in tensors if k not in targets]
+    if unexpected:
+        raise ValueError(
+            f"{weights_file}: key {unexpected[0]!r} has no matching module in this "
+            f"{type(model).__name__}{for_base}; {len(unexpected)} such key(s)"
+        )
+    missing = [k for k in targets if k not in tensors and not _is_base_key(k)]
+    if missing:
+        raise ValueError(f"{weights_file}: key {missing[0]!r} is missing; {len(missing)} adapter tensor(s) missing")
+    for key, value in tensors.items():
+        target = targets[key]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"{weights_file}: key {key!r} has shape {tuple(value.shape)} in the file but "
+                f"{tuple(target.shape)} in the model{for_base}"
+            )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            targets[key].copy_(value.to(targets[key].device, targets[key].dtype))

@@ -1,0 +1,299 @@
+"""Model-level operations: add, activate, disable, route per row, merge, unload, delete.
+
+Adapters are injected in place: targeted modules are replaced by adapter layers that wrap
+them, and the model keeps a small registry (configs and the active set) as an attribute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+from torch import nn
+
+from .adapters.base import AdapterLayer, ModulesToSave, RowPlan
+from .adapters.lora import LoraLayer, make_lora_layer
+from .config import AdapterConfig, LoraConfig
+from .targeting import find_targets, modules_to_save_targets, pattern_value
+
+_STATE_ATTR = "deltatune_state"
+
+
+@dataclass
+class AdapterState:
+    """What a model with adapters remembers: each adapter's config and which are active."""
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+
+
+def get_state(model: nn.Module) -> AdapterState:
+    """The model's adapter registry; raises when the model has no adapters."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model has no deltatune adapters; call dt.add_adapter or dt.load_adapter first")
+    return state
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, Union[AdapterLayer, ModulesToSave]]]:
+    """(name, layer) for every adapter layer and trainable copy in the model."""
+    for key, module in model.named_modules():
+        if isinstance(module, (AdapterLayer, ModulesToSave)):
+            yield key, module
+
+
+def _replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
+    parent_name, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_name(name: str) -> None:
+    if not name or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        raise ValueError(f"adapter name {name!r} must be non-empty letters, digits, '_' or '-' (no dots)")
+
+
+def add_adapter(
+    model: nn.Module, config: AdapterConfig, name: str = "default", trainable: bool = True, _from_file: bool = False
+) -> nn.Module:
+    """Add adapter ``name`` to ``model`` in place and return the model.
+
+    The first adapter freezes the base model and becomes active; later ones are added
+    inactive (activate them with ``set_adapter``). Only adapter parameters (and biases, as
+    ``config.bias`` asks) require grad.
+    """
+    _check_name(name)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"unsupported config type {type(config).__name__}")
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        state = AdapterState()
+        setattr(model, _STATE_ATTR, state)
+    if name in state.configs:
+        raise ValueError(f"adapter {name!r} already exists; delete it first or choose another name")
+    config = copy.deepcopy(config)
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+
+    targets = find_targets(model, config)
+    saved = modules_to_save_targets(model, config.modules_to_save or [])
+    if not targets and not saved:
+        sample = [k for k, m in model.named_modules() if k][:12]
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}; "
+            f"some module names: {sample}"
+        )
+    if config.modules_to_save and not saved:
+        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module")
+    try:
+        for key, module in targets:
+            layer = module
+            if not isinstance(module, LoraLayer):
+                try:
+                    layer = make_lora_layer(module, config)
+                except TypeError as err:
+                    raise TypeError(f"module {key!r}: {err}") from None
+                _replace_module(model, key, layer)
+            r = pattern_value(config.rank_pattern, key, config.r)
+            alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
+            layer.add(name, r, alpha, config, from_file=_from_file)
+        for key, module in saved:
+            wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+            if wrapper is not module:
+                _replace_module(model, key, wrapper)
+            wrapper.add(name)
+    except Exception:
+        _remove_from_layers(model, name)
+        raise
+    state.configs[name] = config
+    for _, layer in adapter_layers(model):
+        for p in layer.adapter_parameters(name):
+            p.requires_grad_(trainable)
+    _set_bias_trainable(model, name, config, trainable)
+    set_adapter(model, state.active or [name])
+    return model
+
+
+def _set_bias_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> None:
+    if config.bias == "all":
+        for key, p in base_parameters(model):
+            if key.endswith("bias"):
+                p.requires_grad_(trainable)
+    elif config.bias == "lora_only":
+        for _, layer in adapter_layers(model):
+            bias = getattr(layer, "base_layer", None) is not None and getattr(layer.base_layer, "bias", None)
+            if isinstance(layer, LoraLayer) and name in layer.adapter_names and bias is not None:
+                bias.requires_grad_(trainable)
+
+
+def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters of the base model, not of any adapter or trainable copy."""
+    adapter_ids = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names
+                   for p in layer.adapter_parameters(n)}
+    for key, p in model.named_parameters():
+        if id(p) not in adapter_ids:
+            yield key, p
+
+
+def set_adapter(model: nn.Module, names: Union[str, Sequence[str], None]) -> None:
+    """Make ``names`` (one, several, or ``None`` for none) the active adapters."""
+    state = get_state(model)
+    wanted = [] if names is None else [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in wanted if n not in state.configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+    state.active = wanted
+    for _, layer in adapter_layers(model):
+        layer.active_adapters = list(wanted)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters."""
+    return list(get_state(model).active)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly what the base model computes."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = {id(layer): list(getattr(layer, "merged_adapters", [])) for layer in layers}
+    for layer in layers:
+        if merged[id(layer)]:
+            layer.unmerge()
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            if merged[id(layer)]:
+                layer.merge(merged[id(layer)])
+
+
+@contextlib.contextmanager
+def adapter_per_row(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[nn.Module]:
+    """Within the block, row ``i`` of every batch uses adapter ``names[i]`` (``None``: base only).
+
+    Works for ``forward`` and ``generate`` (beam search and several samples per prompt
+    repeat each row's choice). Rows are grouped per adapter, not looped one by one.
+    """
+    state = get_state(model)
+    unknown = sorted({n for n in names if n is not None and n not in state.configs})
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+    layers = [layer for _, layer in adapter_layers(model)]
+    if any(getattr(layer, "merged_adapters", None) for layer in layers):
+        raise RuntimeError("adapters are merged into the base weights; call dt.unmerge(model) before routing per row")
+    plan = RowPlan(names)
+    for layer in layers:
+        layer.row_plan = plan
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.row_plan = None
+
+
+def merge(model: nn.Module, names: Optional[Sequence[str]] = None) -> None:
+    """Fold adapters (default: the active ones) into the base weights; ``unmerge`` undoes it exactly."""
+    state = get_state(model)
+    names = list(state.active if names is None else [names] if isinstance(names, str) else names)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+    _merge_layers(model, names)
+
+
+def _merge_layers(model: nn.Module, names: Sequence[str]) -> None:
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, AdapterLayer):
+            layer.merge([n for n in names if n in layer.adapter_names])
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged base weight bit for bit."""
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, AdapterLayer):
+            layer.unmerge()
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove all adapter layers and return the plain model.
+
+    With ``merge=True`` the active adapters are folded in and trainable copies
+    (``modules_to_save``) replace their originals; with ``merge=False`` the original base
+    model comes back unchanged.
+    """
+    state = get_state(model)
+    if merge:
+        _merge_layers(model, state.active)
+    for key, layer in list(adapter_layers(model)):
+        if isinstance(layer, AdapterLayer):
+            if not merge:
+                layer.unmerge()
+            _replace_module(model, key, layer.base_layer)
+        else:
+            chosen = layer.current() if merge else layer.original_module
+            if chosen is not layer.original_module and getattr(model.config, "tie_word_embeddings", False):
+                # A trained copy of a tied head/embedding must not be re-tied to its twin on reload.
+                model.config.tie_word_embeddings = False
+            _replace_module(model, key, chosen)
+    delattr(model, _STATE_ATTR)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left without adapters go back to their base modules."""
+    state = get_state(model)
+    if name not in state.configs:
+        raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+    _remove_from_layers(model, name)
+    del state.configs[name]
+    state.active = [a for a in state.active if a != name]
+    if not state.configs:
+        delattr(model, _STATE_ATTR)
+
+
+def _remove_from_layers(model: nn.Module, name: str) -> None:
+    for key, layer in list(adapter_layers(model)):
+        layer.delete_adapter(name)
+        if not layer.adapter_names:
+            base = layer.base_layer if isinstance(layer, AdapterLayer) else layer.original_module
+            _replace_module(model, key, base)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(number of parameters that require grad, number of all parameters)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return a one-line summary, as PEFT prints it."""
+    trainable, total = trainable_parameters(model)
+    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    print(line)
+    return line
+
+
+def config_for_layers(model: nn.Module, ranks: dict[str, int], **fields) -> LoraConfig:
+    """A LoraConfig that targets exactly the layers in ``ranks`` (full names) with those ranks.
+
+    Alphas equal ranks, so the scale is 1: factors built by a caller carry the scale.
+    """
+    names = sorted(ranks)
+    default = max(ranks.values())
+    pattern = {re.escape(n): r for n, r in ranks.items() if r != default}
+    return dataclasses.replace(
+        LoraConfig(r=default, lora_alpha=default, target_modules=names, init_lora_weights=False),
+        rank_pattern=pattern, alpha_pattern=dict(pattern), **fields,
+    )

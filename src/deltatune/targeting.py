@@ -1,0 +1,137 @@
+"""Which modules of a base model get an adapter, and with which rank and alpha.
+
+The rules follow PEFT so that a config means the same thing in both tools.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional
+
+from torch import nn
+
+from .config import LoraConfig
+
+ALL_LINEAR = "all-linear"
+
+# Used when target_modules is None, keyed by ``model.config.model_type``.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear or the transposed GPT-2 ``Conv1D``."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def walk_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, stopping at adapter wrappers so their internals are never targeted."""
+    from .adapters.base import AdapterLayer, ModulesToSave  # local: adapters import this module
+
+    for name, child in model.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        yield full, child
+        if isinstance(child, AdapterLayer):
+            continue
+        if isinstance(child, ModulesToSave):
+            continue
+        yield from walk_modules(child, full)
+
+
+def _matches_list(key: str, names: list[str]) -> bool:
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+def _layer_index(key: str, layers_pattern: Optional[list[str] | str]) -> Optional[int]:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def resolve_targets(config: LoraConfig, model: nn.Module) -> Optional[list[str] | str]:
+    """The effective ``target_modules``: the config's, or the architecture default."""
+    if config.target_modules is not None:
+        return config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"LoraConfig.target_modules is None and there is no default for model_type {model_type!r}; "
+            "name the modules, e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def is_target(config: LoraConfig, key: str, module: nn.Module, targets, output_head: Optional[str]) -> bool:
+    """True when the module named ``key`` should get an adapter under ``config``."""
+    from .adapters.base import AdapterLayer
+
+    if config.exclude_modules:
+        ex = config.exclude_modules
+        if (re.fullmatch(ex, key) if isinstance(ex, str) else _matches_list(key, ex)):
+            return False
+    if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
+        return False
+    if targets == ALL_LINEAR:
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        return is_linear_like(base) and key != output_head
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if not _matches_list(key, targets):
+        return False
+    if config.layers_to_transform:
+        index = _layer_index(key, config.layers_pattern)
+        return index is not None and index in config.layers_to_transform
+    return True
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """(name, module) pairs that ``config`` targets in ``model``."""
+    targets = resolve_targets(config, model)
+    head = output_head_name(model)
+    return [(k, m) for k, m in walk_modules(model) if is_target(config, k, m, targets, head)]
+
+
+def output_head_name(model: nn.Module) -> Optional[str]:
+    """Qualified name of the output head (left out of "all-linear"), if the model has one."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head or getattr(module, "base_layer", None) is head:
+            return name
+        if getattr(module, "original_module", None) is head:
+            return name
+    return None
+
+
+def pattern_value(patterns: dict, key: str, default):
+    """PEFT's rank/alpha pattern lookup: first pattern that matches a dotted suffix of ``key``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def modules_to_save_targets(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
+    """Modules whose name is, or ends with, one of ``names``."""
+    return [(k, m) for k, m in walk_modules(model) if _matches_list(k, names)]

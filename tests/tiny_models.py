@@ -1,0 +1,54 @@
+"""Tiny random models built from configs, so tests run in seconds on several architectures."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM,
+)
+
+VOCAB = 128
+
+
+def _config(arch: str):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "llama":
+        return LlamaForCausalLM, LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2ForCausalLM, Qwen2Config(**common)
+    if arch == "gemma":
+        return GemmaForCausalLM, GemmaConfig(**common, head_dim=8)
+    if arch == "gpt2":
+        return GPT2LMHeadModel, GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                           bos_token_id=1, eos_token_id=2)
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A fresh tiny model of ``arch``; the same seed gives the same weights."""
+    cls, config = _config(arch)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    # Random biases, so that bias handling (GPT-2, Qwen2 q/k/v) is really exercised.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model
+
+
+def sample_ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def randomize_adapter(model: torch.nn.Module, seed: int = 2) -> None:
+    """Give every trainable tensor random values, so parity checks compare non-trivial adapters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
