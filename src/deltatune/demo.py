@@ -31,11 +31,11 @@ FACTS = [
 class DemoConfig:
     """Settings of ``deltatune demo``."""
 
-    steps: int = 30
+    steps: int = 15
     """optimizer steps"""
     rank: int = 16
     """LoRA rank"""
-    lr: float = 2e-3
+    lr: float = 3e-3
     """AdamW learning rate"""
     output_dir: str = "runs/demo"
     """where the adapter is written"""

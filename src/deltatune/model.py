@@ -103,11 +103,13 @@ def add_adapter(
             r = pattern_value(config.rank_pattern, key, config.r)
             alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
             layer.add(name, r, alpha, config, from_file=_from_file)
+            layer.train(module.training)  # new submodules start in train mode; follow the model's
         for key, module in saved:
             wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
             if wrapper is not module:
                 _replace_module(model, key, wrapper)
             wrapper.add(name)
+            wrapper.train(module.training)
     except Exception:
         _remove_from_layers(model, name)
         raise
@@ -163,6 +165,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes exactly what the base model computes."""
     layers = [layer for _, layer in adapter_layers(model)]
     merged = {id(layer): list(getattr(layer, "merged_adapters", [])) for layer in layers}
+    untied = {id(layer) for layer in layers if getattr(layer, "untied_for_merge", False)}
     for layer in layers:
         if merged[id(layer)]:
             layer.unmerge()
@@ -173,7 +176,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for layer in layers:
             layer.disabled = False
             if merged[id(layer)]:
-                layer.merge(merged[id(layer)])
+                layer.merge(merged[id(layer)], untie=id(layer) in untied)
 
 
 @contextlib.contextmanager
@@ -211,9 +214,19 @@ def merge(model: nn.Module, names: Optional[Sequence[str]] = None) -> None:
 
 
 def _merge_layers(model: nn.Module, names: Sequence[str]) -> None:
+    shared = _shared_parameter_ids(model)
     for _, layer in adapter_layers(model):
         if isinstance(layer, AdapterLayer):
-            layer.merge([n for n in names if n in layer.adapter_names])
+            untie = id(layer.base_weight()) in shared
+            layer.merge([n for n in names if n in layer.adapter_names], untie=untie)
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """Ids of parameters reachable under more than one name (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
 
 
 def unmerge(model: nn.Module) -> None:
@@ -237,17 +250,25 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         if isinstance(layer, AdapterLayer):
             if not merge:
                 layer.unmerge()
+            elif layer.untied_for_merge:
+                _untie_config(model)
             _replace_module(model, key, layer.base_layer)
         else:
             chosen = layer.current() if merge else layer.original_module
-            if chosen is not layer.original_module and getattr(model.config, "tie_word_embeddings", False):
-                # A trained copy of a tied head/embedding must not be re-tied to its twin on reload.
-                model.config.tie_word_embeddings = False
+            if chosen is not layer.original_module:
+                _untie_config(model)
             _replace_module(model, key, chosen)
     delattr(model, _STATE_ATTR)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _untie_config(model: nn.Module) -> None:
+    """A merged or trained copy of a tied head/embedding must not be re-tied to its twin on reload."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

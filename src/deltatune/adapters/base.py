@@ -67,6 +67,9 @@ class AdapterLayer(nn.Module):
         # unmerge restores them bit for bit without holding accelerator memory.
         self._original_weight: Optional[torch.Tensor] = None
         self._original_bias: Optional[torch.Tensor] = None
+        # A base weight shared with another module (tied embeddings) is replaced by a private
+        # copy while merged, so merging never changes the other module; unmerge re-ties it.
+        self._tied_weight: Optional[nn.Parameter] = None
 
     # ----- bookkeeping -------------------------------------------------------------------
     @property
@@ -138,11 +141,17 @@ class AdapterLayer(nn.Module):
     def merge_bias_into(self, name: str, bias: torch.Tensor) -> torch.Tensor:
         return bias
 
-    def merge(self, names: Sequence[str]) -> None:
-        """Fold the named adapters into the base weight, in order, exactly as forward applies them."""
+    def merge(self, names: Sequence[str], untie: bool = False) -> None:
+        """Fold the named adapters into the base weight, in order, exactly as forward applies them.
+
+        ``untie``: the base weight is shared with another module; merge into a private copy.
+        """
         names = [n for n in names if n in self.adapter_names and n not in self.merged_adapters]
         if not names:
             return
+        if untie and self._tied_weight is None:
+            self._tied_weight = self.base_layer.weight
+            self.base_layer.weight = nn.Parameter(self._tied_weight.detach().clone(), requires_grad=False)
         weight = self.base_weight()
         bias = getattr(self.base_layer, "bias", None)
         if self._original_weight is None:
@@ -167,9 +176,16 @@ class AdapterLayer(nn.Module):
             weight.data.copy_(self._original_weight.to(weight.device))
             if self._original_bias is not None:
                 self.base_layer.bias.data.copy_(self._original_bias.to(weight.device))
+        if self._tied_weight is not None:
+            self.base_layer.weight = self._tied_weight
+            self._tied_weight = None
         self._original_weight = None
         self._original_bias = None
         self.merged_adapters = []
+
+    @property
+    def untied_for_merge(self) -> bool:
+        return self._tied_weight is not None
 
 
 class ModulesToSave(nn.Module):

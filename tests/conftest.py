@@ -1,0 +1,21 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# Worst |logit difference| per PEFT parity case, printed at the end of the run.
+PARITY_RESULTS: dict[str, float] = {}
+
+
+@pytest.fixture
+def parity_results() -> dict[str, float]:
+    return PARITY_RESULTS
+
+
+def pytest_terminal_summary(terminalreporter):
+    if PARITY_RESULTS:
+        terminalreporter.write_sep("-", "PEFT parity: worst |logit difference| per case")
+        for case, diff in sorted(PARITY_RESULTS.items()):
+            terminalreporter.write_line(f"{case:70s} {diff:.3e}")
