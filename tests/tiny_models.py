@@ -23,7 +23,8 @@ def _config(arch: str):
         return GemmaForCausalLM, GemmaConfig(**common, head_dim=8)
     if arch == "gpt2":
         return GPT2LMHeadModel, GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                           bos_token_id=1, eos_token_id=2)
+                                           bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                                           attn_pdrop=0.0)
     raise ValueError(arch)
 
 

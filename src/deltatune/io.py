@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Union
@@ -61,8 +62,22 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {PREFIX + k: v for k, v in out.items()}
 
 
+# PEFT stores the full base weight of the input/output embedding when the config names one
+# of these (its "save_embedding_layers" rule), e.g. for adapters trained on a resized vocabulary.
+_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def _names_embedding(model: nn.Module, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return any(re.fullmatch(target_modules, k) for k, _ in model.named_modules()
+                   if re.match(rf"(.*\.)?({'|'.join(_EMBEDDING_NAMES)})$", k))
+    return bool(target_modules) and any(n in target_modules for n in _EMBEDDING_NAMES)
+
+
 def _embedding_base_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """PEFT also stores the full base weight of a targeted input/output embedding."""
+    """The base embedding weights PEFT would store beside adapter ``name``."""
+    if not _names_embedding(model, get_state(model).configs[name].target_modules):
+        return {}
     out = {}
     layers = {id(m): k for k, m in model.named_modules()}
     for getter in ("get_input_embeddings", "get_output_embeddings"):
@@ -144,11 +159,14 @@ def load_adapter(
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     add_adapter(model, config, name, trainable=trainable, _from_file=True)
     try:
         _copy_tensors(model, name, tensors, weights, config.base_model_name_or_path)
-    except Exception:
+    except Exception:  # leave the model exactly as it was
         delete_adapter(model, name)
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), False))
         raise
     return model
 

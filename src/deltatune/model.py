@@ -18,7 +18,7 @@ from torch import nn
 from .adapters.base import AdapterLayer, ModulesToSave, RowPlan
 from .adapters.lora import LoraLayer, make_lora_layer
 from .config import AdapterConfig, LoraConfig
-from .targeting import find_targets, modules_to_save_targets, pattern_value
+from .targeting import expand_target_modules, find_targets, modules_to_save_targets, pattern_value
 
 _STATE_ATTR = "deltatune_state"
 
@@ -70,14 +70,10 @@ def add_adapter(
     if not isinstance(config, LoraConfig):
         raise TypeError(f"unsupported config type {type(config).__name__}")
     state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        state = AdapterState()
-        setattr(model, _STATE_ATTR, state)
-    if name in state.configs:
+    if state is not None and name in state.configs:
         raise ValueError(f"adapter {name!r} already exists; delete it first or choose another name")
     config = copy.deepcopy(config)
+    config.target_modules = expand_target_modules(model, config)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
 
@@ -91,6 +87,10 @@ def add_adapter(
         )
     if config.modules_to_save and not saved:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module")
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
+    if state is None:  # the first adapter freezes the base model
+        for p in model.parameters():
+            p.requires_grad_(False)
     try:
         for key, module in targets:
             layer = module
@@ -110,9 +110,14 @@ def add_adapter(
                 _replace_module(model, key, wrapper)
             wrapper.add(name)
             wrapper.train(module.training)
-    except Exception:
+    except Exception:  # leave the model exactly as it was
         _remove_from_layers(model, name)
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), False))
         raise
+    if state is None:
+        state = AdapterState()
+        setattr(model, _STATE_ATTR, state)
     state.configs[name] = config
     for _, layer in adapter_layers(model):
         for p in layer.adapter_parameters(name):

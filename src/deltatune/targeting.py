@@ -103,6 +103,23 @@ def is_target(config: LoraConfig, key: str, module: nn.Module, targets, output_h
     return True
 
 
+def expand_target_modules(model: nn.Module, config: LoraConfig) -> Optional[list[str] | str]:
+    """``target_modules`` as saved files record it: ``None`` becomes the architecture default and
+    ``"all-linear"`` the full names of every linear layer but the output head (as PEFT writes)."""
+    from .adapters.base import AdapterLayer
+
+    targets = resolve_targets(config, model)
+    if targets != ALL_LINEAR:
+        return targets
+    head = output_head_name(model)
+    names = []
+    for key, module in walk_modules(model):
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        if is_linear_like(base) and key != head:
+            names.append(key)
+    return names
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) pairs that ``config`` targets in ``model``."""
     targets = resolve_targets(config, model)
