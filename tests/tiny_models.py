@@ -52,4 +52,4 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 2) -> None:
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+                p.add_((torch.randn(p.shape, generator=g) * 0.1).to(p.device, p.dtype))
