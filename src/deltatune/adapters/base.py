@@ -81,6 +81,10 @@ class AdapterLayer(nn.Module):
                     names.append(key)
         return names
 
+    def has_adapter(self, name: str) -> bool:
+        """Cheap membership test for the forward pass (``adapter_names`` builds a list)."""
+        return any(name in getattr(self, attr) for attr in self.adapter_dict_names)
+
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
         for attr in self.adapter_dict_names:
             holder = getattr(self, attr)
@@ -116,12 +120,12 @@ class AdapterLayer(nn.Module):
         out_dtype = result.dtype
         if self.row_plan is not None:
             for name, rows in self.row_plan.groups(x.shape[0], x.device):
-                if name in self.adapter_names and name not in self.merged_adapters:
+                if self.has_adapter(name) and name not in self.merged_adapters:
                     routed = self.apply(name, x.index_select(0, rows), result.index_select(0, rows))
                     result = result.index_copy(0, rows, routed.to(out_dtype))
             return result
         for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.adapter_names:
+            if name in self.merged_adapters or not self.has_adapter(name):
                 continue
             result = self.apply(name, x, result)
         return result.to(out_dtype)

@@ -53,6 +53,9 @@ class LoraLayer(AdapterLayer):
         if name in self.lora_dropout:
             del self.lora_dropout[name]
 
+    def has_adapter(self, name: str) -> bool:
+        return name in self.scaling  # set by add, cleared by delete
+
     def canonical(self, weight: torch.Tensor) -> torch.Tensor:
         """Stored layout <-> (out, in) layout (an involution: transposes when stored is (in, out))."""
         return weight.T if self.transposed else weight
