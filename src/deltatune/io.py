@@ -24,7 +24,7 @@ from torch import nn
 from .adapters.base import ModulesToSave
 from .adapters.lora import LoraLayer
 from .config import config_from_dict
-from .model import add_adapter, adapter_layers, base_parameters, delete_adapter, get_state
+from .model import add_adapter, adapter_layers, base_parameters, get_state
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -159,16 +159,10 @@ def load_adapter(
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
-    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
-    add_adapter(model, config, name, trainable=trainable, _from_file=True)
-    try:
-        _copy_tensors(model, name, tensors, weights, config.base_model_name_or_path)
-    except Exception:  # leave the model exactly as it was
-        delete_adapter(model, name)
-        for p in model.parameters():
-            p.requires_grad_(requires_grad.get(id(p), False))
-        raise
-    return model
+    def fill(adapted: nn.Module) -> None:
+        _copy_tensors(adapted, name, tensors, weights, config.base_model_name_or_path)
+
+    return add_adapter(model, config, name, trainable=trainable, _fill=fill)
 
 
 def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:

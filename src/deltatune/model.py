@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
@@ -58,13 +58,18 @@ def _check_name(name: str) -> None:
 
 
 def add_adapter(
-    model: nn.Module, config: AdapterConfig, name: str = "default", trainable: bool = True, _from_file: bool = False
+    model: nn.Module,
+    config: AdapterConfig,
+    name: str = "default",
+    trainable: bool = True,
+    _fill: Optional[Callable[[nn.Module], None]] = None,
 ) -> nn.Module:
     """Add adapter ``name`` to ``model`` in place and return the model.
 
     The first adapter freezes the base model and becomes active; later ones are added
     inactive (activate them with ``set_adapter``). Only adapter parameters (and biases, as
-    ``config.bias`` asks) require grad.
+    ``config.bias`` asks) require grad. ``_fill`` (used by ``load_adapter``) sets the values
+    instead of initialising them. All or nothing: on any error the model is left as it was.
     """
     _check_name(name)
     if not isinstance(config, LoraConfig):
@@ -102,7 +107,7 @@ def add_adapter(
                 _replace_module(model, key, layer)
             r = pattern_value(config.rank_pattern, key, config.r)
             alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
-            layer.add(name, r, alpha, config, from_file=_from_file)
+            layer.add(name, r, alpha, config, from_file=_fill is not None)
             layer.train(module.training)  # new submodules start in train mode; follow the model's
         for key, module in saved:
             wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
@@ -110,20 +115,26 @@ def add_adapter(
                 _replace_module(model, key, wrapper)
             wrapper.add(name)
             wrapper.train(module.training)
+        registry = state or AdapterState()
+        setattr(model, _STATE_ATTR, registry)
+        registry.configs[name] = config
+        for _, layer in adapter_layers(model):
+            for p in layer.adapter_parameters(name):
+                p.requires_grad_(trainable)
+        _set_bias_trainable(model, name, config, trainable)
+        if _fill is not None:
+            _fill(model)
     except Exception:  # leave the model exactly as it was
         _remove_from_layers(model, name)
+        if state is None:
+            if hasattr(model, _STATE_ATTR):
+                delattr(model, _STATE_ATTR)
+        else:
+            state.configs.pop(name, None)
         for p in model.parameters():
             p.requires_grad_(requires_grad.get(id(p), False))
         raise
-    if state is None:
-        state = AdapterState()
-        setattr(model, _STATE_ATTR, state)
-    state.configs[name] = config
-    for _, layer in adapter_layers(model):
-        for p in layer.adapter_parameters(name):
-            p.requires_grad_(trainable)
-    _set_bias_trainable(model, name, config, trainable)
-    set_adapter(model, state.active or [name])
+    set_adapter(model, registry.active or [name])
     return model
 
 
@@ -170,7 +181,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes exactly what the base model computes."""
     layers = [layer for _, layer in adapter_layers(model)]
     merged = {id(layer): list(getattr(layer, "merged_adapters", [])) for layer in layers}
-    untied = {id(layer) for layer in layers if getattr(layer, "untied_for_merge", False)}
     for layer in layers:
         if merged[id(layer)]:
             layer.unmerge()
@@ -178,10 +188,11 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
+        shared = _shared_parameter_ids(model)
         for layer in layers:
             layer.disabled = False
             if merged[id(layer)]:
-                layer.merge(merged[id(layer)], untie=id(layer) in untied)
+                layer.merge(merged[id(layer)], untie=id(layer.base_weight()) in shared)
 
 
 @contextlib.contextmanager

@@ -80,19 +80,17 @@ def resolve_targets(config: LoraConfig, model: nn.Module) -> Optional[list[str] 
     return DEFAULT_TARGETS[model_type]
 
 
-def is_target(config: LoraConfig, key: str, module: nn.Module, targets, output_head: Optional[str]) -> bool:
-    """True when the module named ``key`` should get an adapter under ``config``."""
-    from .adapters.base import AdapterLayer
+def is_target(config: LoraConfig, key: str, targets: list[str] | str) -> bool:
+    """True when the module named ``key`` should get an adapter under ``config``.
 
+    ``targets`` is ``config.target_modules`` after ``expand_target_modules``.
+    """
     if config.exclude_modules:
         ex = config.exclude_modules
         if (re.fullmatch(ex, key) if isinstance(ex, str) else _matches_list(key, ex)):
             return False
     if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.modules_to_save):
         return False
-    if targets == ALL_LINEAR:
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
-        return is_linear_like(base) and key != output_head
     if isinstance(targets, str):
         return re.fullmatch(targets, key) is not None
     if not _matches_list(key, targets):
@@ -122,9 +120,8 @@ def expand_target_modules(model: nn.Module, config: LoraConfig) -> Optional[list
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) pairs that ``config`` targets in ``model``."""
-    targets = resolve_targets(config, model)
-    head = output_head_name(model)
-    return [(k, m) for k, m in walk_modules(model) if is_target(config, k, m, targets, head)]
+    targets = expand_target_modules(model, config)
+    return [(k, m) for k, m in walk_modules(model) if is_target(config, k, targets)]
 
 
 def output_head_name(model: nn.Module) -> Optional[str]:
