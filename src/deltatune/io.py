@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -24,6 +23,7 @@ from torch import nn
 from .adapters.base import ModulesToSave
 from .adapters.lora import LoraLayer
 from .config import config_from_dict
+from .files import write_atomically
 from .model import add_adapter, adapter_layers, base_parameters, get_state
 
 PREFIX = "base_model.model."
@@ -93,20 +93,6 @@ def _is_base_key(key: str) -> bool:
     return ".base_layer." in key or (key.endswith("bias") and ".lora_" not in key)
 
 
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default") -> Path:
     """Write adapter ``name`` as PEFT writes it; each file is replaced atomically."""
     state = get_state(model)
@@ -117,9 +103,9 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "d
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
     config = state.configs[name].to_dict()
     config["inference_mode"] = True  # PEFT records saved adapters as inference-mode
-    _write_atomically(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_atomically(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    _write_atomically(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    write_atomically(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return folder
 
 

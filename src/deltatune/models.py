@@ -107,16 +107,20 @@ def load_model(
     dtype: Union[str, torch.dtype, None] = None,
     quantize: Optional[str] = None,
     device: Union[str, torch.device, None] = None,
+    compute_dtype: Union[str, torch.dtype, None] = None,
+    keep_full_precision: Optional[list[str]] = None,
+    quant_double: bool = True,
+    quant_blocksize: int = 64,
 ):
     """Load ``(model, tokenizer)``; the tokenizer is ``None`` when the folder has none.
 
     ``path_or_name``: a Hugging Face model folder, a ``.gguf`` file, or ``None`` for the
-    embedded default. ``dtype`` defaults to float32.
+    embedded default. ``dtype`` (default float32) is the dtype of the unquantized tensors.
+    ``quantize``: ``"nf4"``, ``"fp4"`` or ``"int8"`` stores every linear layer but the output
+    head (and ``keep_full_precision``) quantized, layer by layer while loading; matmuls run in
+    ``compute_dtype`` (default: ``dtype``). A folder saved quantized (by deltatune or by
+    transformers + bitsandbytes) loads quantized without bitsandbytes.
     """
-    if quantize is not None:
-        raise NotImplementedError(
-            f"quantize={quantize!r}: quantized bases are not implemented yet; load in full precision (quantize=None)"
-        )
     from transformers import AutoConfig, AutoTokenizer
 
     torch_dtype = _parse_dtype(dtype)
@@ -138,7 +142,9 @@ def load_model(
             )
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(folder, **kwargs)
-    model = _auto_class(config).from_pretrained(folder, dtype=torch_dtype, **kwargs)
+    quant, prequantized = _quantization_plan(folder, config, quantize, torch_dtype, compute_dtype,
+                                             keep_full_precision, quant_double, quant_blocksize)
+    model = _load_weights(Path(folder), config, torch_dtype, quant, prequantized, kwargs)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -148,6 +154,58 @@ def load_model(
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _quantization_plan(folder, config, quantize, dtype, compute_dtype, keep, double_quant, blocksize):
+    """(QuantizeConfig or None, whether the checkpoint is already quantized)."""
+    from .quant.convert import QuantizeConfig
+
+    compute = _parse_dtype(compute_dtype) if compute_dtype is not None else dtype
+    saved = getattr(config, "quantization_config", None)
+    if saved is not None and getattr(config, "gguf_file", None) is None and not isinstance(saved, dict):
+        saved = saved.to_dict()
+    if isinstance(saved, dict) and saved.get("quant_method") != "gguf":
+        plan = QuantizeConfig.from_hf(saved, where=f"{Path(folder) / 'config.json'}: quantization_config",
+                                      compute_dtype=compute)
+        if quantize is not None and quantize != plan.quant_type:
+            raise ValueError(f"{folder} is stored as {plan.quant_type}; load it with quantize=None or "
+                             f"quantize={plan.quant_type!r} (re-quantizing a quantized model would add error)")
+        del config.quantization_config
+        return plan, True
+    if isinstance(saved, dict):  # a GGUF-loaded config carries its own marker; the weights are dequantized
+        del config.quantization_config
+    if quantize is None:
+        return None, False
+    return QuantizeConfig(quantize, blocksize, double_quant, compute, list(keep or [])), False
+
+
+def _load_weights(folder: Path, config, dtype, quant, prequantized, kwargs):
+    from .quant.convert import quantize_model
+    from .quant.loading import StreamingUnsupported, load_streaming, warn_fallback
+
+    auto = _auto_class(config)
+    if quant is not None and not kwargs:
+        try:
+            model = load_streaming(folder, auto, config, dtype, quant, prequantized)
+            _attach_generation_config(model, folder)
+            return model
+        except StreamingUnsupported as err:
+            if prequantized:
+                raise ValueError(f"{folder}: cannot read this quantized checkpoint: {err}") from None
+            warn_fallback(str(err))
+    model = auto.from_pretrained(folder, dtype=dtype, **kwargs)
+    if getattr(model.config, "quantization_config", None) is not None and kwargs:
+        del model.config.quantization_config  # transformers marks GGUF models; the weights are dequantized
+    if quant is not None:
+        quantize_model(model, quant)
+    return model
+
+
+def _attach_generation_config(model, folder: Path) -> None:
+    from transformers import GenerationConfig
+
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
 def describe_default() -> dict:

@@ -1,0 +1,142 @@
+"""Which layers get quantized, and turning a model's linear layers into quantized ones and back.
+
+As bitsandbytes does by default, every ``nn.Linear`` is quantized except the output head
+(and any module the user names); embeddings and norms stay in full precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .layers import Linear4bit, Linear8bit, QuantLinear
+
+QUANT_TYPES = ("nf4", "fp4", "int8")
+
+
+@dataclass
+class QuantizeConfig:
+    """How to store a base model's linear weights."""
+
+    quant_type: str = "nf4"
+    """"nf4" (NormalFloat4), "fp4" or "int8" (row-wise, LLM.int8 layout)."""
+    blocksize: int = 64
+    """Values per 4-bit block sharing one scale."""
+    double_quant: bool = True
+    """Quantize the 4-bit block scales too (8-bit, blocks of 256): about 0.37 bits/parameter less."""
+    compute_dtype: torch.dtype = torch.float32
+    """dtype the weights are dequantized to for each matmul."""
+    keep: list[str] = field(default_factory=list)
+    """Module names (or name suffixes) kept in full precision, besides the output head."""
+
+    def __post_init__(self):
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quantize={self.quant_type!r} is not supported; use one of {list(QUANT_TYPES)}")
+
+    def to_hf(self, head: Optional[str]) -> dict:
+        """The ``quantization_config`` transformers + bitsandbytes write for these settings."""
+        four = self.quant_type != "int8"
+        skip = list(self.keep) + ([head] if head and self.keep else [])
+        return {
+            "quant_method": "bitsandbytes", "load_in_4bit": four, "load_in_8bit": not four,
+            "_load_in_4bit": four, "_load_in_8bit": not four,
+            "bnb_4bit_quant_type": self.quant_type if four else "fp4",
+            "bnb_4bit_use_double_quant": self.double_quant if four else False,
+            "bnb_4bit_compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": skip or None,
+            "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False,
+        }
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "quantization_config",
+                compute_dtype: Optional[torch.dtype] = None) -> "QuantizeConfig":
+        """Read a bitsandbytes ``quantization_config``; anything else is refused with its name."""
+        if d.get("quant_method") != "bitsandbytes":
+            raise ValueError(f"{where}: quant_method={d.get('quant_method')!r}; deltatune reads bitsandbytes "
+                             "(NF4/FP4/int8) checkpoints only")
+        if d.get("load_in_4bit"):
+            quant_type = d.get("bnb_4bit_quant_type", "fp4")
+            if d.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+                raise ValueError(f"{where}: bnb_4bit_quant_storage={d['bnb_4bit_quant_storage']!r}; only uint8 "
+                                 "storage is supported")
+        elif d.get("load_in_8bit"):
+            quant_type = "int8"
+        else:
+            raise ValueError(f"{where}: neither load_in_4bit nor load_in_8bit is set")
+        dtype = compute_dtype or getattr(torch, str(d.get("bnb_4bit_compute_dtype") or "float32"))
+        return cls(quant_type, 64, bool(d.get("bnb_4bit_use_double_quant", False)), dtype,
+                   list(d.get("llm_int8_skip_modules") or []))
+
+
+def as_quantize_config(quantize: Union[str, QuantizeConfig], compute_dtype: Optional[torch.dtype] = None,
+                       keep: Optional[list[str]] = None, double_quant: bool = True,
+                       blocksize: int = 64) -> QuantizeConfig:
+    if isinstance(quantize, QuantizeConfig):
+        return quantize
+    return QuantizeConfig(quantize, blocksize, double_quant, compute_dtype or torch.float32, list(keep or []))
+
+
+def _named(key: str, names: list[str]) -> bool:
+    return any(key == n or key.endswith("." + n) or key.startswith(n + ".") for n in names)
+
+
+def quantizable_linears(model: nn.Module, config: QuantizeConfig) -> list[str]:
+    """Names of the ``nn.Linear`` modules that ``config`` quantizes."""
+    from ..targeting import output_head_name
+
+    head = output_head_name(model)
+    return [key for key, module in model.named_modules()
+            if isinstance(module, nn.Linear) and key != head and not _named(key, config.keep)]
+
+
+def make_quant_linear(linear: nn.Module, config: QuantizeConfig) -> QuantLinear:
+    """A quantized copy of ``linear``."""
+    if config.quant_type == "int8":
+        return Linear8bit.from_linear(linear, config.compute_dtype)
+    return Linear4bit.from_linear(linear, config.quant_type, config.blocksize, config.double_quant,
+                                  config.compute_dtype)
+
+
+def _set_module(model: nn.Module, key: str, new: nn.Module) -> None:
+    parent, _, child = key.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize_model(model: nn.Module, config: QuantizeConfig) -> nn.Module:
+    """Replace the quantizable linear layers of ``model`` in place, one at a time."""
+    for key in quantizable_linears(model, config):
+        linear = model.get_submodule(key)
+        _set_module(model, key, make_quant_linear(linear, config))
+        del linear
+    mark_quantized(model, config)
+    return model
+
+
+def mark_quantized(model: nn.Module, config: QuantizeConfig) -> None:
+    """Record the settings on the model and its config, as transformers does for bitsandbytes."""
+    from ..targeting import output_head_name
+
+    model.deltatune_quantization = config
+    if getattr(model, "config", None) is not None:
+        model.config.quantization_config = config.to_hf(output_head_name(model))
+
+
+def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Replace every quantized layer by a plain ``nn.Linear`` (in place); the model becomes ordinary."""
+    for key, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            _set_module(model, key, module.to_linear(dtype))
+    if hasattr(model, "deltatune_quantization"):
+        del model.deltatune_quantization
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    return model
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(k, m) for k, m in model.named_modules() if isinstance(m, QuantLinear)]

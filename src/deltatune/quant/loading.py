@@ -1,0 +1,208 @@
+"""Load a base model quantized layer by layer, and save a (quantized) base model.
+
+Peak memory while loading stays near the quantized model plus one full-precision tensor:
+the model is built on the ``meta`` device (no storage), then each tensor is read from the
+safetensors file on its own, quantized if it belongs to a quantized linear layer, and put in
+place. Folders written by transformers + bitsandbytes (and by ``save_model``) load without
+bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..files import write_atomically
+from .convert import QuantizeConfig, _set_module, make_quant_linear, mark_quantized, quantizable_linears
+from .layers import Linear4bit, Linear8bit, QuantLinear, state_from_tensors
+
+
+class StreamingUnsupported(Exception):
+    """The model cannot be filled tensor by tensor (the caller falls back to a full load)."""
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{index}: not a safetensors index ({err})") from None
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise StreamingUnsupported(f"{folder} has no model.safetensors")
+
+
+def _tensor_locations(files: list[Path]) -> dict[str, Path]:
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():
+                where[key] = f
+    return where
+
+
+def _read(where: dict[str, Path], key: str) -> torch.Tensor:
+    # One open per tensor: the file's memory map is dropped right after, so pages read for
+    # earlier tensors do not pile up in the process's memory.
+    with safe_open(str(where[key]), framework="pt") as handle:
+        return handle.get_tensor(key)
+
+
+def _put(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if value.is_floating_point():
+        value = value.to(dtype)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=value.is_floating_point())
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value.to(owner._buffers[attr].dtype)
+    else:
+        raise StreamingUnsupported(f"{key}: no such parameter or buffer in {type(owner).__name__}")
+
+
+def _rebuild_meta_buffers(model: nn.Module) -> None:
+    """Buffers computed in ``__init__`` and never saved (rotary frequencies) are rebuilt from config."""
+    for name, module in model.named_modules():
+        meta = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
+        if not meta:
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise StreamingUnsupported(f"{name}: buffers {meta} are not in the checkpoint")
+        fresh = type(module)(config)
+        for b in meta:
+            module._buffers[b] = fresh._buffers[b]
+
+
+def load_streaming(folder: Path, auto_class, config, dtype: torch.dtype,
+                   quant: Optional[QuantizeConfig], prequantized: bool) -> nn.Module:
+    """Build ``auto_class`` from ``config`` on meta and fill it from ``folder`` tensor by tensor.
+
+    ``quant``: quantize the layers it selects while loading. ``prequantized``: the files hold
+    bitsandbytes-format quantized layers already (``quant`` then describes them).
+    """
+    where = _tensor_locations(weight_files(folder))
+    with torch.device("meta"):
+        model = auto_class.from_config(config, dtype=dtype)
+    targets = set(quantizable_linears(model, quant)) if quant is not None else set()
+    if prequantized:  # the file, not the model's head rule, says which layers are quantized
+        targets = {k for k in targets if k + ".weight" in where and where_is_quantized(where, k)}
+    for key in sorted(targets):
+        linear = model.get_submodule(key)
+        _set_module(model, key, _quant_layer_from_file(where, key, linear, quant, prequantized))
+    expected = model.state_dict(keep_vars=True)
+    for key, tensor in expected.items():
+        if key.startswith(tuple(t + "." for t in targets)):
+            continue
+        if key not in where:
+            if tensor.is_meta and not _is_tied(model, key):
+                raise StreamingUnsupported(f"{key} is not in the checkpoint")
+            continue
+        _put(model, key, _read(where, key), dtype)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _rebuild_meta_buffers(model)
+    left = [k for k, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor) and t.is_meta]
+    if left:
+        raise StreamingUnsupported(f"tensors still unset after loading: {left[:5]}")
+    if quant is not None:
+        mark_quantized(model, quant)
+    return model
+
+
+def where_is_quantized(where: dict[str, Path], key: str) -> bool:
+    return any(k.startswith(key + ".weight.quant_state.") for k in where) or key + ".SCB" in where
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return bool(tied and head is not None and key.endswith("weight") and model.get_submodule(
+        key.rpartition(".")[0]) is head)
+
+
+def _quant_layer_from_file(where, key: str, linear: nn.Module, quant: QuantizeConfig,
+                           prequantized: bool) -> QuantLinear:
+    bias = _read(where, key + ".bias") if key + ".bias" in where else None
+    if not prequantized:
+        full = nn.Linear(linear.in_features, linear.out_features, bias=bias is not None, device="meta")
+        full.weight = nn.Parameter(_read(where, key + ".weight"), requires_grad=False)
+        if bias is not None:
+            full.bias = nn.Parameter(bias, requires_grad=False)
+        return make_quant_linear(full, quant)
+    if key + ".SCB" in where:
+        layer = Linear8bit(_read(where, key + ".weight"), _read(where, key + ".SCB").float(), bias,
+                           quant.compute_dtype)
+    else:
+        tensors = {k[len(key) + 1:]: _read(where, k) for k in where if k.startswith(key + ".weight")}
+        packed, state = state_from_tensors(tensors, key + ".")
+        layer = Linear4bit(packed, state, bias, quant.compute_dtype)
+    if (layer.out_features, layer.in_features) != (linear.out_features, linear.in_features):
+        raise ValueError(f"{key}: the checkpoint holds a {layer.out_features}x{layer.in_features} weight, the "
+                         f"model expects {linear.out_features}x{linear.in_features}")
+    return layer
+
+
+def save_model(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None,
+               dtype: Optional[torch.dtype] = None) -> Path:
+    """Write ``model`` as a Hugging Face folder (config + safetensors, each file atomically).
+
+    Quantized layers are written in bitsandbytes' layout with ``quantization_config`` in the
+    config, so transformers + bitsandbytes and ``dt.load_model`` both read the folder.
+    ``dtype`` casts the full-precision tensors (not the packed ones).
+    """
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if tied and head is not None and key.endswith(".weight") and key.rpartition(".")[0] in _names_of(model, head):
+            continue  # written once, under the embedding's name, as transformers does
+        if value.data_ptr() in seen and value.numel() > 1:
+            continue
+        seen[value.data_ptr()] = key
+        if dtype is not None and value.is_floating_point() and not _is_quant_state_key(key):
+            value = value.to(dtype)
+        tensors[key] = value.detach().to("cpu").contiguous()
+    write_atomically(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    config = getattr(model, "config", None)
+    if config is not None:
+        if dtype is not None:
+            config.dtype = dtype
+        text = config.to_json_string(use_diff=False)
+        write_atomically(folder / "config.json", lambda p: Path(p).write_text(text))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        text = generation.to_json_string(use_diff=True)
+        write_atomically(folder / "generation_config.json", lambda p: Path(p).write_text(text))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _names_of(model: nn.Module, module: nn.Module) -> set[str]:
+    return {k for k, m in model.named_modules(remove_duplicate=False) if m is module}
+
+
+def _is_quant_state_key(key: str) -> bool:
+    return any(part in key for part in (".absmax", ".quant_map", ".nested_", ".quant_state.", ".SCB"))
+
+
+def warn_fallback(reason: str) -> None:
+    warnings.warn(f"loading in full precision first, then quantizing (peak memory is the full model): {reason}",
+                  stacklevel=3)
