@@ -18,6 +18,7 @@ from torch import nn
 from .adapters.base import AdapterLayer, ModulesToSave, RowPlan
 from .adapters.lora import LoraLayer, make_lora_layer
 from .config import AdapterConfig, LoraConfig
+from .merge_report import MergeReport, measure_merge
 from .targeting import expand_target_modules, find_targets, modules_to_save_targets, pattern_value
 
 _STATE_ATTR = "deltatune_state"
@@ -192,7 +193,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for layer in layers:
             layer.disabled = False
             if merged[id(layer)]:
-                layer.merge(merged[id(layer)], untie=id(layer.base_weight()) in shared)
+                untie = not layer.quantized and id(layer.base_weight()) in shared
+                layer.merge(merged[id(layer)], untie=untie, requantize=layer.merge_requantized)
 
 
 @contextlib.contextmanager
@@ -219,22 +221,29 @@ def adapter_per_row(model: nn.Module, names: Sequence[Optional[str]]) -> Iterato
             layer.row_plan = None
 
 
-def merge(model: nn.Module, names: Optional[Sequence[str]] = None) -> None:
-    """Fold adapters (default: the active ones) into the base weights; ``unmerge`` undoes it exactly."""
+def merge(model: nn.Module, names: Optional[Sequence[str]] = None, *, requantize: bool = False,
+          tokenizer=None, verbose: bool = True) -> MergeReport:
+    """Fold adapters (default: the active ones) into the base weights; ``unmerge`` undoes it exactly.
+
+    A quantized base is dequantized and merged in float32; ``requantize=True`` stores the
+    result quantized again (smaller, lossy), otherwise in full precision. Every merge
+    measures and prints its error against the unmerged model on a fixed probe text
+    (``tokenizer`` makes the probe real text) and returns it as a ``MergeReport``.
+    """
     state = get_state(model)
     names = list(state.active if names is None else [names] if isinstance(names, str) else names)
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
-    _merge_layers(model, names)
+    return measure_merge(model, lambda: _merge_layers(model, names, requantize), tokenizer, requantize, verbose)
 
 
-def _merge_layers(model: nn.Module, names: Sequence[str]) -> None:
+def _merge_layers(model: nn.Module, names: Sequence[str], requantize: bool = False) -> None:
     shared = _shared_parameter_ids(model)
     for _, layer in adapter_layers(model):
         if isinstance(layer, AdapterLayer):
-            untie = id(layer.base_weight()) in shared
-            layer.merge([n for n in names if n in layer.adapter_names], untie=untie)
+            untie = not layer.quantized and id(layer.base_weight()) in shared
+            layer.merge([n for n in names if n in layer.adapter_names], untie=untie, requantize=requantize)
 
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:
@@ -252,16 +261,19 @@ def unmerge(model: nn.Module) -> None:
             layer.unmerge()
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge: bool = True, *, requantize: bool = False, tokenizer=None,
+           verbose: bool = True) -> nn.Module:
     """Remove all adapter layers and return the plain model.
 
-    With ``merge=True`` the active adapters are folded in and trainable copies
+    With ``merge=True`` the active adapters are folded in (the merge error is printed, as
+    ``merge`` prints it, when anything was left to merge) and trainable copies
     (``modules_to_save``) replace their originals; with ``merge=False`` the original base
     model comes back unchanged.
     """
     state = get_state(model)
-    if merge:
-        _merge_layers(model, state.active)
+    if merge and _has_unmerged(model, state.active):
+        measure_merge(model, lambda: _merge_layers(model, state.active, requantize), tokenizer, requantize,
+                      verbose)
     for key, layer in list(adapter_layers(model)):
         if isinstance(layer, AdapterLayer):
             if not merge:
@@ -278,6 +290,11 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _has_unmerged(model: nn.Module, names: Sequence[str]) -> bool:
+    return any(n in layer.adapter_names and n not in layer.merged_adapters
+               for _, layer in adapter_layers(model) if isinstance(layer, AdapterLayer) for n in names)
 
 
 def _untie_config(model: nn.Module) -> None:
@@ -308,9 +325,15 @@ def _remove_from_layers(model: nn.Module, name: str) -> None:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(number of parameters that require grad, number of all parameters)."""
+    """(number of parameters that require grad, number of all parameters).
+
+    Quantized weights count as the parameters they stand for, not as packed bytes.
+    """
+    from .quant.layers import QuantLinear
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     return trainable, total
 
 

@@ -32,8 +32,10 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear or the transposed GPT-2 ``Conv1D``."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """nn.Linear, the transposed GPT-2 ``Conv1D``, or a quantized linear layer."""
+    from .quant.layers import QuantLinear
+
+    return isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D"
 
 
 def walk_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

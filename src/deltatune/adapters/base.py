@@ -14,6 +14,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..quant.layers import QuantLinear
+
 
 class RowPlan:
     """Which adapter each row of a batch uses; ``None`` means the base model alone."""
@@ -70,6 +72,10 @@ class AdapterLayer(nn.Module):
         # A base weight shared with another module (tied embeddings) is replaced by a private
         # copy while merged, so merging never changes the other module; unmerge re-ties it.
         self._tied_weight: Optional[nn.Parameter] = None
+        # A quantized base is swapped for a merged layer; the original is kept (it is small) so
+        # that unmerge puts back exactly the stored bytes.
+        self._original_quant: Optional[QuantLinear] = None
+        self.merge_requantized = False
 
     # ----- bookkeeping -------------------------------------------------------------------
     @property
@@ -109,7 +115,15 @@ class AdapterLayer(nn.Module):
     def _forget(self, name: str) -> None:
         """Drop per-adapter plain-Python state (ranks, scalings); subclasses extend."""
 
+    @property
+    def quantized(self) -> bool:
+        """The base layer stores its weight quantized (``deltatune.quant``)."""
+        return isinstance(self.base_layer, QuantLinear)
+
     def base_weight(self) -> torch.Tensor:
+        """The base weight in its stored layout; for a quantized base, a dequantized copy."""
+        if self.quantized:
+            return self.base_layer.dequantize()
         return self.base_layer.weight
 
     # ----- forward -------------------------------------------------------------------------
@@ -145,13 +159,18 @@ class AdapterLayer(nn.Module):
     def merge_bias_into(self, name: str, bias: torch.Tensor) -> torch.Tensor:
         return bias
 
-    def merge(self, names: Sequence[str], untie: bool = False) -> None:
+    def merge(self, names: Sequence[str], untie: bool = False, requantize: bool = False) -> None:
         """Fold the named adapters into the base weight, in order, exactly as forward applies them.
 
         ``untie``: the base weight is shared with another module; merge into a private copy.
+        ``requantize``: for a quantized base, store the merged weight quantized again (lossy)
+        rather than in full precision.
         """
         names = [n for n in names if n in self.adapter_names and n not in self.merged_adapters]
         if not names:
+            return
+        if self.quantized or self._original_quant is not None:
+            self._merge_quantized(names, requantize)
             return
         if untie and self._tied_weight is None:
             self._tied_weight = self.base_layer.weight
@@ -171,8 +190,39 @@ class AdapterLayer(nn.Module):
             weight.data.copy_(current.to(weight.dtype))
         self.merged_adapters.extend(names)
 
+    def _merge_quantized(self, names: Sequence[str], requantize: bool) -> None:
+        """Dequantize, merge in float32, then keep the result in full precision or re-quantize."""
+        if self._original_quant is None:
+            self._original_quant = self.base_layer
+        original = self._original_quant
+        reference = original.dequantize(torch.float32)
+        current = self.base_layer
+        weight = current.dequantize(torch.float32) if isinstance(current, QuantLinear) else current.weight.float()
+        bias = None if current.bias is None else current.bias.detach().float()
+        with torch.no_grad():
+            for name in names:
+                weight = self.merge_into(name, weight, reference)
+                if bias is not None:
+                    bias = self.merge_bias_into(name, bias)
+        merged = None
+        if not requantize:
+            merged = original.to_linear(original.compute_dtype)
+            with torch.no_grad():
+                merged.weight.copy_(weight)
+                if bias is not None:
+                    merged.bias.copy_(bias)
+        self.base_layer = original.requantized(weight, bias) if requantize else merged
+        self.merge_requantized = requantize
+        self.merged_adapters.extend(names)
+
     def unmerge(self) -> None:
         """Restore the base weight (and bias) exactly as they were before the first merge."""
+        if self._original_quant is not None:
+            self.base_layer = self._original_quant
+            self._original_quant = None
+            self.merge_requantized = False
+            self.merged_adapters = []
+            return
         if self._original_weight is None:
             return
         weight = self.base_weight()

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import LoraConfig
+from ..quant.layers import QuantLinear
 from .base import AdapterLayer
 
 
@@ -62,6 +63,8 @@ class LoraLayer(AdapterLayer):
 
     @property
     def in_out(self) -> tuple[int, int]:
+        if self.quantized:
+            return self.base_layer.in_features, self.base_layer.out_features
         out_features, in_features = self.canonical(self.base_weight()).shape
         return in_features, out_features
 
@@ -162,6 +165,9 @@ class LoraLinear(LoraLayer):
     def _set_residual_base(self, name: str, weight: torch.Tensor) -> None:
         """PiSSA/OLoRA move the principal part into the adapter: base := W - scale·BA."""
         residual = weight - self.delta_weight(name).to(weight.device)
+        if self.quantized:  # the residual is stored quantized, as PEFT does for 4-bit PiSSA
+            self.base_layer.set_weight(residual)
+            return
         base = self.base_weight()
         base.data.copy_(self.canonical(residual).to(base.dtype))
 
@@ -199,7 +205,8 @@ class LoraLinear(LoraLayer):
             base_part = result if bias is None else result - bias
         else:
             x = dropout(x)
-            base_part = kernels.linear_no_bias(x, weight)
+            # A quantized base recomputes its weight in backward instead of saving it.
+            base_part = self.base_layer.matmul(x) if self.quantized else kernels.linear_no_bias(x, weight)
         delta = (B.weight @ A.weight) * scale
         factor = self._dora_factor(name, weight, delta.detach())
         return result + (factor - 1) * base_part + factor * kernels.lora_delta(x, A, B, scale)
@@ -255,9 +262,11 @@ def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
     """Wrap a base module in the matching LoRA layer, or say which types are supported."""
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
+    if isinstance(module, QuantLinear):
+        return LoraLinear(module)
     if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
         return LoraLinear(module, fan_in_fan_out=config.fan_in_fan_out)
     raise TypeError(
         f"LoRA cannot wrap a {type(module).__name__}; supported base layers are nn.Linear, "
-        "GPT-2 Conv1D and nn.Embedding"
+        "GPT-2 Conv1D, nn.Embedding and deltatune's quantized linear layers"
     )

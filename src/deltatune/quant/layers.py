@@ -56,6 +56,10 @@ class QuantLinear(nn.Module):
         """Re-quantize a new (out, in) weight into this layer with the same settings."""
         raise NotImplementedError
 
+    def requantized(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> "QuantLinear":
+        """A new layer with this layer's settings storing ``weight`` (out, in) and ``bias``."""
+        raise NotImplementedError
+
     def _move(self, device: torch.device) -> None:
         raise NotImplementedError
 
@@ -67,8 +71,12 @@ class QuantLinear(nn.Module):
         """Bytes of everything stored for the weight (packed values and scales)."""
         raise NotImplementedError
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` without the bias; the dequantized ``W`` is not kept for backward."""
+        return _DequantizedMatmul.apply(x, self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _DequantizedMatmul.apply(x.to(self.compute_dtype), self)
+        out = self.matmul(x.to(self.compute_dtype))
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def _apply(self, fn, recurse: bool = True):
@@ -124,6 +132,11 @@ class Linear4bit(QuantLinear):
         s = self.quant_state
         packed, state = quantize_4bit(weight.to(s.dtype), s.quant_type, s.blocksize, s.nested is not None)
         self.weight, self.quant_state = packed, state
+
+    def requantized(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> "Linear4bit":
+        s = self.quant_state
+        packed, state = quantize_4bit(weight.to(s.dtype), s.quant_type, s.blocksize, s.nested is not None)
+        return Linear4bit(packed, state, bias, self.compute_dtype)
 
     def _move(self, device: torch.device) -> None:
         self.weight = self.weight.to(device)
@@ -187,6 +200,9 @@ class Linear8bit(QuantLinear):
 
     def set_weight(self, weight: torch.Tensor) -> None:
         self.weight, self.SCB = quantize_int8(weight)
+
+    def requantized(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> "Linear8bit":
+        return Linear8bit(*quantize_int8(weight), bias, self.compute_dtype)
 
     def _move(self, device: torch.device) -> None:
         self.weight, self.SCB = self.weight.to(device), self.SCB.to(device)
