@@ -26,9 +26,14 @@ def _field_docs(cls) -> dict[str, str]:
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
-        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
-                            help=f"{docs.get(f.name, '')} (default: {f.default})")
+        type_name = f.type if isinstance(f.type, str) else f.type.__name__
+        flag = f"--{f.name.replace('_', '-')}"
+        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        if type_name == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        kind = {"int": int, "float": float, "str": str}[type_name]
+        parser.add_argument(flag, type=kind, default=f.default, help=help_text)
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -52,14 +57,26 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if result["reload_equal"] and result["last_loss"] < result["first_loss"] else 1
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .merge_cli import MergeConfig, run_merge
+
+    run_merge(MergeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(MergeConfig)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
+    from .merge_cli import MergeConfig
 
     parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning with adapters.")
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="teach the embedded default model a few facts with LoRA (about a minute on CPU)")
     _add_dataclass_options(demo, DemoConfig)
     demo.set_defaults(func=_demo)
+    merge = sub.add_parser("merge", help="merge an adapter into its base and write a plain Hugging Face folder; "
+                           "prints the merge error")
+    _add_dataclass_options(merge, MergeConfig)
+    merge.set_defaults(func=_merge)
     info = sub.add_parser("info", help="versions, device and the default model's cache")
     info.set_defaults(func=_info)
     return parser

@@ -156,11 +156,14 @@ def _table_for(code: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_blockwise_8bit(
-    values: torch.Tensor, blocksize: int = 256, code: Optional[torch.Tensor] = None
+    values: torch.Tensor, blocksize: int = 256, code: Optional[torch.Tensor] = None, exact: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """8-bit blockwise quantization with a 256-value code (default: signed dynamic).
 
-    Returns ``(indices uint8 shaped like values, float32 absmax per block)``.
+    Returns ``(indices uint8 shaped like values, float32 absmax per block)``. By default a
+    value is rounded through bitsandbytes' 65,536-point table (identical bytes); ``exact``
+    rounds to the truly nearest code value, which optimizer states need: their small
+    values lie far below the table's resolution.
     """
     if code is None:
         code = dynamic_map().to(values.device)
@@ -171,8 +174,11 @@ def quantize_blockwise_8bit(
     absmax = padded.abs().amax(dim=1)
     inverse = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     normed = (padded * inverse.unsqueeze(1)).clamp(-1, 1)
-    bins = ((normed + 1.0) * 0.5 * (_LUT_BINS - 1) + 0.5).to(torch.int64)
-    index = _table_for(code)[bins]
+    if exact:
+        index = torch.bucketize(normed, (code[:-1] + code[1:]) / 2).to(torch.uint8)
+    else:
+        bins = ((normed + 1.0) * 0.5 * (_LUT_BINS - 1) + 0.5).to(torch.int64)
+        index = _table_for(code)[bins]
     index = torch.where((absmax > 0).unsqueeze(1), index, torch.zeros_like(index))
     return index.reshape(-1)[:n].view(values.shape), absmax
 
