@@ -111,6 +111,7 @@ def load_model(
     keep_full_precision: Optional[list[str]] = None,
     quant_double: bool = True,
     quant_blocksize: int = 64,
+    tokenizer: bool = True,
 ):
     """Load ``(model, tokenizer)``; the tokenizer is ``None`` when the folder has none.
 
@@ -119,7 +120,8 @@ def load_model(
     ``quantize``: ``"nf4"``, ``"fp4"`` or ``"int8"`` stores every linear layer but the output
     head (and ``keep_full_precision``) quantized, layer by layer while loading; matmuls run in
     ``compute_dtype`` (default: ``dtype``). A folder saved quantized (by deltatune or by
-    transformers + bitsandbytes) loads quantized without bitsandbytes.
+    transformers + bitsandbytes) loads quantized without bitsandbytes. ``tokenizer=False``
+    skips loading the tokenizer (``None`` is returned in its place).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -148,12 +150,12 @@ def load_model(
     if device is not None:
         model = model.to(device)
     model.eval()
-    tokenizer = None
-    if gguf_file or any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES):
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    tok = None
+    if tokenizer and (gguf_file or any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)):
+        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+    return model, tok
 
 
 def _quantization_plan(folder, config, quantize, dtype, compute_dtype, keep, double_quant, blocksize):

@@ -83,6 +83,21 @@ def _scaled_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, to
     return absmax, scaled
 
 
+# Blocks quantized per step: bounds the temporaries (about 30 bytes per value) to a few MB,
+# so quantizing a model layer by layer does not grow the process heap with every layer.
+_CHUNK_BLOCKS = 4096
+
+
+def _indices_4bit(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code value for each scaled value; a midpoint goes to the lower one."""
+    order = torch.argsort(code, stable=True)  # FP4's index order is not value order: map back
+    sorted_code = code[order]
+    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
+    bucket = torch.bucketize(scaled, midpoints, out_int32=True)
+    return order.to(torch.uint8)[bucket.long()] if not torch.equal(order, torch.arange(16, device=order.device)) \
+        else bucket.to(torch.uint8)
+
+
 def quantize_4bit(
     weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
 ) -> tuple[torch.Tensor, QuantState]:
@@ -92,15 +107,23 @@ def quantize_4bit(
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"4-bit quantization takes float32/float16/bfloat16 weights, got {weight.dtype}")
     code = code_4bit(quant_type, weight.device)
-    absmax, scaled = _scaled_blocks(weight.reshape(-1).float(), blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    # Nearest code value = the bucket between midpoints of the sorted code; a value exactly
-    # on a midpoint goes to the lower one. FP4's index order is not value order, so map back.
-    order = torch.argsort(code, stable=True)
-    sorted_code = code[order]
-    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2
-    index = order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
+    flat = weight.reshape(-1)
+    n = flat.numel()
+    full = n - n % blocksize
+    chunk = blocksize * _CHUNK_BLOCKS
+    index = torch.empty(n + n % 2, dtype=torch.uint8, device=weight.device)
+    index[n:] = 7 if quant_type == "nf4" else 0  # the pad value of an odd count: code value 0
+    absmax_parts = []
+    for start in range(0, full, chunk):
+        stop = min(start + chunk, full)
+        absmax, scaled = _scaled_blocks(flat[start:stop].float(), blocksize)
+        absmax_parts.append(absmax)
+        index[start:stop] = _indices_4bit(scaled, code)
+    if full < n:
+        absmax, scaled = _scaled_blocks(flat[full:].float(), blocksize)
+        absmax_parts.append(absmax)
+        index[full:n] = _indices_4bit(scaled, code)
+    absmax = torch.cat(absmax_parts) if absmax_parts else torch.zeros(0, device=weight.device)
     packed = ((index[0::2] << 4) | index[1::2]).unsqueeze(1)
     nested = None
     if double_quant:

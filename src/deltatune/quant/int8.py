@@ -11,15 +11,23 @@ from typing import Optional
 
 import torch
 
+_CHUNK_VALUES = 1 << 18
+
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(int8 weight, float32 row absmax)`` for a 2-D ``weight`` (out, in)."""
     if weight.dim() != 2:
         raise ValueError(f"int8 quantization takes a 2-D weight, got shape {tuple(weight.shape)}")
     row_max = weight.abs().amax(dim=1).float()
-    # Rows of zeros would divide by zero; bitsandbytes leaves them to give zeros, and so do we.
-    scaled = weight.float() * (127.0 / row_max.unsqueeze(1))
-    return torch.round(torch.nan_to_num(scaled, nan=0.0)).to(torch.int8), row_max
+    out = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    # A few rows at a time keeps the float temporaries small (see blockwise._CHUNK_BLOCKS).
+    rows = max(1, _CHUNK_VALUES // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        scaled = weight[part].float() * (127.0 / row_max[part].unsqueeze(1))
+        # Rows of zeros divide 0 by 0; bitsandbytes gives them zeros, and so do we.
+        out[part] = torch.round(torch.nan_to_num(scaled, nan=0.0)).to(torch.int8)
+    return out, row_max
 
 
 def dequantize_int8(weight: torch.Tensor, row_max: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

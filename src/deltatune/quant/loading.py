@@ -102,6 +102,7 @@ def load_streaming(folder: Path, auto_class, config, dtype: torch.dtype,
     for key in sorted(targets):
         linear = model.get_submodule(key)
         _set_module(model, key, _quant_layer_from_file(where, key, linear, quant, prequantized))
+        _return_free_memory()
     expected = model.state_dict(keep_vars=True)
     for key, tensor in expected.items():
         if key.startswith(tuple(t + "." for t in targets)):
@@ -120,6 +121,28 @@ def load_streaming(folder: Path, auto_class, config, dtype: torch.dtype,
     if quant is not None:
         mark_quantized(model, quant)
     return model
+
+
+def _libc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim() if os.name == "posix" else None
+
+
+def _return_free_memory() -> None:
+    """Give the temporaries of the last layer back to the OS (glibc keeps freed heap pages).
+
+    Without this the process's resident size grows by fragments of every layer's
+    temporaries, and the peak is what decides whether a big model fits.
+    """
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def where_is_quantized(where: dict[str, Path], key: str) -> bool:
