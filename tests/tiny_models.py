@@ -53,3 +53,22 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 2) -> None:
         for name, p in sorted(model.named_parameters()):
             if p.requires_grad:
                 p.add_((torch.randn(p.shape, generator=g) * 0.1).to(p.device, p.dtype))
+
+
+def tiny_llama_64(seed: int = 0) -> torch.nn.Module:
+    """A tiny Llama whose widths (64, 128) are multiples of the 4-bit block size.
+
+    bitsandbytes' CPU dequantization kernel is only right when a row's length is a multiple of
+    the block size, so quantization parity tests use this model.
+    """
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def saved_tiny_llama_64(folder, seed: int = 0):
+    """Save ``tiny_llama_64`` as a Hugging Face folder and return the path."""
+    tiny_llama_64(seed).save_pretrained(folder)
+    return folder

@@ -192,17 +192,17 @@ class Linear8bit(QuantLinear):
     @classmethod
     def from_linear(cls, linear: nn.Module, compute_dtype: Optional[torch.dtype] = None) -> "Linear8bit":
         weight = linear.weight.detach()
-        q, row_max = quantize_int8(weight)
+        q, row_max = quantize_int8(_as_half(weight))
         return cls(q, row_max, linear.bias, compute_dtype or weight.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return dequantize_int8(self.weight, self.SCB, dtype or self.compute_dtype)
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        self.weight, self.SCB = quantize_int8(weight)
+        self.weight, self.SCB = quantize_int8(_as_half(weight))
 
     def requantized(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> "Linear8bit":
-        return Linear8bit(*quantize_int8(weight), bias, self.compute_dtype)
+        return Linear8bit(*quantize_int8(_as_half(weight)), bias, self.compute_dtype)
 
     def _move(self, device: torch.device) -> None:
         self.weight, self.SCB = self.weight.to(device), self.SCB.to(device)
@@ -231,6 +231,11 @@ class Linear8bit(QuantLinear):
         for k in (prefix + "weight", prefix + "SCB", prefix + "weight_format"):
             if k in missing_keys:
                 missing_keys.remove(k)
+
+
+def _as_half(weight: torch.Tensor) -> torch.Tensor:
+    """LLM.int8 quantizes from float16 (bitsandbytes casts first); doing the same gives its bytes."""
+    return weight.to(torch.float16)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
