@@ -39,8 +39,6 @@ def test_clear_errors(tmp_path, monkeypatch):
         dt.load_model("some-org/some-model")
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         dt.load_model(tmp_path)
-    with pytest.raises(NotImplementedError, match="quantize='nf4'"):
-        dt.load_model(tmp_path, quantize="nf4")
     with pytest.raises(ValueError, match="dtype"):
         tiny_model().save_pretrained(tmp_path / "m")
         dt.load_model(tmp_path / "m", dtype="int3")

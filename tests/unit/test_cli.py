@@ -24,3 +24,34 @@ def test_info_prints_versions(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "demo" in capsys.readouterr().out
+
+
+def test_merge_writes_a_plain_transformers_folder(tmp_path, capsys):
+    import torch
+    import transformers
+
+    import deltatune as dt
+    from tiny_models import randomize_adapter, sample_ids, saved_tiny_llama_64
+
+    base = saved_tiny_llama_64(tmp_path / "base")
+    model, _ = dt.load_model(base, quantize="nf4")
+    dt.add_adapter(model, dt.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    randomize_adapter(model)
+    dt.save_adapter(model, tmp_path / "adapter")
+    ids = sample_ids()
+    with torch.no_grad():
+        tuned = model(ids).logits
+    assert main(["merge", "--adapter", str(tmp_path / "adapter"), "--base", str(base), "--quantize", "nf4",
+                 "--dtype", "float32", "--out", str(tmp_path / "merged")]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])  # line 1 is the printed report
+    assert summary["report"]["max_logit_diff"] < 1e-4
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(plain.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert getattr(plain.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, tuned, atol=1e-4)
+
+
+def test_merge_needs_an_adapter():
+    with pytest.raises(ValueError, match="--adapter"):
+        main(["merge"])
