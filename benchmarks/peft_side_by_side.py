@@ -1,7 +1,9 @@
 """deltatune against HF PEFT in one run: same model shape, weights, batch and adapter; prints ratios.
 
-Cases: a LoRA and a DoRA training step (forward + backward + AdamW), and a mixed-adapter
-inference forward (4 LoRA adapters, each row of the batch routed to its own adapter).
+Cases: a LoRA and a DoRA training step (forward + backward + AdamW), a mixed-adapter
+inference forward (4 LoRA adapters, each row of the batch routed to its own adapter), and,
+when bitsandbytes is installed, QLoRA and QDoRA training steps on an NF4 (double-quantized)
+base: transformers + bitsandbytes + PEFT against deltatune's own NF4 layers.
 Both tools keep adapter weights in the base dtype (PEFT with autocast_adapter_dtype=False).
 
     python benchmarks/peft_side_by_side.py --device cuda          # a GPU, bf16, 1.1B-parameter Llama shape
@@ -111,6 +113,42 @@ def bench_mixed(base, ids, rank, args):
     return results
 
 
+def bench_qlora(base, ids, rank, use_dora, args):
+    import tempfile
+
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = next(base.parameters()).dtype
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        base.save_pretrained(folder)
+        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=dtype)
+        theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config, dtype=dtype,
+                                                      device_map=args.device)
+        theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                                             use_dora=use_dora), autocast_adapter_dtype=False)
+        results["peft"] = timed(train_step_fn(theirs.train(), ids), args.steps, args.warmup, args.device)
+        del theirs
+        _free(args.device)
+        ours, _ = dt.load_model(folder, dtype=dtype, quantize="nf4", device=args.device, tokenizer=False)
+        dt.add_adapter(ours, dt.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                           use_dora=use_dora))
+        results["deltatune"] = timed(train_step_fn(ours.train(), ids), args.steps, args.warmup, args.device)
+        del ours
+        _free(args.device)
+    return results
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -133,6 +171,13 @@ def main() -> None:
         "DoRA r=16 train step": bench_training(base, ids, args.rank, True, args),
         "4 LoRA adapters, per-row routing, forward": bench_mixed(base, ids, args.rank, args),
     }
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        print("bitsandbytes is not installed: QLoRA cases skipped")
+    else:
+        cases["QLoRA (NF4) r=16 train step"] = bench_qlora(base, ids, args.rank, False, args)
+        cases["QDoRA (NF4) r=16 train step"] = bench_qlora(base, ids, args.rank, True, args)
     print(f"\ndevice: {device_name}; dtype {dtype}; batch {args.batch} x {args.seq} tokens; "
           f"{sum(p.numel() for p in base.parameters()) / 1e9:.2f}B-parameter Llama shape")
     print(f"{'case':45s} {'PEFT tok/s':>11s} {'dt tok/s':>11s} {'speed-up':>9s} {'PEFT GiB':>9s} {'dt GiB':>8s}")
