@@ -34,6 +34,15 @@ class MergeReport:
     perplexity_after: float
     tokens: int
     requantized: bool
+    max_abs_logit: float = 0.0  # scale of the logits, for relative bounds
+
+    # Merging without re-quantizing only reorders float arithmetic: the difference stays below
+    # this fraction of the largest logit (float32; tested on every merge path).
+    FLOAT_BOUND = 1e-4
+
+    @property
+    def within_float_rounding(self) -> bool:
+        return self.max_logit_diff <= self.FLOAT_BOUND * max(1.0, self.max_abs_logit)
 
     @property
     def perplexity_change(self) -> float:
@@ -89,7 +98,7 @@ def measure_merge(model: nn.Module, do_merge: Callable[[], None], tokenizer=None
             m.training = flag
     diff = (after - before).abs()
     report = MergeReport(diff.max().item(), diff.mean().item(), _perplexity(before, ids),
-                         _perplexity(after, ids), ids.shape[1], requantized)
+                         _perplexity(after, ids), ids.shape[1], requantized, before.abs().max().item())
     if verbose:
         print(report)
     return report

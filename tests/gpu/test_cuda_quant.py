@@ -64,6 +64,7 @@ def test_qlora_parity_with_peft_on_cuda(tmp_path, use_dora):
 
 def test_paged_adamw8bit_keeps_states_on_the_cpu():
     w = torch.nn.Parameter(torch.randn(128, 64, device="cuda"))
+    start = w.detach().norm().item()
     opt = AdamW8bit([w], lr=1e-2, paged=True)
     for _ in range(3):
         (w ** 2).sum().backward()
@@ -71,4 +72,4 @@ def test_paged_adamw8bit_keeps_states_on_the_cpu():
         opt.zero_grad()
     state = opt.state[w]
     assert state["q_exp_avg"].device.type == "cpu" and state["q_exp_avg"].is_pinned()
-    assert w.norm() < torch.randn(128, 64).norm() * 2  # it stepped without errors and stays finite
+    assert w.device.type == "cuda" and w.detach().norm().item() < start  # minimizing |w|^2 shrinks w
