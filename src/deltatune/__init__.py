@@ -1,5 +1,6 @@
 """deltatune: parameter-efficient fine-tuning with adapters that PEFT, vLLM and SGLang read."""
 
+from . import quant, train
 from .combine import add_weighted_adapter
 from .config import AdapterConfig, LoraConfig, config_from_dict
 from .io import load_adapter, read_adapter_config, save_adapter
@@ -16,6 +17,7 @@ from .model import (
     unload,
     unmerge,
 )
+from .merge_report import MergeReport
 from .models import load_model
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig",
     "LoraConfig",
+    "MergeReport",
     "active_adapters",
     "add_adapter",
     "add_weighted_adapter",
@@ -34,9 +37,11 @@ __all__ = [
     "load_model",
     "merge",
     "print_trainable_parameters",
+    "quant",
     "read_adapter_config",
     "save_adapter",
     "set_adapter",
+    "train",
     "trainable_parameters",
     "unload",
     "unmerge",

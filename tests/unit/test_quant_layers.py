@@ -211,3 +211,26 @@ def test_pissa_on_quantized_base_requantizes_residual(tmp_path):
     # base residual + adapter reproduces the original weight up to 4-bit rounding of the residual
     rebuilt = residual + wrapped.delta_weight("default")
     assert (rebuilt - before).abs().max() < (before.abs().max() * 0.2)
+
+
+def test_readme_qlora_flow(tmp_path):
+    """The README's quantized-base example, end to end on a tiny model."""
+    model, _ = dt.load_model(saved_tiny_llama_64(tmp_path / "base"), quantize="nf4")
+    dt.add_adapter(model, dt.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    opt = dt.train.make_optimizer(model.parameters(), "paged_adamw_8bit", lr=1e-2)
+    ids = sample_ids()
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    report = dt.merge(model, verbose=False)
+    assert isinstance(report, dt.MergeReport) and report.within_float_rounding
+    dt.unmerge(model)
+    assert dt.merge(model, requantize=True, verbose=False).requantized
+    dt.quant.save_model(model, tmp_path / "saved")
+    assert "4bit+double_quant" in str(dt.quant.memory_report(model))

@@ -134,24 +134,31 @@ def quantize_4bit(
     return packed, QuantState(absmax, weight.shape, weight.dtype, blocksize, quant_type, code, nested)
 
 
-def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The 4-bit indices of ``packed`` as int64, first ``numel`` of them."""
-    flat = packed.reshape(-1)
-    index = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)
-    return index[:numel].long()
+_PAIR_TABLES: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256, 2) float32: the two code values each byte stands for, high nibble first."""
+    key = (str(code.device), code.data_ptr())
+    cached = _PAIR_TABLES.get(key)
+    if cached is None or not torch.equal(cached[0], code):
+        table = torch.stack([code.float().repeat_interleave(16), code.float().repeat(16)], dim=1).contiguous()
+        cached = (code.clone(), table)
+        _PAIR_TABLES[key] = cached
+    return cached[1]
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The tensor ``packed`` stands for, in ``dtype`` (default: the dtype that was quantized)."""
     numel = state.shape.numel()
-    values = state.code[unpack_4bit(packed, numel)]
+    # One lookup per byte gives both of its values; int32 indices keep the temporaries small.
+    values = torch.index_select(_pair_table(state.code), 0, packed.reshape(-1).int()).view(-1)[:numel]
     scales = state.block_scales()
     full = numel - numel % state.blocksize
-    out = torch.empty(numel, dtype=torch.float32, device=packed.device)
-    out[:full] = (values[:full].view(-1, state.blocksize) * scales[: full // state.blocksize].unsqueeze(1)).view(-1)
+    values[:full].view(-1, state.blocksize).mul_(scales[: full // state.blocksize].unsqueeze(1))
     if full < numel:
-        out[full:] = values[full:] * scales[-1]
-    return out.view(state.shape).to(dtype or state.dtype)
+        values[full:].mul_(scales[-1])
+    return values.view(state.shape).to(dtype or state.dtype)
 
 
 def _nearest_index_table(code: torch.Tensor) -> torch.Tensor:
