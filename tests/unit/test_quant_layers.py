@@ -234,3 +234,15 @@ def test_readme_qlora_flow(tmp_path):
     assert dt.merge(model, requantize=True, verbose=False).requantized
     dt.quant.save_model(model, tmp_path / "saved")
     assert "4bit+double_quant" in str(dt.quant.memory_report(model))
+
+
+def test_merged_quantized_layer_keeps_original_out_of_the_state_dict(tmp_path):
+    model, _ = dt.load_model(saved_tiny_llama_64(tmp_path), quantize="nf4")
+    keys_before = set(model.state_dict())
+    dt.add_adapter(model, dt.LoraConfig(r=4, target_modules=["q_proj"]))
+    dt.merge(model, verbose=False)
+    assert not any("_original" in k for k in model.state_dict())
+    assert sum(isinstance(m, quant.Linear4bit) for m in model.modules()) == len(
+        [k for k in keys_before if k.endswith("proj.weight") and "q_proj" not in k])
+    plain = dt.unload(model, merge=False)
+    assert set(plain.state_dict()) == keys_before

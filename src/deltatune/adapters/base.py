@@ -73,8 +73,9 @@ class AdapterLayer(nn.Module):
         # copy while merged, so merging never changes the other module; unmerge re-ties it.
         self._tied_weight: Optional[nn.Parameter] = None
         # A quantized base is swapped for a merged layer; the original is kept (it is small) so
-        # that unmerge puts back exactly the stored bytes.
-        self._original_quant: Optional[QuantLinear] = None
+        # that unmerge puts back exactly the stored bytes. Held in a tuple so that it is not a
+        # registered submodule (it must not appear in state dicts or module walks).
+        self._original_quant: Optional[tuple[QuantLinear]] = None
         self.merge_requantized = False
 
     # ----- bookkeeping -------------------------------------------------------------------
@@ -193,8 +194,8 @@ class AdapterLayer(nn.Module):
     def _merge_quantized(self, names: Sequence[str], requantize: bool) -> None:
         """Dequantize, merge in float32, then keep the result in full precision or re-quantize."""
         if self._original_quant is None:
-            self._original_quant = self.base_layer
-        original = self._original_quant
+            self._original_quant = (self.base_layer,)
+        original = self._original_quant[0]
         reference = original.dequantize(torch.float32)
         current = self.base_layer
         weight = current.dequantize(torch.float32) if isinstance(current, QuantLinear) else current.weight.float()
@@ -218,7 +219,10 @@ class AdapterLayer(nn.Module):
     def unmerge(self) -> None:
         """Restore the base weight (and bias) exactly as they were before the first merge."""
         if self._original_quant is not None:
-            self.base_layer = self._original_quant
+            original = self._original_quant[0]
+            current = self.base_layer
+            device = current.device if isinstance(current, QuantLinear) else current.weight.device
+            self.base_layer = original.to(device)  # follows the model if it moved while merged
             self._original_quant = None
             self.merge_requantized = False
             self.merged_adapters = []
