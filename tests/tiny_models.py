@@ -68,7 +68,15 @@ def tiny_llama_64(seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
-def saved_tiny_llama_64(folder, seed: int = 0):
-    """Save ``tiny_llama_64`` as a Hugging Face folder and return the path."""
-    tiny_llama_64(seed).save_pretrained(folder)
+def tiny_gpt2_64(seed: int = 0) -> torch.nn.Module:
+    """A tiny GPT-2 (``Conv1D`` layers) with block-aligned widths and no dropout."""
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                        eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval()
+
+
+def saved_tiny_llama_64(folder, seed: int = 0, arch: str = "llama"):
+    """Save ``tiny_llama_64`` (or ``tiny_gpt2_64`` with ``arch="gpt2"``) as a Hugging Face folder."""
+    (tiny_gpt2_64(seed) if arch == "gpt2" else tiny_llama_64(seed)).save_pretrained(folder)
     return folder

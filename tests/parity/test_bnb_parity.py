@@ -106,10 +106,12 @@ def _bnb_model(folder, quant_type, double_quant=True):
     return model.train()
 
 
-@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True),
-                                                     ("fp4", False), ("int8", False)])
-def test_quantized_state_dict_equals_transformers_bitsandbytes(tmp_path, quant_type, double_quant):
-    folder = saved_tiny_llama_64(tmp_path / "base")
+@pytest.mark.parametrize("quant_type,double_quant,arch", [
+    ("nf4", True, "llama"), ("nf4", False, "llama"), ("fp4", True, "llama"), ("fp4", False, "llama"),
+    ("int8", False, "llama"), ("nf4", True, "gpt2"), ("int8", False, "gpt2"),
+])
+def test_quantized_state_dict_equals_transformers_bitsandbytes(tmp_path, quant_type, double_quant, arch):
+    folder = saved_tiny_llama_64(tmp_path / "base", arch=arch)  # gpt2: Conv1D layers, stored (out, in)
     theirs = _bnb_model(folder, quant_type, double_quant).state_dict()
     model, _ = dt.load_model(folder, quantize=quant_type, quant_double=double_quant)
     ours = model.state_dict()
@@ -119,8 +121,9 @@ def test_quantized_state_dict_equals_transformers_bitsandbytes(tmp_path, quant_t
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_4bit_logits_equal_transformers_bitsandbytes(tmp_path, quant_type):
-    folder = saved_tiny_llama_64(tmp_path / "base")
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_4bit_logits_equal_transformers_bitsandbytes(tmp_path, quant_type, arch):
+    folder = saved_tiny_llama_64(tmp_path / "base", arch=arch)
     ids = sample_ids()
     theirs = _bnb_model(folder, quant_type)
     model, _ = dt.load_model(folder, quantize=quant_type)

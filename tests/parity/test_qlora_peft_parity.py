@@ -26,10 +26,10 @@ def _forward(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("quant_type,arch", [("nf4", "llama"), ("fp4", "llama"), ("nf4", "gpt2")])
 @pytest.mark.parametrize("use_dora", [False, True])
-def test_qlora_logits_match_peft_both_ways(tmp_path, quant_type, use_dora, parity_results):
-    folder = saved_tiny_llama_64(tmp_path / "base")
+def test_qlora_logits_match_peft_both_ways(tmp_path, quant_type, arch, use_dora, parity_results):
+    folder = saved_tiny_llama_64(tmp_path / "base", arch=arch)
     ids = sample_ids()
     theirs = peft.get_peft_model(_bnb_base(folder, quant_type), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora, init_lora_weights=False))
@@ -40,7 +40,7 @@ def test_qlora_logits_match_peft_both_ways(tmp_path, quant_type, use_dora, parit
     ours, _ = dt.load_model(folder, quantize=quant_type)
     dt.load_adapter(ours, tmp_path / "peft")
     got = _forward(ours, ids)
-    case = f"q{'dora' if use_dora else 'lora'}-{quant_type}-llama"
+    case = f"q{'dora' if use_dora else 'lora'}-{quant_type}-{arch}"
     parity_results[f"{case}: PEFT file -> deltatune"] = (got - expected).abs().max().item()
     tolerance = 1e-5 if use_dora else 0.0  # LoRA: the same float ops, bit for bit
     assert torch.allclose(got, expected, atol=tolerance, rtol=0)

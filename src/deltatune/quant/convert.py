@@ -84,17 +84,36 @@ def _named(key: str, names: list[str]) -> bool:
     return any(key == n or key.endswith("." + n) or key.startswith(n + ".") for n in names)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D"
+
+
 def quantizable_linears(model: nn.Module, config: QuantizeConfig) -> list[str]:
-    """Names of the ``nn.Linear`` modules that ``config`` quantizes."""
+    """Names of the linear modules (``nn.Linear``, GPT-2 ``Conv1D``) that ``config`` quantizes."""
     from ..targeting import output_head_name
 
     head = output_head_name(model)
     return [key for key, module in model.named_modules()
-            if isinstance(module, nn.Linear) and key != head and not _named(key, config.keep)]
+            if (isinstance(module, nn.Linear) or is_conv1d(module)) and key != head
+            and not _named(key, config.keep)]
+
+
+def linear_weight(module: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The (out, in) weight of a linear module (``Conv1D`` stores it transposed)."""
+    weight = module.weight if weight is None else weight
+    return weight.T.contiguous() if is_conv1d(module) else weight
 
 
 def make_quant_linear(linear: nn.Module, config: QuantizeConfig) -> QuantLinear:
-    """A quantized copy of ``linear``."""
+    """A quantized copy of ``linear`` (a ``Conv1D`` becomes an (out, in) layer, as bitsandbytes does)."""
+    if is_conv1d(linear):
+        out_features, in_features = linear_weight(linear).shape
+        plain = nn.Linear(in_features, out_features, bias=linear.bias is not None, device="meta")
+        plain.weight = nn.Parameter(linear_weight(linear).detach(), requires_grad=False)
+        if linear.bias is not None:
+            plain.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+        linear = plain
     if config.quant_type == "int8":
         return Linear8bit.from_linear(linear, config.compute_dtype)
     return Linear4bit.from_linear(linear, config.quant_type, config.blocksize, config.double_quant,

@@ -21,7 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..files import write_atomically
-from .convert import QuantizeConfig, _set_module, make_quant_linear, mark_quantized, quantizable_linears
+from .convert import (
+    QuantizeConfig, _set_module, linear_weight, make_quant_linear, mark_quantized, quantizable_linears,
+)
 from .layers import Linear4bit, Linear8bit, QuantLinear, state_from_tensors
 
 
@@ -159,9 +161,10 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 def _quant_layer_from_file(where, key: str, linear: nn.Module, quant: QuantizeConfig,
                            prequantized: bool) -> QuantLinear:
     bias = _read(where, key + ".bias") if key + ".bias" in where else None
+    out_features, in_features = linear_weight(linear).shape
     if not prequantized:
-        full = nn.Linear(linear.in_features, linear.out_features, bias=bias is not None, device="meta")
-        full.weight = nn.Parameter(_read(where, key + ".weight"), requires_grad=False)
+        full = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+        full.weight = nn.Parameter(linear_weight(linear, _read(where, key + ".weight")), requires_grad=False)
         if bias is not None:
             full.bias = nn.Parameter(bias, requires_grad=False)
         return make_quant_linear(full, quant)
@@ -172,9 +175,9 @@ def _quant_layer_from_file(where, key: str, linear: nn.Module, quant: QuantizeCo
         tensors = {k[len(key) + 1:]: _read(where, k) for k in where if k.startswith(key + ".weight")}
         packed, state = state_from_tensors(tensors, key + ".")
         layer = Linear4bit(packed, state, bias, quant.compute_dtype)
-    if (layer.out_features, layer.in_features) != (linear.out_features, linear.in_features):
+    if (layer.out_features, layer.in_features) != (out_features, in_features):
         raise ValueError(f"{key}: the checkpoint holds a {layer.out_features}x{layer.in_features} weight, the "
-                         f"model expects {linear.out_features}x{linear.in_features}")
+                         f"model expects {out_features}x{in_features}")
     return layer
 
 
