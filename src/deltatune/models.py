@@ -146,7 +146,7 @@ def load_model(
     config = AutoConfig.from_pretrained(folder, **kwargs)
     quant, prequantized = _quantization_plan(folder, config, quantize, torch_dtype, compute_dtype,
                                              keep_full_precision, quant_double, quant_blocksize)
-    model = _load_weights(Path(folder), config, torch_dtype, quant, prequantized, kwargs)
+    model = _load_weights(Path(folder), config, torch_dtype, quant, prequantized, kwargs, device)
     if device is not None:
         model = model.to(device)
     model.eval()
@@ -181,14 +181,14 @@ def _quantization_plan(folder, config, quantize, dtype, compute_dtype, keep, dou
     return QuantizeConfig(quantize, blocksize, double_quant, compute, list(keep or [])), False
 
 
-def _load_weights(folder: Path, config, dtype, quant, prequantized, kwargs):
+def _load_weights(folder: Path, config, dtype, quant, prequantized, kwargs, device=None):
     from .quant.convert import quantize_model
     from .quant.loading import StreamingUnsupported, load_streaming, warn_fallback
 
     auto = _auto_class(config)
     if quant is not None and not kwargs:
         try:
-            model = load_streaming(folder, auto, config, dtype, quant, prequantized)
+            model = load_streaming(folder, auto, config, dtype, quant, prequantized, device)
             _attach_generation_config(model, folder)
             return model
         except StreamingUnsupported as err:

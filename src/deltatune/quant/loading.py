@@ -45,20 +45,22 @@ def weight_files(folder: Path) -> list[Path]:
     raise StreamingUnsupported(f"{folder} has no model.safetensors")
 
 
-def _tensor_locations(files: list[Path]) -> dict[str, Path]:
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():
-                where[key] = f
-    return where
+class _Checkpoint(dict):
+    """Tensor name -> file, for a safetensors checkpoint; ``read`` brings one tensor to ``device``."""
 
+    def __init__(self, files: list[Path], device: torch.device):
+        super().__init__()
+        self.device = device
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    self[key] = f
 
-def _read(where: dict[str, Path], key: str) -> torch.Tensor:
-    # One open per tensor: the file's memory map is dropped right after, so pages read for
-    # earlier tensors do not pile up in the process's memory.
-    with safe_open(str(where[key]), framework="pt") as handle:
-        return handle.get_tensor(key)
+    def read(self, key: str) -> torch.Tensor:
+        # One open per tensor: the file's memory map is dropped right after, so pages read
+        # for earlier tensors do not pile up in the process's memory.
+        with safe_open(str(self[key]), framework="pt") as handle:
+            return handle.get_tensor(key).to(self.device)
 
 
 def _put(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.dtype) -> None:
@@ -74,7 +76,7 @@ def _put(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.dtype) ->
         raise StreamingUnsupported(f"{key}: no such parameter or buffer in {type(owner).__name__}")
 
 
-def _rebuild_meta_buffers(model: nn.Module) -> None:
+def _rebuild_meta_buffers(model: nn.Module, device: torch.device) -> None:
     """Buffers computed in ``__init__`` and never saved (rotary frequencies) are rebuilt from config."""
     for name, module in model.named_modules():
         meta = [b for b, t in module._buffers.items() if t is not None and t.is_meta]
@@ -85,17 +87,19 @@ def _rebuild_meta_buffers(model: nn.Module) -> None:
             raise StreamingUnsupported(f"{name}: buffers {meta} are not in the checkpoint")
         fresh = type(module)(config)
         for b in meta:
-            module._buffers[b] = fresh._buffers[b]
+            module._buffers[b] = fresh._buffers[b].to(device)
 
 
 def load_streaming(folder: Path, auto_class, config, dtype: torch.dtype,
-                   quant: Optional[QuantizeConfig], prequantized: bool) -> nn.Module:
+                   quant: Optional[QuantizeConfig], prequantized: bool,
+                   device: Union[str, torch.device, None] = None) -> nn.Module:
     """Build ``auto_class`` from ``config`` on meta and fill it from ``folder`` tensor by tensor.
 
     ``quant``: quantize the layers it selects while loading. ``prequantized``: the files hold
-    bitsandbytes-format quantized layers already (``quant`` then describes them).
+    bitsandbytes-format quantized layers already (``quant`` then describes them). ``device``:
+    each tensor goes there as it is read, so a GPU quantizes and the CPU never holds the model.
     """
-    where = _tensor_locations(weight_files(folder))
+    where = _Checkpoint(weight_files(folder), torch.device(device or "cpu"))
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=dtype)
     targets = set(quantizable_linears(model, quant)) if quant is not None else set()
@@ -113,10 +117,10 @@ def load_streaming(folder: Path, auto_class, config, dtype: torch.dtype,
             if tensor.is_meta and not _is_tied(model, key):
                 raise StreamingUnsupported(f"{key} is not in the checkpoint")
             continue
-        _put(model, key, _read(where, key), dtype)
+        _put(model, key, where.read(key), dtype)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    _rebuild_meta_buffers(model)
+    _rebuild_meta_buffers(model, where.device)
     left = [k for k, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor) and t.is_meta]
     if left:
         raise StreamingUnsupported(f"tensors still unset after loading: {left[:5]}")
@@ -147,7 +151,7 @@ def _return_free_memory() -> None:
         _TRIM(0)
 
 
-def where_is_quantized(where: dict[str, Path], key: str) -> bool:
+def where_is_quantized(where: _Checkpoint, key: str) -> bool:
     return any(k.startswith(key + ".weight.quant_state.") for k in where) or key + ".SCB" in where
 
 
@@ -158,21 +162,21 @@ def _is_tied(model: nn.Module, key: str) -> bool:
         key.rpartition(".")[0]) is head)
 
 
-def _quant_layer_from_file(where, key: str, linear: nn.Module, quant: QuantizeConfig,
+def _quant_layer_from_file(where: _Checkpoint, key: str, linear: nn.Module, quant: QuantizeConfig,
                            prequantized: bool) -> QuantLinear:
-    bias = _read(where, key + ".bias") if key + ".bias" in where else None
+    bias = where.read(key + ".bias") if key + ".bias" in where else None
     out_features, in_features = linear_weight(linear).shape
     if not prequantized:
         full = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
-        full.weight = nn.Parameter(linear_weight(linear, _read(where, key + ".weight")), requires_grad=False)
+        full.weight = nn.Parameter(linear_weight(linear, where.read(key + ".weight")), requires_grad=False)
         if bias is not None:
             full.bias = nn.Parameter(bias, requires_grad=False)
         return make_quant_linear(full, quant)
     if key + ".SCB" in where:
-        layer = Linear8bit(_read(where, key + ".weight"), _read(where, key + ".SCB").float(), bias,
+        layer = Linear8bit(where.read(key + ".weight"), where.read(key + ".SCB").float(), bias,
                            quant.compute_dtype)
     else:
-        tensors = {k[len(key) + 1:]: _read(where, k) for k in where if k.startswith(key + ".weight")}
+        tensors = {k[len(key) + 1:]: where.read(k) for k in where if k.startswith(key + ".weight")}
         packed, state = state_from_tensors(tensors, key + ".")
         layer = Linear4bit(packed, state, bias, quant.compute_dtype)
     if (layer.out_features, layer.in_features) != (out_features, in_features):
