@@ -41,6 +41,8 @@ class DemoConfig:
     """where the adapter is written"""
     max_new_tokens: int = 24
     """tokens generated per answer"""
+    quantize: str = ""
+    """QLoRA: load the base as nf4, fp4 or int8 (empty: float32)"""
 
 
 def chat_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
@@ -90,7 +92,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo and return its measured figures."""
     torch.manual_seed(0)
     start = time.perf_counter()
-    model, tokenizer = load_model()
+    quantize = cfg.quantize or None
+    model, tokenizer = load_model(quantize=quantize)
     load_s = time.perf_counter() - start
     print(f"loaded the default model in {load_s:.1f}s")
     add_adapter(model, LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules="all-linear"))
@@ -106,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         tuned = answer(model, tokenizer, question, cfg.max_new_tokens)
         print(f"\nQ: {question}\n  reference: {reference}\n  base:      {base}\n  tuned:     {tuned}")
     out = save_adapter(model, Path(cfg.output_dir) / "adapter")
-    fresh, _ = load_model()
+    fresh, _ = load_model(quantize=quantize)
     load_adapter(fresh, out)
     with torch.no_grad():
         same = torch.equal(model(batch["input_ids"]).logits, fresh(batch["input_ids"]).logits)
