@@ -19,3 +19,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "PEFT parity: worst |logit difference| per case")
         for case, diff in sorted(PARITY_RESULTS.items()):
             terminalreporter.write_line(f"{case:70s} {diff:.3e}")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    """The embedded default model's tokenizer (SmolLM2, with a chat template)."""
+    from transformers import AutoTokenizer
+
+    from deltatune.models import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok

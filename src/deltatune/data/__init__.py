@@ -1,0 +1,108 @@
+"""Training data: files -> records -> token ids and labels -> (packed) batches.
+
+``prepare_data(config, tokenizer)`` does it all and reports what it did (counts of examples,
+tokens, truncated and dropped ones) for the train and validation splits.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .formats import detect_format, segments
+from .packing import collate, pack
+from .records import DataError, load_records
+from .tokenize import Example, TokenizeStats, has_trained_token, tokenize_record, truncate
+
+__all__ = ["DataConfig", "DataError", "PreparedData", "prepare_data", "collate", "pack", "load_records",
+           "Example", "TokenizeStats"]
+
+
+@dataclass
+class DataConfig:
+    """Where the training data is and how to read it."""
+
+    path: str = ""
+    """Training data: a .jsonl/.json/.csv/.parquet file or a save_to_disk folder (empty: the shipped default)."""
+    validation_path: str = ""
+    """Validation data file; empty: hold out validation_fraction of the training data."""
+    validation_fraction: float = 0.1
+    """Share of the training records held out for validation when there is no validation file."""
+    format: str = "auto"
+    """auto, chat, prompt_completion, instruction or text."""
+    columns: dict = field(default_factory=dict)
+    """Map format field names to your columns, e.g. {prompt: question, completion: answer}."""
+    max_seq_len: int = 512
+    """Longest example in tokens; longer ones are cut (and counted)."""
+    train_on_prompt: bool = False
+    """Take the loss on prompt tokens too (default: completions / assistant turns only)."""
+    packing: bool = False
+    """Pack several examples into each row (positions restart; no attention across examples)."""
+    chat_template: bool = False
+    """Render prompt/completion and instruction records as a one-turn chat with the tokenizer's template."""
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    validation: list[Example]
+    train_stats: TokenizeStats
+    validation_stats: TokenizeStats
+    format: str
+
+
+def _tokenize_split(records, config: DataConfig, tokenizer, fmt: str, where: str) -> tuple[list, TokenizeStats]:
+    stats = TokenizeStats()
+    out: list[Example] = []
+    for index, record in enumerate(records):
+        parts = segments(record, fmt, config.columns, index, where)
+        if config.chat_template and fmt in ("prompt_completion", "instruction"):
+            parts = [{"role": "user", "content": parts[0][0]}, {"role": "assistant", "content": parts[1][0]}]
+            example = tokenize_record(tokenizer, parts, "chat", index, config.train_on_prompt, where)
+        else:
+            example = tokenize_record(tokenizer, parts, fmt, index, config.train_on_prompt, where)
+        example, cut = truncate(example, config.max_seq_len)
+        stats.truncated += cut
+        if not has_trained_token(example):
+            stats.dropped += 1
+            stats.dropped_indices.append(index)
+            continue
+        stats.examples += 1
+        stats.tokens += len(example.input_ids)
+        stats.trained_tokens += sum(label != -100 for label in example.labels[1:])
+        out.append(example)
+    return out, stats
+
+
+def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Optional[str] = None) -> PreparedData:
+    """Read, split, tokenize and check the data of ``config``."""
+    if tokenizer is None:
+        raise DataError("training needs a tokenizer; the model folder has no tokenizer files")
+    path = config.path or default_path
+    if not path:
+        raise DataError("no training data: set data.path")
+    records = load_records(path)
+    where = f"{path}: "
+    fmt = detect_format(records.column_names, config.columns, config.format, where)
+    rows = [dict(r) for r in records]
+    if not rows:
+        raise DataError(f"{where}the dataset is empty")
+    if config.validation_path:
+        val_records = load_records(config.validation_path)
+        val_fmt = detect_format(val_records.column_names, config.columns, fmt, f"{config.validation_path}: ")
+        val_rows, val_where = [dict(r) for r in val_records], f"{config.validation_path}: "
+        assert val_fmt == fmt
+    else:
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        n_val = int(round(len(rows) * config.validation_fraction)) if len(rows) > 1 else 0
+        val_rows = [rows[i] for i in sorted(order[:n_val])]
+        rows = [rows[i] for i in sorted(order[n_val:])]
+        val_where = where
+    train, train_stats = _tokenize_split(rows, config, tokenizer, fmt, where)
+    if not train:
+        raise DataError(f"{where}no example has a trained token within max_seq_len={config.max_seq_len} "
+                        f"({train_stats.dropped} dropped); raise max_seq_len")
+    validation, val_stats = _tokenize_split(val_rows, config, tokenizer, fmt, val_where)
+    return PreparedData(train, validation, train_stats, val_stats, fmt)

@@ -1,0 +1,48 @@
+"""Batches: padded rows, or several examples packed into each row without leaking between them.
+
+A packed row restarts ``position_ids`` at 0 for every example and carries no attention
+mask: transformers then builds a block-diagonal causal mask from the positions, so no token
+attends to another example. The first label of each packed example is ignored, because in
+an unpacked row nothing predicts it; the packed loss therefore equals the unpacked loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .tokenize import IGNORE, Example
+
+
+def pack(examples: list[Example], max_seq_len: int) -> list[dict[str, list[int]]]:
+    """Greedy, in order: examples go into the current row until the next one does not fit."""
+    rows: list[dict[str, list[int]]] = []
+    current = {"input_ids": [], "labels": [], "position_ids": []}
+    for ex in examples:
+        if current["input_ids"] and len(current["input_ids"]) + len(ex.input_ids) > max_seq_len:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "position_ids": []}
+        current["input_ids"] += ex.input_ids
+        current["labels"] += [IGNORE] + ex.labels[1:]
+        current["position_ids"] += list(range(len(ex.input_ids)))
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
+
+
+def collate(rows: list, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    """Tensors for a batch of ``Example``s (padded) or packed rows (from ``pack``)."""
+    if not packed:
+        rows = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
+    width = max(len(r["input_ids"]) for r in rows)
+    batch = {
+        "input_ids": torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in rows]),
+        "labels": torch.tensor([r["labels"] + [IGNORE] * (width - len(r["labels"])) for r in rows]),
+    }
+    if packed:
+        # Padding continues as one more "sequence" whose labels are all ignored.
+        batch["position_ids"] = torch.tensor(
+            [r["position_ids"] + list(range(width - len(r["position_ids"]))) for r in rows])
+    else:
+        batch["attention_mask"] = torch.tensor(
+            [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+    return batch
