@@ -64,6 +64,12 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train_cli import run_train
+
+    return run_train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
     from .merge_cli import MergeConfig
@@ -73,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="teach the embedded default model a few facts with LoRA (about a minute on CPU)")
     _add_dataclass_options(demo, DemoConfig)
     demo.set_defaults(func=_demo)
+    train = sub.add_parser("train", help="train an adapter (no arguments: LoRA on the default model and data)")
+    from .train_cli import add_train_options
+
+    add_train_options(train)
+    train.set_defaults(func=_train)
     merge = sub.add_parser("merge", help="merge an adapter into its base and write a plain Hugging Face folder; "
                            "prints the merge error")
     _add_dataclass_options(merge, MergeConfig)

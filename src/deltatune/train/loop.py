@@ -1,0 +1,242 @@
+"""The training loop: plain PyTorch, resumable, one process or several (DDP).
+
+``train(config)`` loads the base, adds the adapter, prepares the data, runs the optimizer
+steps with gradient accumulation, clipping, a schedule and periodic evaluation, writes
+checkpoints, metrics and the final adapter, and returns a summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import yaml
+
+from ..config import CONFIG_REGISTRY
+from ..data import collate, pack, prepare_data
+from ..io import save_adapter
+from ..model import add_adapter, trainable_parameters
+from ..models import load_model
+from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, TrainConfig, to_dict
+from .distributed import Distributed
+from .optimizers import make_optimizer
+from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
+from .schedule import make_scheduler
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "datasets" / "glossary" / "train.jsonl"
+
+
+@dataclass
+class StepInfo:
+    """What a step-end callback sees."""
+
+    step: int
+    loss: float
+    lr: float
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _rows(data, cfg: TrainConfig):
+    return pack(data, cfg.data.max_seq_len) if cfg.data.packing else data
+
+
+def _batches_for_epoch(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """Row indices of each micro-batch this rank takes in ``epoch`` (a seeded shuffle)."""
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+    global_batch = batch_size * world
+    batches = []
+    for start in range(0, n_rows - n_rows % global_batch if n_rows >= global_batch else n_rows, global_batch):
+        chunk = order[start:start + global_batch]
+        mine = chunk[rank * batch_size:(rank + 1) * batch_size]
+        if mine:
+            batches.append(mine)
+    return batches
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ConfigError(f"precision {precision!r} is not supported; use fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, rows, cfg: TrainConfig, pad_id: int, dist: Distributed) -> Optional[float]:
+    """Token-weighted mean loss over ``rows`` (all ranks together)."""
+    if not rows:
+        return None
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    device = next(model.parameters()).device
+    mine = rows[dist.rank::dist.world]
+    for start in range(0, len(mine), cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate(mine[start:start + cfg.batch_size], pad_id,
+                                                      cfg.data.packing).items()}
+        with _autocast(cfg.precision, device):
+            loss = model(**batch, use_cache=False).loss
+        tokens = (batch["labels"][:, 1:] != -100).sum()
+        total += torch.stack([loss.double().cpu() * tokens.cpu(), tokens.double().cpu()])
+    total = dist.all_reduce_sum(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = None, log=print) -> dict:
+    """Run training as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
+    dist = Distributed.setup()
+    started = time.perf_counter()
+    output_dir = prepare_output_dir(cfg, dist.is_main, name_from_main=dist.broadcast)
+    dist.barrier()
+    resume_from = None
+    if cfg.resume:
+        resume_from = latest_valid(output_dir, log=log if dist.is_main else (lambda *_: None))
+        if resume_from is None:
+            raise ConfigError(f"--resume: no valid checkpoint to resume in {output_dir}")
+    if cfg.method.upper() not in CONFIG_REGISTRY:
+        raise ConfigError(f"method {cfg.method!r} is not known; available: {sorted(m.lower() for m in CONFIG_REGISTRY)}")
+
+    _seed_everything(cfg.seed)
+    model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
+    adapter_cls = CONFIG_REGISTRY[cfg.method.upper()]
+    options = {k: v for k, v in to_dict(cfg.lora).items()}
+    add_adapter(model, adapter_cls(**options))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, default_path=str(DEFAULT_DATA))
+    if dist.is_main:
+        log(f"data ({data.format}): train {data.train_stats}; validation {data.validation_stats}")
+    train_rows, val_rows = _rows(data.train, cfg), _rows(data.validation, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    steps_per_epoch = max(1, len(_batches_for_epoch(len(train_rows), cfg.batch_size, cfg.seed, 0, 0, dist.world))
+                          // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = make_optimizer(_param_groups(model, cfg.weight_decay), cfg.optimizer, lr=cfg.lr,
+                               weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+    ddp_model = dist.wrap(model)
+    config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+    step, micro, best, bad_evals = 0, 0, math.inf, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        step, micro, best, bad_evals = state["step"], state["micro"], state["best"], state["bad_evals"]
+        if dist.is_main:
+            log(f"resumed from {resume_from} at step {step}")
+    metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
+    if dist.is_main:
+        (output_dir / "config.yaml").write_text(config_text)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not dist.is_main, desc="train", unit="step")
+    model.train()
+    device = dist.device
+    last_loss, eval_loss, tokens_seen, window_start = float("nan"), None, 0, time.perf_counter()
+    while step < total_steps:
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))
+            batches = _batches_for_epoch(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
+            rows = [train_rows[i] for i in batches[index % len(batches)]]
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing).items()}
+            with _autocast(cfg.precision, device):
+                loss = ddp_model(**batch, use_cache=False).loss / cfg.grad_accum
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+            tokens_seen += int(batch["input_ids"].numel())
+            micro += 1
+        scaler.unscale_(optimizer)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        last_loss = dist.mean(step_loss)
+        record = {"step": step, "epoch": round(micro / max(1, steps_per_epoch * cfg.grad_accum), 4),
+                  "loss": last_loss, "lr": lr}
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps:
+            eval_loss = evaluate(model, val_rows, cfg, pad_id, dist)
+            if eval_loss is not None:
+                record["eval_loss"] = eval_loss
+                if eval_loss < best:
+                    best, bad_evals = eval_loss, 0
+                    if dist.is_main:
+                        save_adapter(model, output_dir / "best_adapter")
+                else:
+                    bad_evals += 1
+        elapsed = time.perf_counter() - window_start
+        record["tokens_per_s"] = tokens_seen * dist.world / elapsed if elapsed > 0 else 0.0
+        if step % cfg.logging_steps == 0 or "eval_loss" in record or step == total_steps:
+            metrics.write(record)
+        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        stop = cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps or stop) and dist.is_main:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "micro": micro,
+                     "best": best, "bad_evals": bad_evals}
+            save_checkpoint(output_dir, step, model, state, config_text)
+        dist.barrier()
+        if on_step_end is not None:
+            on_step_end(StepInfo(step, last_loss, lr))
+        if stop:
+            if dist.is_main:
+                log(f"early stopping at step {step}: no better validation loss in {bad_evals} evaluations")
+            break
+    bar.close()
+
+    summary = {}
+    if dist.is_main:
+        adapter_dir = save_adapter(model, output_dir / "adapter")
+        write_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss.png")
+        trainable, total = trainable_parameters(model)
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        summary = {"trainable_parameters": trainable, "total_parameters": total, "steps": step,
+                   "seconds": time.perf_counter() - started, "peak_memory_mib": peak,
+                   "final_train_loss": last_loss, "final_validation_loss": eval_loss,
+                   "best_validation_loss": None if best == math.inf else best,
+                   "adapter": str(adapter_dir), "output_dir": str(output_dir),
+                   "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples}
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log("\n".join(["", "summary:"] + [f"  {k}: {v}" for k, v in summary.items()]))
+    dist.barrier()
+    dist.shutdown()
+    return summary

@@ -1,0 +1,70 @@
+"""What a run writes besides checkpoints: the output folder rules, metrics.jsonl, the loss curve."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+
+def prepare_output_dir(cfg: TrainConfig, is_main: bool, name_from_main=None) -> Path:
+    """The run folder. A non-empty folder is refused unless resuming or overwriting, so nothing is lost."""
+    if cfg.output_dir:
+        folder = Path(cfg.output_dir)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder = Path("runs") / f"train-{stamp}"
+        if name_from_main is not None:
+            folder = Path(name_from_main(str(folder)))
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"output_dir {folder} exists and is not a folder")
+    occupied = folder.is_dir() and any(folder.iterdir())
+    if occupied and not (cfg.resume or cfg.overwrite):
+        raise ConfigError(f"output_dir {folder} is not empty; pass --resume to continue its run or --overwrite "
+                          "to write into it anyway")
+    if cfg.resume and not folder.is_dir():
+        raise ConfigError(f"--resume: {folder} does not exist, so there is nothing to resume")
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step; on resume, later lines of the old run are dropped."""
+
+    def __init__(self, path: Path, active: bool, truncate_after: int = 0):
+        self.path = path
+        self.active = active
+        if active and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if self.active:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def write_loss_curve(metrics: Path, png: Path) -> None:
+    """Train (and validation) loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
