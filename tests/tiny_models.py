@@ -80,3 +80,15 @@ def saved_tiny_llama_64(folder, seed: int = 0, arch: str = "llama"):
     """Save ``tiny_llama_64`` (or ``tiny_gpt2_64`` with ``arch="gpt2"``) as a Hugging Face folder."""
     (tiny_gpt2_64(seed) if arch == "gpt2" else tiny_llama_64(seed)).save_pretrained(folder)
     return folder
+
+
+def tiny_chat_model_dir(folder, tokenizer, seed: int = 0):
+    """A tiny random Llama sized to ``tokenizer``'s vocabulary, saved with the tokenizer."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -38,7 +38,7 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Flags given on the command line, typed: text fields stay text, others are read as YAML."""
+    """Flags given on the command line, typed: text fields stay text, others are read as YAML scalars."""
     from .train.config import TrainConfig
 
     out: dict[str, Any] = {}
@@ -46,7 +46,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         if name not in vars(args):
             continue
         value = vars(args)[name]
-        if isinstance(value, str) and not isinstance(default, str):
+        # Text fields stay text, except a list or mapping written inline ("[q_proj, v_proj]").
+        if isinstance(value, str) and (not isinstance(default, str) or value.lstrip()[:1] in ("[", "{")):
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:

@@ -107,6 +107,8 @@ def _build(cls, values: dict, where: str):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{name}: expected a mapping of {type(default).__name__} fields")
             kwargs[name] = _build(type(default), value, f"{where}{name}.")
+        elif str(fields[name].type) in ("Any", "typing.Any"):
+            kwargs[name] = value  # e.g. target_modules: a name, a regex or a list
         else:
             kwargs[name] = _coerce(value, default, f"{where}{name}")
     return cls(**kwargs)
@@ -127,6 +129,8 @@ def _coerce(value, default, where: str):
         return float(value)
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{where}: expected text, got {value!r}")
+    if isinstance(default, dict) and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
     return value
 
 

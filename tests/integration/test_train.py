@@ -1,0 +1,128 @@
+"""The training loop on a tiny model: outputs, exact resume after SIGKILL, folder rules, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from deltatune.train import ConfigError, load_config, train
+from tiny_models import tiny_chat_model_dir
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup(tmp_path, default_tokenizer):
+    model = tiny_chat_model_dir(tmp_path / "model", default_tokenizer)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Word {i}:", "completion": f" meaning {i % 5}"}) + "\n"
+                            for i in range(48)))
+    return {"model": str(model), "data.path": str(data), "batch_size": 4, "lr": 1e-2, "lora.r": 4,
+            "lora.lora_dropout": 0.1, "max_steps": 8, "eval_steps": 4, "seed": 3}
+
+
+def _run(tmp_path, name, **overrides):
+    return train(load_config(None, {"output_dir": str(tmp_path / name), **overrides}), log=lambda *_: None)
+
+
+def test_outputs_of_a_run(tmp_path, setup):
+    summary = _run(tmp_path, "run", **setup)
+    out = tmp_path / "run"
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "best_adapter",
+                 "metrics.jsonl", "loss.png", "config.yaml", "summary.json"):
+        assert (out / name).exists(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all({"step", "loss", "lr"} <= set(r) for r in rows)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
+    assert summary["steps"] == 8 and summary["final_validation_loss"] == rows[-1]["eval_loss"]
+    assert summary["trainable_parameters"] < summary["total_parameters"]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+KILLER = r"""
+import os, signal, sys, json
+sys.path.insert(0, sys.argv[1])
+from deltatune.train import load_config, train
+overrides = json.loads(sys.argv[2])
+def kill(info):
+    if info.step == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)
+train(load_config(None, overrides), on_step_end=kill, log=lambda *_: None)
+"""
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path, setup):
+    _run(tmp_path, "straight", save_steps=3, **setup)
+    killed = {"output_dir": str(tmp_path / "killed"), "save_steps": 3, **setup}
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(TESTS), json.dumps(killed), "5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "killed" / "checkpoint-3").is_dir() and not (tmp_path / "killed" / "adapter").exists()
+    _run(tmp_path, "killed", save_steps=3, resume=True, **setup)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))  # the killed run's later lines were replaced, none duplicated
+
+
+def test_corrupt_checkpoints_are_skipped(tmp_path, setup, capsys):
+    _run(tmp_path, "run", save_steps=3, **setup)
+    out = tmp_path / "run"
+    newest = out / "checkpoint-8"
+    weights = newest / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    (out / "checkpoint-9").mkdir()  # half-written: no complete.json
+    messages = []
+    train(load_config(None, {"output_dir": str(out), "resume": True, **setup}), log=messages.append)
+    assert any("checkpoint-9: incomplete" in m for m in messages)
+    assert any("checkpoint-8: adapter/adapter_model.safetensors does not match" in m for m in messages)
+    assert any("resumed from" in m and "checkpoint-6" in m for m in messages)
+
+
+def test_output_folder_rules_keep_existing_files(tmp_path, setup):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="is not empty; pass --resume"):
+        _run(tmp_path, "used", **setup)
+    with pytest.raises(ConfigError, match="no valid checkpoint to resume"):
+        _run(tmp_path, "used", resume=True, **setup)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        _run(tmp_path, "missing", resume=True, **setup)
+    assert (out / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    _run(tmp_path, "empty", **{**setup, "max_steps": 1})  # an existing empty folder is fine
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['rank'\]"):
+        load_config(None, {"lora.rank": 4})
+    with pytest.raises(ConfigError, match="lora.r: expected an integer"):
+        load_config(None, {"lora.r": "big"})
+    bad = tmp_path / "run.yaml"
+    bad.write_text("lr: 1e-3\nlora:\n  r: [\n")
+    with pytest.raises(ConfigError, match="run.yaml: line"):
+        load_config(str(bad))
+    good = tmp_path / "good.yaml"
+    good.write_text("lr: 0.001\nlora:\n  r: 8\ndata:\n  packing: true\n")
+    cfg = load_config(str(good), {"lora.r": 32})
+    assert cfg.lr == 0.001 and cfg.lora.r == 32 and cfg.data.packing is True
+
+
+def test_cli_flags_reach_the_config(tmp_path, setup):
+    from deltatune.cli import build_parser
+    from deltatune.train_cli import overrides_from_args
+
+    args = build_parser().parse_args(["train", "--lora.r", "32", "--max-steps", "5", "--data.packing",
+                                      "--lora.target-modules", "[q_proj, v_proj]", "--model", "123"])
+    overrides = overrides_from_args(args)
+    assert overrides == {"lora.r": 32, "max_steps": 5, "data.packing": True,
+                         "lora.target_modules": ["q_proj", "v_proj"], "model": "123"}
+    cfg = load_config(None, overrides)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
