@@ -36,12 +36,13 @@ def test_outputs_of_a_run(tmp_path, setup):
                  "metrics.jsonl", "loss.png", "config.yaml", "summary.json"):
         assert (out / name).exists(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 9))
-    assert all({"step", "loss", "lr"} <= set(r) for r in rows)
-    assert [r["step"] for r in rows if "eval_loss" in r] == [4, 8]
+    assert [r["step"] for r in rows] == list(range(0, 9))  # step 0: the untrained adapter's validation loss
+    assert all({"step", "loss", "lr"} <= set(r) for r in rows[1:])
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4, 8]
+    assert summary["initial_validation_loss"] == rows[0]["eval_loss"] > summary["final_validation_loss"]
     assert summary["steps"] == 8 and summary["final_validation_loss"] == rows[-1]["eval_loss"]
     assert summary["trainable_parameters"] < summary["total_parameters"]
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["loss"] < rows[1]["loss"]
 
 
 KILLER = r"""
@@ -68,7 +69,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, setup):
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))  # the killed run's later lines were replaced, none duplicated
+    assert steps == list(range(0, 9))  # the killed run's later lines were replaced, none duplicated
 
 
 def test_corrupt_checkpoints_are_skipped(tmp_path, setup, capsys):
@@ -126,3 +127,26 @@ def test_cli_flags_reach_the_config(tmp_path, setup):
                          "lora.target_modules": ["q_proj", "v_proj"], "model": "123"}
     cfg = load_config(None, overrides)
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, setup):
+    """torchrun with 2 CPU processes (gloo), 2 rows each, against 1 process with 4 rows per step."""
+    same = {**setup, "lora.lora_dropout": 0.0, "max_steps": 4, "eval_steps": 2}
+    _run(tmp_path, "one", **same)
+    flags = []
+    for key, value in {**same, "batch_size": 2, "output_dir": str(tmp_path / "two")}.items():
+        flags += [f"--{key}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "deltatune.cli", "train", *flags], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [0, 1, 2, 3, 4]  # rank 0 alone wrote, once per step
+    assert abs(one[-1]["eval_loss"] - two[-1]["eval_loss"]) < 1e-5

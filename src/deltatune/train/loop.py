@@ -32,7 +32,7 @@ from .optimizers import make_optimizer
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .schedule import make_scheduler
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / "datasets" / "glossary" / "train.jsonl"
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "datasets" / "velmar"
 
 
 @dataclass
@@ -130,7 +130,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     add_adapter(model, adapter_cls(**options))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, default_path=str(DEFAULT_DATA))
+    if not cfg.data.path:  # the shipped default: Velmar taxonomy, validation on unseen animals
+        cfg.data.path = str(DEFAULT_DATA / "train.jsonl")
+        cfg.data.validation_path = cfg.data.validation_path or str(DEFAULT_DATA / "validation.jsonl")
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed)
     if dist.is_main:
         log(f"data ({data.format}): train {data.train_stats}; validation {data.validation_stats}")
     train_rows, val_rows = _rows(data.train, cfg), _rows(data.validation, cfg)
@@ -146,7 +149,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     ddp_model = dist.wrap(model)
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
-    step, micro, best, bad_evals = 0, 0, math.inf, 0
+    step, micro, best, bad_evals, initial_eval = 0, 0, math.inf, 0, None
     if resume_from is not None:
         state = load_checkpoint(resume_from, model)
         optimizer.load_state_dict(state["optimizer"])
@@ -154,9 +157,14 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         step, micro, best, bad_evals = state["step"], state["micro"], state["best"], state["bad_evals"]
+        initial_eval = state.get("initial_eval")
         if dist.is_main:
             log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
+    if resume_from is None:  # the untrained adapter's validation loss: what training is measured against
+        initial_eval = evaluate(model, val_rows, cfg, pad_id, dist)
+        if initial_eval is not None:
+            metrics.write({"step": 0, "eval_loss": initial_eval})
     if dist.is_main:
         (output_dir / "config.yaml").write_text(config_text)
 
@@ -211,7 +219,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps or stop) and dist.is_main:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "micro": micro,
-                     "best": best, "bad_evals": bad_evals}
+                     "best": best, "bad_evals": bad_evals, "initial_eval": initial_eval}
             save_checkpoint(output_dir, step, model, state, config_text)
         dist.barrier()
         if on_step_end is not None:
@@ -231,7 +239,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         summary = {"trainable_parameters": trainable, "total_parameters": total, "steps": step,
                    "seconds": time.perf_counter() - started, "peak_memory_mib": peak,
-                   "final_train_loss": last_loss, "final_validation_loss": eval_loss,
+                   "final_train_loss": last_loss, "initial_validation_loss": initial_eval,
+                   "final_validation_loss": eval_loss,
                    "best_validation_loss": None if best == math.inf else best,
                    "adapter": str(adapter_dir), "output_dir": str(output_dir),
                    "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples}

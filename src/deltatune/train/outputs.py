@@ -57,7 +57,8 @@ def write_loss_curve(metrics: Path, png: Path) -> None:
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    trained = [r for r in rows if "loss" in r]
+    ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train loss")
     evals = [r for r in rows if "eval_loss" in r]
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
