@@ -1,12 +1,14 @@
 """The training loop on a tiny model: outputs, exact resume after SIGKILL, folder rules, bad input."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from deltatune.train import ConfigError, load_config, train
@@ -151,3 +153,32 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, setup):
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in two] == [0, 1, 2, 3, 4]  # rank 0 alone wrote, once per step
     assert abs(one[-1]["eval_loss"] - two[-1]["eval_loss"]) < 1e-5
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, setup):
+    same = {**setup, "lora.lora_dropout": 0.0, "max_steps": 2, "eval_steps": 0}
+    _run(tmp_path, "plain", **same)
+    _run(tmp_path, "ckpt", gradient_checkpointing=True, **same)
+    a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_bf16_autocast_and_packing_run(tmp_path, setup):
+    summary = _run(tmp_path, "bf16", precision="bf16", **{**setup, "max_steps": 2, "data.packing": True})
+    assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"])
+
+
+def test_early_stopping(tmp_path, setup):
+    messages = []
+    cfg = load_config(None, {**setup, "output_dir": str(tmp_path / "early"), "lr": 0.0, "eval_steps": 1,
+                             "early_stopping_patience": 2, "max_steps": 8})
+    summary = train(cfg, log=messages.append)
+    # lr 0: the validation loss never improves after the first evaluation, so two more end the run.
+    assert summary["steps"] == 3 and any("early stopping at step 3" in m for m in messages)
+
+
+def test_tensorboard_logs_when_installed(tmp_path, setup):
+    pytest.importorskip("tensorboard")
+    _run(tmp_path, "tb", **{**setup, "max_steps": 2})
+    assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))

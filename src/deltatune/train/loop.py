@@ -229,6 +229,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                 log(f"early stopping at step {step}: no better validation loss in {bad_evals} evaluations")
             break
     bar.close()
+    metrics.close()
 
     summary = {}
     if dist.is_main:

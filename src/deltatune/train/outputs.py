@@ -32,20 +32,41 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool, name_from_main=None) -> 
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step; on resume, later lines of the old run are dropped."""
+    """Appends one JSON object per logged step; on resume, later lines of the old run are dropped.
+
+    When TensorBoard is installed, the same numbers also go to ``<output_dir>/tensorboard``.
+    """
 
     def __init__(self, path: Path, active: bool, truncate_after: int = 0):
         self.path = path
         self.active = active
+        self.board = None
         if active and path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
             path.write_text("".join(line + "\n" for line in kept))
+        if active:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.board = SummaryWriter(str(path.parent / "tensorboard"), purge_step=truncate_after + 1)
 
     def write(self, record: dict) -> None:
-        if self.active:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
 
 
 def write_loss_curve(metrics: Path, png: Path) -> None:
