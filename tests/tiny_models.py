@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-    Qwen2Config, Qwen2ForCausalLM,
+    Qwen2Config, Qwen2ForCausalLM, T5Config, T5ForConditionalGeneration,
 )
 
 VOCAB = 128
@@ -25,6 +25,10 @@ def _config(arch: str):
         return GPT2LMHeadModel, GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                            bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0,
                                            attn_pdrop=0.0)
+    if arch == "t5":
+        return T5ForConditionalGeneration, T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                    num_decoder_layers=2, num_heads=4, decoder_start_token_id=0,
+                                                    pad_token_id=0, eos_token_id=2, dropout_rate=0.0)
     raise ValueError(arch)
 
 
@@ -90,5 +94,16 @@ def tiny_chat_model_dir(folder, tokenizer, seed: int = 0):
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_t5_dir(folder, tokenizer, seed: int = 0):
+    """A tiny random T5 (encoder-decoder) sized to ``tokenizer``, saved with the tokenizer."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                      num_heads=4, decoder_start_token_id=pad, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

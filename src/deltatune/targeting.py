@@ -109,15 +109,44 @@ def expand_target_modules(model: nn.Module, config: LoraConfig) -> Optional[list
     from .adapters.base import AdapterLayer
 
     targets = resolve_targets(config, model)
+    if isinstance(targets, (list, set, tuple)) and len(targets) >= MIN_NAMES_TO_SHORTEN:
+        listed = set(targets)
+        others = [k for k, _ in walk_modules(model)
+                  if k not in listed and not any(k.endswith("." + t) for t in listed)]
+        return sorted(shortest_suffixes(list(listed), others))
     if targets != ALL_LINEAR:
         return targets
     head = output_head_name(model)
-    names = []
+    names, others = [], []
     for key, module in walk_modules(model):
         base = module.base_layer if isinstance(module, AdapterLayer) else module
-        if is_linear_like(base) and key != head:
-            names.append(key)
+        (names if is_linear_like(base) and key != head else others).append(key)
+    if len(names) >= MIN_NAMES_TO_SHORTEN:
+        return sorted(shortest_suffixes(names, others))
     return names
+
+
+# PEFT records a long resolved list by the shortest name suffixes that still pick out exactly
+# those modules (e.g. 32 T5 names -> q, k, v, o, wi, wo); files must carry the same list.
+MIN_NAMES_TO_SHORTEN = 20
+
+
+def shortest_suffixes(targets: list[str], others: list[str]) -> set[str]:
+    """The fewest dotted suffixes that match every name in ``targets`` and no name in ``others``."""
+    def suffixes(name: str) -> list[str]:  # shortest first
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts))][::-1]
+
+    taken_by_others = {suffix for name in others for suffix in suffixes(name)}
+    chosen: set[str] = set()
+    for name, candidates in sorted(((t, suffixes(t)) for t in set(targets)), key=lambda item: item[1]):
+        if any(name == c or name.endswith("." + c) for c in chosen):
+            continue
+        for suffix in candidates:
+            if suffix not in taken_by_others:
+                chosen.add(suffix)
+                break
+    return chosen or set(targets)
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:

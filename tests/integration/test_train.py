@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deltatune.data import DataError
 from deltatune.train import ConfigError, load_config, train
 from tiny_models import tiny_chat_model_dir
 
@@ -182,3 +183,20 @@ def test_tensorboard_logs_when_installed(tmp_path, setup):
     pytest.importorskip("tensorboard")
     _run(tmp_path, "tb", **{**setup, "max_steps": 2})
     assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_seq2seq_t5_trains_and_saves_a_peft_adapter(tmp_path, default_tokenizer):
+    from tiny_models import tiny_t5_dir
+
+    model = tiny_t5_dir(tmp_path / "t5", default_tokenizer)
+    data = tmp_path / "s2s.jsonl"
+    data.write_text("".join(json.dumps({"source": f"summarize: story number {i} is long", "target": f"story {i % 4}"})
+                            + "\n" for i in range(40)))
+    summary = _run(tmp_path, "t5run", model=str(model), **{"data.path": str(data), "max_steps": 6, "lr": 1e-2,
+                                                           "lora.r": 4, "lora.target_modules": ["q", "v"],
+                                                           "batch_size": 4})
+    assert summary["final_validation_loss"] < summary["initial_validation_loss"]
+    config = json.loads((tmp_path / "t5run" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_2_SEQ_LM" and sorted(config["target_modules"]) == ["q", "v"]
+    with pytest.raises(DataError, match="packing works with causal"):
+        _run(tmp_path, "t5pack", model=str(model), **{"data.path": str(data), "data.packing": True, "max_steps": 1})

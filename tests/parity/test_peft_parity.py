@@ -28,6 +28,8 @@ CASES = {
     "dora-conv1d-gpt2-bias": ("gpt2", dict(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
                                            use_dora=True, bias="lora_only")),
     "embedding-gpt2": ("gpt2", dict(target_modules=["wte", "c_attn"], fan_in_fan_out=True)),
+    "lora-t5-seq2seq": ("t5", dict(target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM")),
+    "dora-t5-all-linear": ("t5", dict(target_modules="all-linear", use_dora=True, task_type="SEQ_2_SEQ_LM")),
 }
 # float32 on CPU: both sides run the same matmuls; DoRA's norm is computed slightly differently.
 ATOL = 1e-5
@@ -47,6 +49,8 @@ def _dt_model(base, kwargs):
 def _logits(model, ids):
     model.eval()
     with torch.no_grad():
+        if model.config.is_encoder_decoder:  # T5: the decoder reads the same ids, shifted by the model
+            return model(input_ids=ids, labels=ids).logits
         return model(ids).logits
 
 

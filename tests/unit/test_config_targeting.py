@@ -4,6 +4,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 import deltatune as dt
 from deltatune.adapters import LoraLayer
@@ -95,3 +96,22 @@ def test_config_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # PEFT's own passive fields do not warn
         dt.config_from_dict(dt.LoraConfig().to_dict())
+
+
+def test_long_target_lists_are_recorded_by_shortest_suffixes_like_peft():
+    import copy
+
+    peft = pytest.importorskip("peft")
+    import deltatune as dt
+    from tiny_models import tiny_model
+
+    base = tiny_model("t5")  # 32 linear layers: PEFT shortens lists of 20 or more
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear"))
+    ours = copy.deepcopy(base)
+    dt.add_adapter(ours, dt.LoraConfig(r=2, target_modules="all-linear"))
+    recorded = dt.model.get_state(ours).configs["default"].to_dict()["target_modules"]
+    assert sorted(recorded) == sorted(theirs.peft_config["default"].target_modules) == ["k", "o", "q", "v", "wi", "wo"]
+    full = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    listed = copy.deepcopy(base)
+    dt.add_adapter(listed, dt.LoraConfig(r=2, target_modules=full))
+    assert sorted(dt.model.get_state(listed).configs["default"].to_dict()["target_modules"]) == sorted(recorded)

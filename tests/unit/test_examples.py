@@ -16,4 +16,5 @@ def test_example_parses(path):
 
 
 def test_there_are_examples():
-    assert {"cpu-default.yaml", "chat-sft.yaml", "qlora-7b.yaml"} <= {p.name for p in EXAMPLES}
+    assert {"cpu-default.yaml", "chat-sft.yaml", "qlora-7b.yaml", "flan-t5-summarization.yaml"} <= {
+        p.name for p in EXAMPLES}

@@ -117,6 +117,15 @@ class AdapterLayer(nn.Module):
         """Drop per-adapter plain-Python state (ranks, scalings); subclasses extend."""
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight: model code reads ``module.weight`` (T5 checks its dtype)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
+    @property
     def quantized(self) -> bool:
         """The base layer stores its weight quantized (``deltatune.quant``)."""
         return isinstance(self.base_layer, QuantLinear)

@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .formats import detect_format, segments
-from .packing import collate, pack
+from .packing import collate, pack, trained_token_count
 from .records import DataError, load_records
-from .tokenize import Example, TokenizeStats, has_trained_token, tokenize_record, truncate
+from .tokenize import Example, TokenizeStats, has_trained_token, tokenize_record, tokenize_seq2seq, truncate
 
 __all__ = ["DataConfig", "DataError", "PreparedData", "prepare_data", "collate", "pack", "load_records",
-           "Example", "TokenizeStats"]
+           "Example", "TokenizeStats", "trained_token_count"]
 
 
 @dataclass
@@ -50,33 +50,43 @@ class PreparedData:
     train_stats: TokenizeStats
     validation_stats: TokenizeStats
     format: str
+    seq2seq: bool = False
 
 
-def _tokenize_split(records, config: DataConfig, tokenizer, fmt: str, where: str) -> tuple[list, TokenizeStats]:
+def _tokenize_split(records, config: DataConfig, tokenizer, fmt: str, where: str,
+                    seq2seq: bool = False) -> tuple[list, TokenizeStats]:
     stats = TokenizeStats()
     out: list[Example] = []
     for index, record in enumerate(records):
         parts = segments(record, fmt, config.columns, index, where)
-        if config.chat_template and fmt in ("prompt_completion", "instruction"):
+        if seq2seq:
+            if fmt not in ("seq2seq", "prompt_completion", "instruction"):
+                raise DataError(f"{where}format {fmt!r} does not fit a sequence-to-sequence model; use "
+                                "source/target, prompt/completion or instruction/output records")
+            example = tokenize_seq2seq(tokenizer, parts[0][0], parts[1][0])
+        elif config.chat_template and fmt in ("prompt_completion", "instruction", "seq2seq"):
             parts = [{"role": "user", "content": parts[0][0]}, {"role": "assistant", "content": parts[1][0]}]
             example = tokenize_record(tokenizer, parts, "chat", index, config.train_on_prompt, where)
         else:
             example = tokenize_record(tokenizer, parts, fmt, index, config.train_on_prompt, where)
-        example, cut = truncate(example, config.max_seq_len)
+        example, cut = truncate(example, config.max_seq_len, seq2seq)
         stats.truncated += cut
-        if not has_trained_token(example):
+        if not has_trained_token(example, seq2seq):
             stats.dropped += 1
             stats.dropped_indices.append(index)
             continue
         stats.examples += 1
         stats.tokens += len(example.input_ids)
-        stats.trained_tokens += sum(label != -100 for label in example.labels[1:])
+        stats.trained_tokens += sum(label != -100 for label in (example.labels if seq2seq else example.labels[1:]))
         out.append(example)
     return out, stats
 
 
-def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Optional[str] = None) -> PreparedData:
-    """Read, split, tokenize and check the data of ``config``."""
+def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Optional[str] = None,
+                 seq2seq: bool = False) -> PreparedData:
+    """Read, split, tokenize and check the data of ``config`` (``seq2seq``: for an encoder-decoder)."""
+    if seq2seq and config.packing:
+        raise DataError("data.packing works with causal language models only, not sequence-to-sequence ones")
     if tokenizer is None:
         raise DataError("training needs a tokenizer; the model folder has no tokenizer files")
     path = config.path or default_path
@@ -100,9 +110,9 @@ def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Opt
         val_rows = [rows[i] for i in sorted(order[:n_val])]
         rows = [rows[i] for i in sorted(order[n_val:])]
         val_where = where
-    train, train_stats = _tokenize_split(rows, config, tokenizer, fmt, where)
+    train, train_stats = _tokenize_split(rows, config, tokenizer, fmt, where, seq2seq)
     if not train:
         raise DataError(f"{where}no example has a trained token within max_seq_len={config.max_seq_len} "
                         f"({train_stats.dropped} dropped); raise max_seq_len")
-    validation, val_stats = _tokenize_split(val_rows, config, tokenizer, fmt, val_where)
-    return PreparedData(train, validation, train_stats, val_stats, fmt)
+    validation, val_stats = _tokenize_split(val_rows, config, tokenizer, fmt, val_where, seq2seq)
+    return PreparedData(train, validation, train_stats, val_stats, fmt, seq2seq)

@@ -3,7 +3,8 @@
 A record becomes a list of ``(text, trained)`` segments, or a chat (a list of messages) that
 the tokenizer's chat template renders. Recognised columns, in order of preference:
 ``messages`` (chat), ``prompt``/``completion``, ``instruction``/``input``/``output``, ``text``
-(plain language modelling). ``columns`` maps these names to the dataset's own.
+(plain language modelling), ``source``/``target`` (sequence to sequence). ``columns`` maps
+these names to the dataset's own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ FORMATS = {
     "prompt_completion": ("prompt", "completion"),
     "instruction": ("instruction", "output"),
     "text": ("text",),
+    "seq2seq": ("source", "target"),
 }
 
 # The Alpaca prompt layout, the usual one for instruction/input/output records.
@@ -60,6 +62,8 @@ def segments(record: dict, fmt: str, columns: dict[str, str], index: int,
         return messages
     if fmt == "prompt_completion":
         return [(str(get("prompt")), False), (str(get("completion")), True)]
+    if fmt == "seq2seq":
+        return [(str(get("source")), False), (str(get("target")), True)]
     if fmt == "instruction":
         extra: Optional[str] = record.get(columns.get("input", "input"))
         template = _WITH_INPUT if extra else _WITHOUT_INPUT

@@ -29,8 +29,21 @@ def pack(examples: list[Example], max_seq_len: int) -> list[dict[str, list[int]]
     return rows
 
 
-def collate(rows: list, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Tensors for a batch of ``Example``s (padded) or packed rows (from ``pack``)."""
+def collate(rows: list, pad_id: int, packed: bool, seq2seq: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors for a batch of ``Example``s (padded) or packed rows (from ``pack``).
+
+    ``seq2seq``: inputs and labels are padded separately (the model builds decoder inputs
+    from the labels).
+    """
+    if seq2seq:
+        width = max(len(r.input_ids) for r in rows)
+        label_width = max(len(r.labels) for r in rows)
+        return {
+            "input_ids": torch.tensor([r.input_ids + [pad_id] * (width - len(r.input_ids)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids))
+                                            for r in rows]),
+            "labels": torch.tensor([r.labels + [IGNORE] * (label_width - len(r.labels)) for r in rows]),
+        }
     if not packed:
         rows = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
     width = max(len(r["input_ids"]) for r in rows)
@@ -46,3 +59,9 @@ def collate(rows: list, pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
         batch["attention_mask"] = torch.tensor(
             [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
     return batch
+
+
+def trained_token_count(batch: dict[str, torch.Tensor], seq2seq: bool = False) -> torch.Tensor:
+    """Tokens the loss averages over (a causal model's first position predicts nothing)."""
+    labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
+    return (labels != IGNORE).sum()

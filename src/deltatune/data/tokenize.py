@@ -83,13 +83,26 @@ def tokenize_record(tokenizer, parts, fmt: str, index: int, train_on_prompt: boo
     return Example(ids, labels)
 
 
-def truncate(example: Example, max_seq_len: int) -> tuple[Example, bool]:
-    """(example cut to ``max_seq_len``, whether it was cut)."""
+def tokenize_seq2seq(tokenizer, source: str, target: str) -> Example:
+    """Encoder input and decoder labels (every target token trained; EOS appended if missing)."""
+    input_ids = _ids(tokenizer, source, special=True)
+    labels = _ids(tokenizer, target, special=False)
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not labels or labels[-1] != eos):
+        labels.append(eos)
+    return Example(input_ids, labels)
+
+
+def truncate(example: Example, max_seq_len: int, seq2seq: bool = False) -> tuple[Example, bool]:
+    """(example cut to ``max_seq_len``, whether it was cut); seq2seq cuts input and target apart."""
+    if seq2seq:
+        cut = len(example.input_ids) > max_seq_len or len(example.labels) > max_seq_len
+        return Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len]), cut
     if len(example.input_ids) <= max_seq_len:
         return example, False
     return Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len]), True
 
 
-def has_trained_token(example: Example) -> bool:
-    # The first token is never predicted (nothing comes before it), so it does not count.
-    return any(label != IGNORE for label in example.labels[1:])
+def has_trained_token(example: Example, seq2seq: bool = False) -> bool:
+    # In a causal model the first token is never predicted (nothing comes before it).
+    return any(label != IGNORE for label in (example.labels if seq2seq else example.labels[1:]))

@@ -94,9 +94,11 @@ def quantizable_linears(model: nn.Module, config: QuantizeConfig) -> list[str]:
     from ..targeting import output_head_name
 
     head = output_head_name(model)
+    # Modules the model asks to keep in float32 (T5's "wo") stay unquantized, as transformers does.
+    keep = list(config.keep) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return [key for key, module in model.named_modules()
             if (isinstance(module, nn.Linear) or is_conv1d(module)) and key != head
-            and not _named(key, config.keep)]
+            and not _named(key, keep)]
 
 
 def linear_weight(module: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:

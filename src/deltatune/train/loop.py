@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from ..config import CONFIG_REGISTRY
-from ..data import collate, pack, prepare_data
+from ..data import collate, pack, prepare_data, trained_token_count
 from ..io import save_adapter
 from ..model import add_adapter, trainable_parameters
 from ..models import load_model
@@ -65,6 +65,10 @@ def _rows(data, cfg: TrainConfig):
     return pack(data, cfg.data.max_seq_len) if cfg.data.packing else data
 
 
+def _collate(rows, pad_id: int, cfg: TrainConfig, seq2seq: bool):
+    return collate(rows, pad_id, cfg.data.packing, seq2seq)
+
+
 def _batches_for_epoch(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """Row indices of each micro-batch this rank takes in ``epoch`` (a seeded shuffle)."""
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
@@ -88,7 +92,7 @@ def _autocast(precision: str, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, rows, cfg: TrainConfig, pad_id: int, dist: Distributed) -> Optional[float]:
+def evaluate(model, rows, cfg: TrainConfig, pad_id: int, dist: Distributed, seq2seq: bool = False) -> Optional[float]:
     """Token-weighted mean loss over ``rows`` (all ranks together)."""
     if not rows:
         return None
@@ -98,11 +102,11 @@ def evaluate(model, rows, cfg: TrainConfig, pad_id: int, dist: Distributed) -> O
     device = next(model.parameters()).device
     mine = rows[dist.rank::dist.world]
     for start in range(0, len(mine), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate(mine[start:start + cfg.batch_size], pad_id,
-                                                      cfg.data.packing).items()}
+        batch = {k: v.to(device) for k, v in _collate(mine[start:start + cfg.batch_size], pad_id, cfg,
+                                                       seq2seq).items()}
         with _autocast(cfg.precision, device):
             loss = model(**batch, use_cache=False).loss
-        tokens = (batch["labels"][:, 1:] != -100).sum()
+        tokens = trained_token_count(batch, seq2seq)
         total += torch.stack([loss.double().cpu() * tokens.cpu(), tokens.double().cpu()])
     total = dist.all_reduce_sum(total)
     model.train(was_training)
@@ -127,13 +131,15 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
     adapter_cls = CONFIG_REGISTRY[cfg.method.upper()]
     options = {k: v for k, v in to_dict(cfg.lora).items()}
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    options["task_type"] = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
     add_adapter(model, adapter_cls(**options))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.data.path:  # the shipped default: Velmar taxonomy, validation on unseen animals
         cfg.data.path = str(DEFAULT_DATA / "train.jsonl")
         cfg.data.validation_path = cfg.data.validation_path or str(DEFAULT_DATA / "validation.jsonl")
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed)
+    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, seq2seq=seq2seq)
     if dist.is_main:
         log(f"data ({data.format}): train {data.train_stats}; validation {data.validation_stats}")
     train_rows, val_rows = _rows(data.train, cfg), _rows(data.validation, cfg)
@@ -162,7 +168,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
     if resume_from is None:  # the untrained adapter's validation loss: what training is measured against
-        initial_eval = evaluate(model, val_rows, cfg, pad_id, dist)
+        initial_eval = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
         if initial_eval is not None:
             metrics.write({"step": 0, "eval_loss": initial_eval})
     if dist.is_main:
@@ -180,7 +186,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))
             batches = _batches_for_epoch(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
             rows = [train_rows[i] for i in batches[index % len(batches)]]
-            batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing).items()}
+            batch = {k: v.to(device) for k, v in _collate(rows, pad_id, cfg, seq2seq).items()}
             with _autocast(cfg.precision, device):
                 loss = ddp_model(**batch, use_cache=False).loss / cfg.grad_accum
             scaler.scale(loss).backward()
@@ -200,7 +206,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         record = {"step": step, "epoch": round(micro / max(1, steps_per_epoch * cfg.grad_accum), 4),
                   "loss": last_loss, "lr": lr}
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps:
-            eval_loss = evaluate(model, val_rows, cfg, pad_id, dist)
+            eval_loss = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
             if eval_loss is not None:
                 record["eval_loss"] = eval_loss
                 if eval_loss < best:
