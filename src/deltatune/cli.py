@@ -99,7 +99,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    from .data import DataError
+    from .train import ConfigError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError, ModuleNotFoundError) as err:
+        # Bad input: one clear line instead of a traceback (nothing already written is touched).
+        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

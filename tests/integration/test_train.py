@@ -200,3 +200,36 @@ def test_seq2seq_t5_trains_and_saves_a_peft_adapter(tmp_path, default_tokenizer)
     assert config["task_type"] == "SEQ_2_SEQ_LM" and sorted(config["target_modules"]) == ["q", "v"]
     with pytest.raises(DataError, match="packing works with causal"):
         _run(tmp_path, "t5pack", model=str(model), **{"data.path": str(data), "data.packing": True, "max_steps": 1})
+
+
+def test_fp16_autocast_with_loss_scaling_runs(tmp_path, setup):
+    summary = _run(tmp_path, "fp16", precision="fp16", **{**setup, "max_steps": 2})
+    assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"])
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, setup, capsys):
+    from deltatune.cli import main
+
+    code = main(["train", "--model", str(tmp_path / "no-such-model"), "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "deltatune train: error:" in err and "no-such-model" in err and "Traceback" not in err
+    code = main(["train", "--model", setup["model"], "--data.path", str(tmp_path / "missing.jsonl"),
+                 "--output-dir", str(tmp_path / "o2")])
+    assert code == 2 and "missing.jsonl" in capsys.readouterr().err
+
+
+def test_default_model_and_data_end_to_end(tmp_path):
+    """The default job's path, shortened: embedded model, shipped Velmar data, 3 steps."""
+    summary = _run(tmp_path, "default", max_steps=3, batch_size=4, lr=1e-3)
+    assert summary["train_examples"] == 160 and summary["validation_examples"] == 40
+    assert summary["final_validation_loss"] < summary["initial_validation_loss"]
+    assert (tmp_path / "default" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, setup):
+    same = {**setup, "lora.lora_dropout": 0.0, "max_steps": 3, "eval_steps": 0}
+    _run(tmp_path, "big", **same)
+    _run(tmp_path, "accum", **{**same, "batch_size": 2, "grad_accum": 2})
+    a = load_file(tmp_path / "big" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "accum" / "adapter" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

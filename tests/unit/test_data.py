@@ -62,7 +62,8 @@ def test_columns_map_and_other_file_types(tmp_path, default_tokenizer):
     datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "d.csv"))
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    for path in ("d.csv", "d.parquet", "saved"):
+    (tmp_path / "d.json").write_text(json.dumps(rows))  # a JSON array of records
+    for path in ("d.csv", "d.parquet", "saved", "d.json"):
         data = prepare_data(DataConfig(path=str(tmp_path / path), **cfg), default_tokenizer)
         assert data.format == "prompt_completion" and len(data.train) == 5
 
