@@ -70,6 +70,12 @@ def _train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .eval_cli import run_eval_command
+
+    return run_eval_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
     from .merge_cli import MergeConfig
@@ -84,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_options(train)
     train.set_defaults(func=_train)
+    evaluate = sub.add_parser("eval", help="generate with the base model and adapters on held-out data; "
+                              "ROUGE/BLEU/chrF/exact match/F1/perplexity side by side")
+    from .eval_cli import add_eval_options
+
+    add_eval_options(evaluate)
+    evaluate.set_defaults(func=_eval)
     merge = sub.add_parser("merge", help="merge an adapter into its base and write a plain Hugging Face folder; "
                            "prints the merge error")
     _add_dataclass_options(merge, MergeConfig)

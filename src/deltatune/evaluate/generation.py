@@ -1,0 +1,78 @@
+"""Batched generation, reference perplexity and multiple-choice accuracy for one model state."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..data import collate, trained_token_count
+from .examples import EvalExample
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def generate(model, tokenizer, examples: list[EvalExample], batch_size: int, max_new_tokens: int,
+             seq2seq: bool, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
+    """Greedy (or sampled) continuations, batched with the KV cache, stopping at EOS."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = _device(model)
+    outputs: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = [e.input_ids for e in examples[start:start + batch_size]]
+        width = max(len(ids) for ids in chunk)
+        if seq2seq:  # the encoder reads right-padded inputs
+            ids = [x + [pad] * (width - len(x)) for x in chunk]
+            mask = [[1] * len(x) + [0] * (width - len(x)) for x in chunk]
+        else:  # a decoder continues from the last position, so pad on the left
+            ids = [[pad] * (width - len(x)) + x for x in chunk]
+            mask = [[0] * (width - len(x)) + [1] * len(x) for x in chunk]
+        input_ids = torch.tensor(ids, device=device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
+            "do_sample": False}
+        out = model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=device),
+                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                             use_cache=True, **sampling)
+        new = out if seq2seq else out[:, width:]
+        outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return outputs
+
+
+@torch.no_grad()
+def perplexity(model, examples: list[EvalExample], batch_size: int, pad_id: int, seq2seq: bool) -> float:
+    """exp(mean loss over reference tokens given their prompts)."""
+    device = _device(model)
+    total, tokens = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        rows = [e.scored for e in examples[start:start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id, False, seq2seq).items()}
+        loss = model(**batch, use_cache=False).loss
+        n = int(trained_token_count(batch, seq2seq))
+        total += loss.item() * n
+        tokens += n
+    return math.exp(min(total / max(tokens, 1), 700.0))
+
+
+@torch.no_grad()
+def choice_accuracy(model, tokenizer, examples: list[EvalExample], seq2seq: bool) -> Optional[float]:
+    """Share of examples whose answer has the highest log-likelihood among the choices."""
+    scored = [e for e in examples if e.choices]
+    if not scored or seq2seq:
+        return None
+    device = _device(model)
+    right = 0
+    for e in scored:
+        totals = []
+        for choice in e.choices:
+            cont = list(tokenizer(" " + choice if not choice.startswith(" ") else choice,
+                                  add_special_tokens=False)["input_ids"])
+            ids = torch.tensor([e.input_ids + cont], device=device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, len(e.input_ids) - 1:-1].float()
+            logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(cont, device=device)[:, None])
+            totals.append(logp.sum().item())
+        right += int(max(range(len(totals)), key=totals.__getitem__) == e.answer)
+    return right / len(scored)

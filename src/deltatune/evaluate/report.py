@@ -1,0 +1,78 @@
+"""What an evaluation writes: predictions.jsonl, metrics.json, report.md, a bar chart, a table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..files import write_atomically
+
+_LOWER_IS_BETTER = ("perplexity",)
+
+
+def write_outputs(out: Path, metrics: dict[str, dict[str, float]], rows: list[dict], loss_curves: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    write_atomically(out / "predictions.jsonl", lambda p: Path(p).write_text(text))
+    blob = json.dumps(metrics, indent=2)
+    write_atomically(out / "metrics.json", lambda p: Path(p).write_text(blob))
+    _bar_chart(metrics, out / "metrics.png")
+    report = _markdown(metrics, rows, loss_curves)
+    write_atomically(out / "report.md", lambda p: Path(p).write_text(report))
+
+
+def table(metrics: dict[str, dict[str, float]]) -> str:
+    """Metric rows, one column per model, and the change of each adapter against the base."""
+    models = list(metrics)
+    names = list(next(iter(metrics.values())))
+    header = ["metric", *models] + [f"change ({m})" for m in models[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        cells = [name] + [f"{metrics[m][name]:.4f}" for m in models]
+        cells += [f"{metrics[m][name] - metrics[models[0]][name]:+.4f}" for m in models[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(metrics, rows, loss_curves) -> str:
+    models = list(metrics)
+    parts = ["# Evaluation: base against tuned", "",
+             "ROUGE values are means of per-example F-measures (0-1); BLEU and chrF are sacrebleu's corpus "
+             "scores (0-100); perplexity is of the references given their prompts (lower is better).", "",
+             table(metrics), "", "![metrics](metrics.png)", ""]
+    for curve in loss_curves:
+        parts += [f"![training loss]({curve})", ""]
+    parts += ["## Examples", ""]
+    by_id: dict[int, dict[str, dict]] = {}
+    for r in rows:
+        by_id.setdefault(r["id"], {})[r["model"]] = r
+    for example_id in list(by_id)[:5]:
+        entries = by_id[example_id]
+        first = next(iter(entries.values()))
+        parts += [f"### Example {example_id}", "", "Prompt:", "", "```", first["prompt"].strip(), "```", "",
+                  f"Reference: {first['reference']}", ""]
+        parts += [f"- **{m}**: {entries[m]['prediction']}" for m in models if m in entries]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _bar_chart(metrics: dict[str, dict[str, float]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(metrics)
+    names = [n for n in next(iter(metrics.values())) if n not in _LOWER_IS_BETTER]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        values = [metrics[model][n] / (100.0 if n in ("bleu", "chrf") else 1.0) for n in names]
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=model)
+    ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(names))])
+    ax.set_xticklabels([n + (" /100" if n in ("bleu", "chrf") else "") for n in names], rotation=30, ha="right")
+    ax.set_ylabel("score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)

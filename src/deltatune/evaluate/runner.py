@@ -1,0 +1,155 @@
+"""``deltatune eval``: the base model and each adapter on the same examples, in one loaded model."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..data import DataConfig, DataError
+from ..io import load_adapter
+from ..model import disable_adapters, set_adapter
+from ..models import load_model
+from . import metrics as text_metrics
+from .examples import load_eval_examples
+from .generation import choice_accuracy, generate, perplexity
+from .report import table, write_outputs
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``deltatune eval``."""
+
+    adapters: list = field(default_factory=list)
+    """Adapter folders (PEFT format) or training run folders."""
+    data: str = ""
+    """Evaluation data file (formats as in training; the completion / last assistant turn is the reference)."""
+    model: str = ""
+    """Base model folder or .gguf file; empty: the embedded default."""
+    quantize: str = ""
+    """Load the base quantized (nf4, fp4, int8)."""
+    output_dir: str = "runs/eval"
+    """Where predictions.jsonl, metrics.json, report.md and metrics.png go."""
+    metrics: list = field(default_factory=lambda: list(text_metrics.METRICS))
+    """Metrics: rouge, bleu, chrf, exact_match, token_f1 (perplexity and choice accuracy are always added)."""
+    max_new_tokens: int = 64
+    """Tokens generated per example at most (generation stops at EOS)."""
+    batch_size: int = 8
+    """Examples generated together."""
+    limit: int = 0
+    """Evaluate only the first N examples (0: all)."""
+    do_sample: bool = False
+    """Sample instead of greedy decoding."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    chat_template: bool = False
+    """Render prompt/completion records as a one-turn chat (as training's data.chat_template)."""
+    seed: int = 0
+    """Seed for sampling."""
+
+
+def _adapter_dir(path: Path) -> tuple[Path, Optional[Path]]:
+    """(adapter folder, loss curve) for an adapter folder or a training run folder."""
+    if (path / "adapter_config.json").is_file():
+        return path, None
+    if (path / "adapter" / "adapter_config.json").is_file():
+        curve = path / "loss.png"
+        return path / "adapter", curve if curve.is_file() else None
+    raise FileNotFoundError(f"{path} holds no adapter: expected adapter_config.json there or in {path}/adapter")
+
+
+def _name_for(path: Path, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_\-]", "_", path.name if path.name != "adapter" else path.parent.name) or "adapter"
+    name, n = base, 2
+    while name in taken or name == "base":
+        name, n = f"{base}-{n}", n + 1
+    return name
+
+
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print) -> dict:
+    """Evaluate base and adapters; write the outputs; return ``{model: {metric: value}}``.
+
+    ``model``/``tokenizer``: evaluate an already loaded model (training does this); its
+    adapters are then the ones it has.
+    """
+    torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
+    curves: list[Path] = []
+    names: list[str] = []
+    if model is None:
+        model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None)
+        for raw in cfg.adapters:
+            folder, curve = _adapter_dir(Path(raw))
+            name = _name_for(Path(raw), set(names))
+            try:
+                load_adapter(model, folder, name=name)
+            except ValueError as err:
+                raise DataError(f"adapter {raw} does not fit this base model: {err}") from None
+            names.append(name)
+            if curve is not None:
+                curves.append(curve)
+    else:
+        from ..model import get_state
+
+        names = list(get_state(model).configs)
+    if tokenizer is None:
+        raise DataError("evaluation needs a tokenizer; the model folder has none")
+    if not cfg.data:
+        raise DataError("deltatune eval needs --data FILE")
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    examples = load_eval_examples(cfg.data, tokenizer, DataConfig(chat_template=cfg.chat_template), seq2seq,
+                                  cfg.limit)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    results: dict[str, dict[str, float]] = {}
+    rows: list[dict] = []
+    references = [e.reference for e in examples]
+    for who in ["base", *names]:
+        context = disable_adapters(model) if who == "base" else _active(model, who)
+        with context:
+            predictions = generate(model, tokenizer, examples, cfg.batch_size, cfg.max_new_tokens, seq2seq,
+                                   cfg.do_sample, cfg.temperature, cfg.top_p)
+            scores = text_metrics.compute(list(cfg.metrics), predictions, references)
+            scores["perplexity"] = perplexity(model, examples, cfg.batch_size, pad, seq2seq)
+            accuracy = choice_accuracy(model, tokenizer, examples, seq2seq)
+            if accuracy is not None:
+                scores["choice_accuracy"] = accuracy
+        results[who] = scores
+        rows += [{"id": e.id, "model": who, "prompt": e.prompt, "prediction": p, "reference": e.reference}
+                 for e, p in zip(examples, predictions)]
+    out = Path(cfg.output_dir)
+    copied = []
+    for i, curve in enumerate(curves):
+        out.mkdir(parents=True, exist_ok=True)
+        target = f"loss-{names[i]}.png" if len(curves) > 1 else "loss.png"
+        shutil.copyfile(curve, out / target)
+        copied.append(target)
+    write_outputs(out, results, rows, copied)
+    seconds = time.perf_counter() - started
+    log(f"\nevaluated {len(examples)} examples x {len(results)} models in {seconds:.1f}s; "
+        f"report: {out / 'report.md'}\n")
+    log(table(results))
+    return results
+
+
+class _active:
+    """Within the block only adapter ``name`` is active; the previous set comes back after."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        from ..model import active_adapters
+
+        self.before = active_adapters(self.model)
+        set_adapter(self.model, self.name)
+
+    def __exit__(self, *exc):
+        set_adapter(self.model, self.before or None)
