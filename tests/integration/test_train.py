@@ -220,8 +220,11 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, setup, capsys):
 
 def test_default_model_and_data_end_to_end(tmp_path):
     """The default job's path, shortened: embedded model, shipped Velmar data, 3 steps."""
-    summary = _run(tmp_path, "default", max_steps=3, batch_size=4, lr=1e-3)
+    summary = _run(tmp_path, "default", max_steps=3, batch_size=4, lr=1e-3, eval_max_new_tokens=6)
     assert summary["train_examples"] == 160 and summary["validation_examples"] == 40
+    # The default job ends with a generation evaluation, base against tuned, on the validation split.
+    assert set(summary["evaluation"]) == {"base", "default"}
+    assert (tmp_path / "default" / "eval" / "report.md").is_file()
     assert summary["final_validation_loss"] < summary["initial_validation_loss"]
     assert (tmp_path / "default" / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -51,6 +51,7 @@ class PreparedData:
     validation_stats: TokenizeStats
     format: str
     seq2seq: bool = False
+    validation_records: list = field(default_factory=list)  # the raw held-out records (for evaluation)
 
 
 def _tokenize_split(records, config: DataConfig, tokenizer, fmt: str, where: str,
@@ -115,4 +116,4 @@ def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Opt
         raise DataError(f"{where}no example has a trained token within max_seq_len={config.max_seq_len} "
                         f"({train_stats.dropped} dropped); raise max_seq_len")
     validation, val_stats = _tokenize_split(val_rows, config, tokenizer, fmt, val_where, seq2seq)
-    return PreparedData(train, validation, train_stats, val_stats, fmt, seq2seq)
+    return PreparedData(train, validation, train_stats, val_stats, fmt, seq2seq, val_rows)

@@ -73,7 +73,7 @@ def _name_for(path: Path, taken: set[str]) -> str:
     return name
 
 
-def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print) -> dict:
+def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve: Optional[Path] = None) -> dict:
     """Evaluate base and adapters; write the outputs; return ``{model: {metric: value}}``.
 
     ``model``/``tokenizer``: evaluate an already loaded model (training does this); its
@@ -99,6 +99,8 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print) -> dict:
         from ..model import get_state
 
         names = list(get_state(model).configs)
+        if loss_curve is not None and Path(loss_curve).is_file():
+            curves.append(Path(loss_curve))
     if tokenizer is None:
         raise DataError("evaluation needs a tokenizer; the model folder has none")
     if not cfg.data:

@@ -84,6 +84,10 @@ class TrainConfig:
     """Stop after this many evaluations without a better validation loss (0: never)."""
     seed: int = 0
     """Seed for the adapter's initialisation, data order and dropout."""
+    final_eval: str = "auto"
+    """Generate on the validation split at the end, base against tuned (on, off; auto: on for the default job)."""
+    eval_max_new_tokens: int = 48
+    """Tokens generated per validation example in the final evaluation."""
     resume: bool = False
     """Continue from the latest valid checkpoint in output_dir."""
     overwrite: bool = False

@@ -35,6 +35,25 @@ from .schedule import make_scheduler
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "datasets" / "velmar"
 
 
+def _wants_final_eval(cfg: TrainConfig, default_job: bool) -> bool:
+    if cfg.final_eval not in ("auto", "on", "off"):
+        raise ConfigError(f"final_eval {cfg.final_eval!r}: use on, off or auto")
+    return cfg.final_eval == "on" or (cfg.final_eval == "auto" and default_job)
+
+
+def _final_eval(model, tokenizer, cfg: TrainConfig, data, output_dir: Path, log) -> dict:
+    """``deltatune eval`` on the validation records: base against the adapter just trained."""
+    from ..evaluate import EvalConfig, run_eval
+    from ..files import write_atomically
+
+    records = output_dir / "validation.jsonl"
+    text = "".join(json.dumps(r) + "\n" for r in data.validation_records)
+    write_atomically(records, lambda p: Path(p).write_text(text))
+    eval_cfg = EvalConfig(data=str(records), output_dir=str(output_dir / "eval"), batch_size=cfg.batch_size,
+                          max_new_tokens=cfg.eval_max_new_tokens, chat_template=cfg.data.chat_template)
+    return run_eval(eval_cfg, model=model, tokenizer=tokenizer, log=log, loss_curve=output_dir / "loss.png")
+
+
 @dataclass
 class StepInfo:
     """What a step-end callback sees."""
@@ -136,7 +155,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     add_adapter(model, adapter_cls(**options))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not cfg.data.path:  # the shipped default: Velmar taxonomy, validation on unseen animals
+    default_job = not cfg.data.path
+    if default_job:  # the shipped default: Velmar taxonomy, validation on unseen animals
         cfg.data.path = str(DEFAULT_DATA / "train.jsonl")
         cfg.data.validation_path = cfg.data.validation_path or str(DEFAULT_DATA / "validation.jsonl")
     data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, seq2seq=seq2seq)
@@ -251,8 +271,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "best_validation_loss": None if best == math.inf else best,
                    "adapter": str(adapter_dir), "output_dir": str(output_dir),
                    "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples}
+        if _wants_final_eval(cfg, default_job) and data.validation_records:
+            summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log("\n".join(["", "summary:"] + [f"  {k}: {v}" for k, v in summary.items()]))
+        log("\n".join(["", "summary:"] + [f"  {k}: {v}" for k, v in summary.items() if k != "evaluation"]))
     dist.barrier()
     dist.shutdown()
     return summary

@@ -1,0 +1,88 @@
+"""deltatune eval on tiny models: outputs, report numbers, base and tuned, seq2seq, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.data import DataError
+from deltatune.evaluate import EvalConfig, run_eval
+from deltatune.train import load_config, train
+from tiny_models import tiny_chat_model_dir, tiny_t5_dir
+
+DIALOGUES = Path(dt.__file__).parent / "datasets" / "dialogues" / "dialogues.jsonl"
+
+
+@pytest.fixture
+def trained(tmp_path, default_tokenizer):
+    model = tiny_chat_model_dir(tmp_path / "model", default_tokenizer)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Word {i}:", "completion": f" meaning {i % 5}"}) + "\n"
+                            for i in range(24)))
+    run = tmp_path / "run"
+    train(load_config(None, {"model": str(model), "data.path": str(data), "output_dir": str(run), "max_steps": 4,
+                             "lr": 1e-2, "lora.r": 4, "batch_size": 4}), log=lambda *_: None)
+    return model, data, run
+
+
+def test_eval_writes_outputs_and_the_report_holds_the_metrics(tmp_path, trained):
+    model, data, run = trained
+    out = tmp_path / "eval"
+    results = run_eval(EvalConfig(adapters=[str(run)], data=str(data), model=str(model), output_dir=str(out),
+                                  max_new_tokens=4, limit=6), log=lambda *_: None)
+    assert set(results) == {"base", "run"}  # the base and the tuned model, on the same inputs
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == results
+    report = (out / "report.md").read_text()
+    for model_name, scores in saved.items():
+        assert model_name in report
+        for value in scores.values():
+            assert f"{value:.4f}" in report
+    assert (out / "metrics.png").stat().st_size > 0 and (out / "loss.png").is_file()  # curve copied from the run
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and {r["model"] for r in rows} == {"base", "run"}
+    assert set(rows[0]) == {"id", "model", "prompt", "prediction", "reference"}
+    assert {"rouge1", "bleu", "chrf", "exact_match", "token_f1", "perplexity"} <= set(saved["base"])
+
+
+def test_choice_accuracy_by_log_likelihood(tmp_path, trained):
+    model, _, run = trained
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Word {i}:", "completion": f" meaning {i % 5}",
+                                        "choices": [f"meaning {j}" for j in range(5)], "answer": i % 5}) + "\n"
+                            for i in range(5)))
+    results = run_eval(EvalConfig(adapters=[str(run / "adapter")], data=str(data), model=str(model),
+                                  output_dir=str(tmp_path / "mc"), max_new_tokens=2, metrics=["exact_match"]),
+                       log=lambda *_: None)
+    assert all(0.0 <= r["choice_accuracy"] <= 1.0 for r in results.values())
+
+
+def test_seq2seq_summaries_on_a_tiny_t5(tmp_path, default_tokenizer):
+    model = tiny_t5_dir(tmp_path / "t5", default_tokenizer)
+    run = tmp_path / "t5run"
+    train(load_config(None, {"model": str(model), "data.path": str(DIALOGUES), "output_dir": str(run),
+                             "max_steps": 3, "lr": 1e-2, "lora.r": 4, "lora.target_modules": ["q", "v"],
+                             "batch_size": 4}), log=lambda *_: None)
+    assert main(["eval", "--adapter", str(run), "--data", str(DIALOGUES), "--model", str(model), "--limit", "4",
+                 "--max-new-tokens", "6", "--output-dir", str(tmp_path / "out")]) == 0
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(saved) == {"base", "t5run"} and "rougeLsum" in saved["t5run"]
+
+
+def test_bad_input(tmp_path, trained, default_tokenizer):
+    model, data, run = trained
+    text_only = tmp_path / "text.jsonl"
+    text_only.write_text(json.dumps({"text": "no reference here"}) + "\n")
+    with pytest.raises(DataError, match="evaluation needs a reference"):
+        run_eval(EvalConfig(data=str(text_only), model=str(model), output_dir=str(tmp_path / "o")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty|could not be read"):
+        run_eval(EvalConfig(data=str(empty), model=str(model), output_dir=str(tmp_path / "o")))
+    other = tiny_t5_dir(tmp_path / "other", default_tokenizer)  # an adapter made for a Llama, a T5 base
+    with pytest.raises(DataError, match="does not fit this base model"):
+        run_eval(EvalConfig(adapters=[str(run)], data=str(data), model=str(other), output_dir=str(tmp_path / "o")))
+    with pytest.raises(FileNotFoundError, match="holds no adapter"):
+        run_eval(EvalConfig(adapters=[str(tmp_path)], data=str(data), model=str(model), output_dir=str(tmp_path / "o")))
