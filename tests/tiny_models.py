@@ -107,3 +107,12 @@ def tiny_t5_dir(folder, tokenizer, seed: int = 0):
     T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def word_meaning_data(path, count: int):
+    """A prompt/completion JSONL file of ``count`` records whose answers follow a pattern."""
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": f"Word {i}:", "completion": f" meaning {i % 5}"}) + "\n"
+                            for i in range(count)))
+    return path

@@ -10,7 +10,7 @@ from deltatune.cli import main
 from deltatune.data import DataError
 from deltatune.evaluate import EvalConfig, run_eval
 from deltatune.train import load_config, train
-from tiny_models import tiny_chat_model_dir, tiny_t5_dir
+from tiny_models import tiny_chat_model_dir, tiny_t5_dir, word_meaning_data
 
 DIALOGUES = Path(dt.__file__).parent / "datasets" / "dialogues" / "dialogues.jsonl"
 
@@ -18,9 +18,7 @@ DIALOGUES = Path(dt.__file__).parent / "datasets" / "dialogues" / "dialogues.jso
 @pytest.fixture
 def trained(tmp_path, default_tokenizer):
     model = tiny_chat_model_dir(tmp_path / "model", default_tokenizer)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Word {i}:", "completion": f" meaning {i % 5}"}) + "\n"
-                            for i in range(24)))
+    data = word_meaning_data(tmp_path / "data.jsonl", 24)
     run = tmp_path / "run"
     train(load_config(None, {"model": str(model), "data.path": str(data), "output_dir": str(run), "max_steps": 4,
                              "lr": 1e-2, "lora.r": 4, "batch_size": 4}), log=lambda *_: None)

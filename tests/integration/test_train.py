@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from deltatune.data import DataError
 from deltatune.train import ConfigError, load_config, train
-from tiny_models import tiny_chat_model_dir
+from tiny_models import tiny_chat_model_dir, word_meaning_data
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,7 @@ TESTS = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def setup(tmp_path, default_tokenizer):
     model = tiny_chat_model_dir(tmp_path / "model", default_tokenizer)
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Word {i}:", "completion": f" meaning {i % 5}"}) + "\n"
-                            for i in range(48)))
+    data = word_meaning_data(tmp_path / "data.jsonl", 48)
     return {"model": str(model), "data.path": str(data), "batch_size": 4, "lr": 1e-2, "lora.r": 4,
             "lora.lora_dropout": 0.1, "max_steps": 8, "eval_steps": 4, "seed": 3}
 
