@@ -19,7 +19,7 @@ from .adapters.base import AdapterLayer, ModulesToSave, RowPlan
 from .adapters.lora import LoraLayer, make_lora_layer
 from .config import AdapterConfig, LoraConfig
 from .merge_report import MergeReport, measure_merge
-from .targeting import expand_target_modules, find_targets, modules_to_save_targets, pattern_value
+from .targeting import expand_target_modules, find_targets, modules_to_save_targets, pattern_value, replace_module
 
 _STATE_ATTR = "deltatune_state"
 
@@ -45,12 +45,6 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, Union[AdapterLayer, 
     for key, module in model.named_modules():
         if isinstance(module, (AdapterLayer, ModulesToSave)):
             yield key, module
-
-
-def _replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
-    parent_name, _, child = key.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _check_name(name: str) -> None:
@@ -105,7 +99,7 @@ def add_adapter(
                     layer = make_lora_layer(module, config)
                 except TypeError as err:
                     raise TypeError(f"module {key!r}: {err}") from None
-                _replace_module(model, key, layer)
+                replace_module(model, key, layer)
             r = pattern_value(config.rank_pattern, key, config.r)
             alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
             layer.add(name, r, alpha, config, from_file=_fill is not None)
@@ -113,7 +107,7 @@ def add_adapter(
         for key, module in saved:
             wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
             if wrapper is not module:
-                _replace_module(model, key, wrapper)
+                replace_module(model, key, wrapper)
             wrapper.add(name)
             wrapper.train(module.training)
         registry = state or AdapterState()
@@ -280,12 +274,12 @@ def unload(model: nn.Module, merge: bool = True, *, requantize: bool = False, to
                 layer.unmerge()
             elif layer.untied_for_merge:
                 _untie_config(model)
-            _replace_module(model, key, layer.base_layer)
+            replace_module(model, key, layer.base_layer)
         else:
             chosen = layer.current() if merge else layer.original_module
             if chosen is not layer.original_module:
                 _untie_config(model)
-            _replace_module(model, key, chosen)
+            replace_module(model, key, chosen)
     delattr(model, _STATE_ATTR)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -321,7 +315,7 @@ def _remove_from_layers(model: nn.Module, name: str) -> None:
         layer.delete_adapter(name)
         if not layer.adapter_names:
             base = layer.base_layer if isinstance(layer, AdapterLayer) else layer.original_module
-            _replace_module(model, key, base)
+            replace_module(model, key, base)
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

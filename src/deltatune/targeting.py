@@ -38,6 +38,13 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D"
 
 
+def replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule named ``key`` is."""
+    parent_name, _, child = key.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
 def walk_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Named modules, stopping at adapter wrappers so their internals are never targeted."""
     from .adapters.base import AdapterLayer, ModulesToSave  # local: adapters import this module

@@ -12,6 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..targeting import output_head_name, replace_module
 from .layers import Linear4bit, Linear8bit, QuantLinear
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -91,8 +92,6 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def quantizable_linears(model: nn.Module, config: QuantizeConfig) -> list[str]:
     """Names of the linear modules (``nn.Linear``, GPT-2 ``Conv1D``) that ``config`` quantizes."""
-    from ..targeting import output_head_name
-
     head = output_head_name(model)
     # Modules the model asks to keep in float32 (T5's "wo") stay unquantized, as transformers does.
     keep = list(config.keep) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -122,16 +121,11 @@ def make_quant_linear(linear: nn.Module, config: QuantizeConfig) -> QuantLinear:
                                   config.compute_dtype)
 
 
-def _set_module(model: nn.Module, key: str, new: nn.Module) -> None:
-    parent, _, child = key.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def quantize_model(model: nn.Module, config: QuantizeConfig) -> nn.Module:
     """Replace the quantizable linear layers of ``model`` in place, one at a time."""
     for key in quantizable_linears(model, config):
         linear = model.get_submodule(key)
-        _set_module(model, key, make_quant_linear(linear, config))
+        replace_module(model, key, make_quant_linear(linear, config))
         del linear
     mark_quantized(model, config)
     return model
@@ -139,8 +133,6 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> nn.Module:
 
 def mark_quantized(model: nn.Module, config: QuantizeConfig) -> None:
     """Record the settings on the model and its config, as transformers does for bitsandbytes."""
-    from ..targeting import output_head_name
-
     model.deltatune_quantization = config
     if getattr(model, "config", None) is not None:
         model.config.quantization_config = config.to_hf(output_head_name(model))
@@ -150,7 +142,7 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     """Replace every quantized layer by a plain ``nn.Linear`` (in place); the model becomes ordinary."""
     for key, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_module(model, key, module.to_linear(dtype))
+            replace_module(model, key, module.to_linear(dtype))
     if hasattr(model, "deltatune_quantization"):
         del model.deltatune_quantization
     config = getattr(model, "config", None)

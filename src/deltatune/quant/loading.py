@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..files import write_atomically
+from ..targeting import replace_module
 from .convert import (
-    QuantizeConfig, _set_module, linear_weight, make_quant_linear, mark_quantized, quantizable_linears,
+    QuantizeConfig, linear_weight, make_quant_linear, mark_quantized, quantizable_linears,
 )
 from .layers import Linear4bit, Linear8bit, QuantLinear, state_from_tensors
 
@@ -107,7 +108,7 @@ def load_streaming(folder: Path, auto_class, config, dtype: torch.dtype,
         targets = {k for k in targets if k + ".weight" in where and where_is_quantized(where, k)}
     for key in sorted(targets):
         linear = model.get_submodule(key)
-        _set_module(model, key, _quant_layer_from_file(where, key, linear, quant, prequantized))
+        replace_module(model, key, _quant_layer_from_file(where, key, linear, quant, prequantized))
         _return_free_memory()
     expected = model.state_dict(keep_vars=True)
     for key, tensor in expected.items():
