@@ -43,17 +43,26 @@ def generate(model, tokenizer, examples: list[EvalExample], batch_size: int, max
 
 
 @torch.no_grad()
+def loss_sums(model, rows: list, batch_size: int, pad_id: int, packed: bool = False,
+              seq2seq: bool = False) -> torch.Tensor:
+    """float64 ``[sum of per-token losses, number of trained tokens]`` over ``rows``.
+
+    Training's validation loss and evaluation's perplexity both come from these sums.
+    """
+    device = _device(model)
+    total = torch.zeros(2, dtype=torch.float64)
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_id, packed,
+                                                      seq2seq).items()}
+        loss = model(**batch, use_cache=False).loss
+        tokens = trained_token_count(batch, seq2seq)
+        total += torch.stack([loss.double().cpu() * tokens.cpu(), tokens.double().cpu()])
+    return total
+
+
 def perplexity(model, examples: list[EvalExample], batch_size: int, pad_id: int, seq2seq: bool) -> float:
     """exp(mean loss over reference tokens given their prompts)."""
-    device = _device(model)
-    total, tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        rows = [e.scored for e in examples[start:start + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(rows, pad_id, False, seq2seq).items()}
-        loss = model(**batch, use_cache=False).loss
-        n = int(trained_token_count(batch, seq2seq))
-        total += loss.item() * n
-        tokens += n
+    total, tokens = loss_sums(model, [e.scored for e in examples], batch_size, pad_id, seq2seq=seq2seq).tolist()
     return math.exp(min(total / max(tokens, 1), 700.0))
 
 

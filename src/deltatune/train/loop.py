@@ -21,7 +21,8 @@ import torch
 import yaml
 
 from ..config import CONFIG_REGISTRY
-from ..data import collate, pack, prepare_data, trained_token_count
+from ..data import collate, pack, prepare_data
+from ..evaluate.generation import loss_sums
 from ..io import save_adapter
 from ..model import add_adapter, trainable_parameters
 from ..models import load_model
@@ -84,9 +85,6 @@ def _rows(data, cfg: TrainConfig):
     return pack(data, cfg.data.max_seq_len) if cfg.data.packing else data
 
 
-def _collate(rows, pad_id: int, cfg: TrainConfig, seq2seq: bool):
-    return collate(rows, pad_id, cfg.data.packing, seq2seq)
-
 
 def _batches_for_epoch(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
     """Row indices of each micro-batch this rank takes in ``epoch`` (a seeded shuffle)."""
@@ -117,16 +115,8 @@ def evaluate(model, rows, cfg: TrainConfig, pad_id: int, dist: Distributed, seq2
         return None
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    device = next(model.parameters()).device
-    mine = rows[dist.rank::dist.world]
-    for start in range(0, len(mine), cfg.batch_size):
-        batch = {k: v.to(device) for k, v in _collate(mine[start:start + cfg.batch_size], pad_id, cfg,
-                                                       seq2seq).items()}
-        with _autocast(cfg.precision, device):
-            loss = model(**batch, use_cache=False).loss
-        tokens = trained_token_count(batch, seq2seq)
-        total += torch.stack([loss.double().cpu() * tokens.cpu(), tokens.double().cpu()])
+    with _autocast(cfg.precision, next(model.parameters()).device):
+        total = loss_sums(model, rows[dist.rank::dist.world], cfg.batch_size, pad_id, cfg.data.packing, seq2seq)
     total = dist.all_reduce_sum(total)
     model.train(was_training)
     return (total[0] / total[1]).item() if total[1] > 0 else None
@@ -206,7 +196,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))
             batches = _batches_for_epoch(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
             rows = [train_rows[i] for i in batches[index % len(batches)]]
-            batch = {k: v.to(device) for k, v in _collate(rows, pad_id, cfg, seq2seq).items()}
+            batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
             with _autocast(cfg.precision, device):
                 loss = ddp_model(**batch, use_cache=False).loss / cfg.grad_accum
             scaler.scale(loss).backward()
