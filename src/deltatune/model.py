@@ -187,8 +187,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         for layer in layers:
             layer.disabled = False
             if merged[id(layer)]:
-                untie = not layer.quantized and id(layer.base_weight()) in shared
-                layer.merge(merged[id(layer)], untie=untie, requantize=layer.merge_requantized)
+                layer.merge(merged[id(layer)], untie=_is_shared(layer, shared), requantize=layer.merge_requantized)
 
 
 @contextlib.contextmanager
@@ -236,8 +235,13 @@ def _merge_layers(model: nn.Module, names: Sequence[str], requantize: bool = Fal
     shared = _shared_parameter_ids(model)
     for _, layer in adapter_layers(model):
         if isinstance(layer, AdapterLayer):
-            untie = not layer.quantized and id(layer.base_weight()) in shared
-            layer.merge([n for n in names if n in layer.adapter_names], untie=untie, requantize=requantize)
+            layer.merge([n for n in names if n in layer.adapter_names], untie=_is_shared(layer, shared),
+                        requantize=requantize)
+
+
+def _is_shared(layer: AdapterLayer, shared: set[int]) -> bool:
+    """The layer's base weight is tied to another module (a quantized base never is)."""
+    return not layer.quantized and id(layer.base_weight()) in shared
 
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:

@@ -214,14 +214,14 @@ class AdapterLayer(nn.Module):
                 weight = self.merge_into(name, weight, reference)
                 if bias is not None:
                     bias = self.merge_bias_into(name, bias)
-        merged = None
-        if not requantize:
-            merged = original.to_linear(original.compute_dtype)
+        if requantize:
+            self.base_layer = original.requantized(weight, bias)
+        else:
+            self.base_layer = original.to_linear(original.compute_dtype)
             with torch.no_grad():
-                merged.weight.copy_(weight)
+                self.base_layer.weight.copy_(weight)
                 if bias is not None:
-                    merged.bias.copy_(bias)
-        self.base_layer = original.requantized(weight, bias) if requantize else merged
+                    self.base_layer.bias.copy_(bias)
         self.merge_requantized = requantize
         self.merged_adapters.extend(names)
 

@@ -199,10 +199,11 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None,
     state = model.state_dict()
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = _names_of(model, head) if tied and head is not None else set()
     seen: dict[int, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if tied and head is not None and key.endswith(".weight") and key.rpartition(".")[0] in _names_of(model, head):
+        if key.endswith(".weight") and key.rpartition(".")[0] in head_names:
             continue  # written once, under the embedding's name, as transformers does
         if value.data_ptr() in seen and value.numel() > 1:
             continue
