@@ -23,17 +23,25 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One option per field of ``cls`` (lists as comma-separated values), its docstring as help."""
     docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         type_name = f.type if isinstance(f.type, str) else f.type.__name__
         flag = f"--{f.name.replace('_', '-')}"
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
+        shown = ",".join(default) if isinstance(default, list) else default
+        help_text = f"{docs.get(f.name, '')} (default: {shown})"
         if type_name == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-            continue
-        kind = {"int": int, "float": float, "str": str}[type_name]
-        parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif type_name == "list":
+            parser.add_argument(flag, type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+                                default=default, metavar="A,B", help=help_text)
+        else:
+            kind = {"int": int, "float": float, "str": str}[type_name]
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
 
 
 def _info(_: argparse.Namespace) -> int:
