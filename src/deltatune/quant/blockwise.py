@@ -59,6 +59,19 @@ class QuantState:
         n = self.nested
         return dequantize_blockwise_8bit(self.absmax, n.absmax, n.code, n.blocksize) + n.offset
 
+    def value_pairs(self) -> torch.Tensor:
+        """(256, 2) float32: the two code values each byte stands for, high nibble first.
+
+        Derived from ``code`` once per state (and device) and kept, so dequantizing in every
+        forward pass neither rebuilds it nor compares tables.
+        """
+        pairs = self.__dict__.get("_value_pairs")
+        if pairs is None or pairs.device != self.code.device:
+            code = self.code.float()
+            pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1).contiguous()
+            self.__dict__["_value_pairs"] = pairs
+        return pairs
+
     def storage_bytes(self) -> int:
         """Bytes of the scale tensors (the packed weight itself not included)."""
         total = self.absmax.numel() * self.absmax.element_size()
@@ -134,25 +147,11 @@ def quantize_4bit(
     return packed, QuantState(absmax, weight.shape, weight.dtype, blocksize, quant_type, code, nested)
 
 
-_PAIR_TABLES: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    """(256, 2) float32: the two code values each byte stands for, high nibble first."""
-    key = (str(code.device), code.data_ptr())
-    cached = _PAIR_TABLES.get(key)
-    if cached is None or not torch.equal(cached[0], code):
-        table = torch.stack([code.float().repeat_interleave(16), code.float().repeat(16)], dim=1).contiguous()
-        cached = (code.clone(), table)
-        _PAIR_TABLES[key] = cached
-    return cached[1]
-
-
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The tensor ``packed`` stands for, in ``dtype`` (default: the dtype that was quantized)."""
     numel = state.shape.numel()
     # One lookup per byte gives both of its values; int32 indices keep the temporaries small.
-    values = torch.index_select(_pair_table(state.code), 0, packed.reshape(-1).int()).view(-1)[:numel]
+    values = torch.index_select(state.value_pairs(), 0, packed.reshape(-1).int()).view(-1)[:numel]
     scales = state.block_scales()
     full = numel - numel % state.blocksize
     values[:full].view(-1, state.blocksize).mul_(scales[: full // state.blocksize].unsqueeze(1))
