@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 
 def measure_merge(model: nn.Module, do_merge: Callable[[], None], tokenizer=None,
-                  requantized: bool = False, verbose: bool = True) -> Optional[MergeReport]:
+                  requantized: bool = False, verbose: bool = True) -> MergeReport:
     """Run ``do_merge`` between two evaluations of ``model`` on the probe text."""
     ids = probe_ids(model, tokenizer).to(_device_of(model))
     training = {m: m.training for m in model.modules()}
