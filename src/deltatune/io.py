@@ -3,8 +3,11 @@
 A folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. Keys are the
 model's own module paths behind ``base_model.model.``, with the adapter name removed:
 ``...q_proj.lora_A.weight``, ``...embed_tokens.lora_embedding_A``,
-``...q_proj.lora_magnitude_vector`` (DoRA), and a ``modules_to_save`` copy under the
-module's plain name (``...lm_head.weight``). Only safetensors are read, never pickles.
+``...q_proj.lora_magnitude_vector`` (DoRA), ``...k_proj.ia3_l``, ``...q_proj.hada_w1_a``,
+and a ``modules_to_save`` copy under the module's plain name (``...lm_head.weight``).
+Soft prompts are one tensor, ``prompt_embeddings``; VeRA's shared projections are
+``base_model.vera_A``/``base_model.vera_B``. Each method's module lists its keys
+(``Method.file_tensors``). Only safetensors are read, never pickles.
 """
 
 from __future__ import annotations
@@ -20,13 +23,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.base import ModulesToSave
-from .adapters.lora import LoraLayer
+from .adapters.method import FILE_PREFIX as PREFIX
+from .adapters.method import method_for
 from .config import config_from_dict
 from .files import write_atomically
-from .model import add_adapter, adapter_layers, base_parameters, get_state
-
-PREFIX = "base_model.model."
+from .model import add_adapter, get_state
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -34,63 +35,14 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """File key -> the live tensor in ``model`` for adapter ``name`` (PEFT's key layout)."""
     config = get_state(model).configs[name]
-    out: dict[str, torch.Tensor] = {}
-    for key, layer in adapter_layers(model):
-        if name not in layer.adapter_names:
-            continue
-        if isinstance(layer, ModulesToSave):
-            for sub, tensor in layer.modules_to_save[name].state_dict(keep_vars=True).items():
-                out[f"{key}.{sub}"] = tensor
-            continue
-        if isinstance(layer, LoraLayer):
-            for attr in ("lora_A", "lora_B"):
-                if name in getattr(layer, attr):
-                    for sub, p in getattr(layer, attr)[name].named_parameters():
-                        out[f"{key}.{attr}.{sub}"] = p
-            for attr in ("lora_embedding_A", "lora_embedding_B"):
-                if name in getattr(layer, attr):
-                    out[f"{key}.{attr}"] = getattr(layer, attr)[name]
-            if name in layer.lora_magnitude_vector:
-                out[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector[name].weight
-            if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-                out[f"{key}.base_layer.bias"] = layer.base_layer.bias
-    if config.bias == "all":
-        for key, p in base_parameters(model):
-            if key.endswith("bias"):
-                out[key] = p
-    out.update(_embedding_base_weights(model, name))
-    return {PREFIX + k: v for k, v in out.items()}
-
-
-# PEFT stores the full base weight of the input/output embedding when the config names one
-# of these (its "save_embedding_layers" rule), e.g. for adapters trained on a resized vocabulary.
-_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
-
-
-def _names_embedding(model: nn.Module, target_modules) -> bool:
-    if isinstance(target_modules, str):
-        return any(re.fullmatch(target_modules, k) for k, _ in model.named_modules()
-                   if re.match(rf"(.*\.)?({'|'.join(_EMBEDDING_NAMES)})$", k))
-    return bool(target_modules) and any(n in target_modules for n in _EMBEDDING_NAMES)
-
-
-def _embedding_base_weights(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The base embedding weights PEFT would store beside adapter ``name``."""
-    if not _names_embedding(model, get_state(model).configs[name].target_modules):
-        return {}
-    out = {}
-    layers = {id(m): k for k, m in model.named_modules()}
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        fn = getattr(model, getter, None)
-        layer = fn() if callable(fn) else None
-        if isinstance(layer, LoraLayer) and name in layer.adapter_names and id(layer) in layers:
-            out[f"{layers[id(layer)]}.base_layer.weight"] = layer.base_layer.weight
-    return out
+    return method_for(config).file_tensors(model, name, config)
 
 
 def _is_base_key(key: str) -> bool:
-    """Keys holding base-model tensors (biases, embedding weights) rather than adapter ones."""
-    return ".base_layer." in key or (key.endswith("bias") and ".lora_" not in key)
+    """Keys holding base-model tensors (biases, embedding weights, VeRA's seeded projections)
+    that a file may leave out."""
+    return (".base_layer." in key or (key.endswith("bias") and ".lora_" not in key)
+            or key in ("base_model.vera_A", "base_model.vera_B"))
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default") -> Path:
@@ -152,6 +104,8 @@ def load_adapter(
 
 
 def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:
+    config = get_state(model).configs[name]
+    method_for(config).prepare_load(model, config, tensors)
     targets = adapter_tensors(model, name)
     for_base = f" (the adapter was made for base {made_for!r})" if made_for else ""
     unexpected = [k for k in tensors if k not in targets]

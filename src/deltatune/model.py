@@ -15,11 +15,12 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 from torch import nn
 
-from .adapters.base import AdapterLayer, ModulesToSave, RowPlan
-from .adapters.lora import LoraLayer, make_lora_layer
+from . import adapters  # noqa: F401  (registers every method)
+from .adapters.base import AdapterContainer, AdapterLayer, ModulesToSave, RowPlan, adapter_layers, base_parameters
+from .adapters.method import METHODS, method_for
 from .config import AdapterConfig, LoraConfig
 from .merge_report import MergeReport, measure_merge
-from .targeting import expand_target_modules, find_targets, modules_to_save_targets, pattern_value, replace_module
+from .targeting import replace_module
 
 _STATE_ATTR = "deltatune_state"
 
@@ -40,13 +41,6 @@ def get_state(model: nn.Module) -> AdapterState:
     return state
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, Union[AdapterLayer, ModulesToSave]]]:
-    """(name, layer) for every adapter layer and trainable copy in the model."""
-    for key, module in model.named_modules():
-        if isinstance(module, (AdapterLayer, ModulesToSave)):
-            yield key, module
-
-
 def _check_name(name: str) -> None:
     if not name or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
         raise ValueError(f"adapter name {name!r} must be non-empty letters, digits, '_' or '-' (no dots)")
@@ -61,66 +55,41 @@ def add_adapter(
 ) -> nn.Module:
     """Add adapter ``name`` to ``model`` in place and return the model.
 
-    The first adapter freezes the base model and becomes active; later ones are added
-    inactive (activate them with ``set_adapter``). Only adapter parameters (and biases, as
-    ``config.bias`` asks) require grad. ``_fill`` (used by ``load_adapter``) sets the values
-    instead of initialising them. All or nothing: on any error the model is left as it was.
+    Any registered method's config works (``dt.LoraConfig``, ``dt.LoHaConfig``, ...). The first
+    adapter freezes the base model and becomes active; later ones are added inactive
+    (activate them with ``set_adapter``). Only adapter parameters (and biases, where the
+    config asks) require grad. ``_fill`` (used by ``load_adapter``) sets the values instead of
+    initialising them. All or nothing: on any error the model is left as it was.
     """
     _check_name(name)
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"unsupported config type {type(config).__name__}")
+    method = method_for(config)
     state = getattr(model, _STATE_ATTR, None)
     if state is not None and name in state.configs:
         raise ValueError(f"adapter {name!r} already exists; delete it first or choose another name")
     config = copy.deepcopy(config)
-    config.target_modules = expand_target_modules(model, config)
+    method.prepare(model, config)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
 
-    targets = find_targets(model, config)
-    saved = modules_to_save_targets(model, config.modules_to_save or [])
-    if not targets and not saved:
-        sample = [k for k, m in model.named_modules() if k][:12]
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}; "
-            f"some module names: {sample}"
-        )
-    if config.modules_to_save and not saved:
-        raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module")
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     if state is None:  # the first adapter freezes the base model
         for p in model.parameters():
             p.requires_grad_(False)
     try:
-        for key, module in targets:
-            layer = module
-            if not isinstance(module, LoraLayer):
-                try:
-                    layer = make_lora_layer(module, config)
-                except TypeError as err:
-                    raise TypeError(f"module {key!r}: {err}") from None
-                replace_module(model, key, layer)
-            r = pattern_value(config.rank_pattern, key, config.r)
-            alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
-            layer.add(name, r, alpha, config, from_file=_fill is not None)
-            layer.train(module.training)  # new submodules start in train mode; follow the model's
-        for key, module in saved:
-            wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-            if wrapper is not module:
-                replace_module(model, key, wrapper)
-            wrapper.add(name)
-            wrapper.train(module.training)
+        method.inject(model, config, name, from_file=_fill is not None)
         registry = state or AdapterState()
         setattr(model, _STATE_ATTR, registry)
         registry.configs[name] = config
         for _, layer in adapter_layers(model):
             for p in layer.adapter_parameters(name):
                 p.requires_grad_(trainable)
-        _set_bias_trainable(model, name, config, trainable)
+        for p in method.extra_parameters(model, name, config):
+            p.requires_grad_(trainable)
         if _fill is not None:
             _fill(model)
     except Exception:  # leave the model exactly as it was
         _remove_from_layers(model, name)
+        method.remove(model, name)
         if state is None:
             if hasattr(model, _STATE_ATTR):
                 delattr(model, _STATE_ATTR)
@@ -131,27 +100,6 @@ def add_adapter(
         raise
     set_adapter(model, registry.active or [name])
     return model
-
-
-def _set_bias_trainable(model: nn.Module, name: str, config: LoraConfig, trainable: bool) -> None:
-    if config.bias == "all":
-        for key, p in base_parameters(model):
-            if key.endswith("bias"):
-                p.requires_grad_(trainable)
-    elif config.bias == "lora_only":
-        for _, layer in adapter_layers(model):
-            bias = getattr(layer, "base_layer", None) is not None and getattr(layer.base_layer, "bias", None)
-            if isinstance(layer, LoraLayer) and name in layer.adapter_names and bias is not None:
-                bias.requires_grad_(trainable)
-
-
-def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """Parameters of the base model, not of any adapter or trainable copy."""
-    adapter_ids = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names
-                   for p in layer.adapter_parameters(n)}
-    for key, p in model.named_parameters():
-        if id(p) not in adapter_ids:
-            yield key, p
 
 
 def set_adapter(model: nn.Module, names: Union[str, Sequence[str], None]) -> None:
@@ -228,7 +176,20 @@ def merge(model: nn.Module, names: Optional[Sequence[str]] = None, *, requantize
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
+    _check_mergeable(state, names)
     return measure_merge(model, lambda: _merge_layers(model, names, requantize), tokenizer, requantize, verbose)
+
+
+def _check_mergeable(state: AdapterState, names: Sequence[str]) -> None:
+    for n in names:
+        config = state.configs[n]
+        if not config.mergeable:
+            raise ValueError(
+                f"adapter {n!r} ({config.peft_type}) cannot be merged into the base weights: "
+                + ("it adds virtual tokens in front of the input" if config.peft_type in
+                   ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") else "its update is not linear in the input")
+                + "; keep it as an adapter, or use dt.unload(model, merge=False) for the base model"
+            )
 
 
 def _merge_layers(model: nn.Module, names: Sequence[str], requantize: bool = False) -> None:
@@ -269,6 +230,8 @@ def unload(model: nn.Module, merge: bool = True, *, requantize: bool = False, to
     model comes back unchanged.
     """
     state = get_state(model)
+    if merge:
+        _check_mergeable(state, state.active)
     if merge and _has_unmerged(model, state.active):
         measure_merge(model, lambda: _merge_layers(model, state.active, requantize), tokenizer, requantize,
                       verbose)
@@ -279,11 +242,13 @@ def unload(model: nn.Module, merge: bool = True, *, requantize: bool = False, to
             elif layer.untied_for_merge:
                 _untie_config(model)
             replace_module(model, key, layer.base_layer)
-        else:
+        elif isinstance(layer, ModulesToSave):
             chosen = layer.current() if merge else layer.original_module
             if chosen is not layer.original_module:
                 _untie_config(model)
             replace_module(model, key, chosen)
+    for name, config in state.configs.items():
+        METHODS[config.peft_type].remove(model, name)
     delattr(model, _STATE_ATTR)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -308,6 +273,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if name not in state.configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
     _remove_from_layers(model, name)
+    METHODS[state.configs[name].peft_type].remove(model, name)
     del state.configs[name]
     state.active = [a for a in state.active if a != name]
     if not state.configs:
@@ -317,7 +283,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def _remove_from_layers(model: nn.Module, name: str) -> None:
     for key, layer in list(adapter_layers(model)):
         layer.delete_adapter(name)
-        if not layer.adapter_names:
+        if not layer.adapter_names and isinstance(layer, (AdapterLayer, ModulesToSave)):
             base = layer.base_layer if isinstance(layer, AdapterLayer) else layer.original_module
             replace_module(model, key, base)
 

@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import TargetedConfig
 
 ALL_LINEAR = "all-linear"
 
@@ -76,20 +76,21 @@ def _layer_index(key: str, layers_pattern: Optional[list[str] | str]) -> Optiona
     return int(match.group("idx")) if match else None
 
 
-def resolve_targets(config: LoraConfig, model: nn.Module) -> Optional[list[str] | str]:
+def resolve_targets(config: TargetedConfig, model: nn.Module) -> Optional[list[str] | str]:
     """The effective ``target_modules``: the config's, or the architecture default."""
     if config.target_modules is not None:
         return config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
+    table = config.default_targets or DEFAULT_TARGETS
+    if model_type not in table:
         raise ValueError(
-            f"LoraConfig.target_modules is None and there is no default for model_type {model_type!r}; "
-            "name the modules, e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'"
+            f"{type(config).__name__}.target_modules is None and there is no default for model_type "
+            f"{model_type!r}; name the modules, e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'"
         )
-    return DEFAULT_TARGETS[model_type]
+    return table[model_type]
 
 
-def is_target(config: LoraConfig, key: str, targets: list[str] | str) -> bool:
+def is_target(config: TargetedConfig, key: str, targets: list[str] | str) -> bool:
     """True when the module named ``key`` should get an adapter under ``config``.
 
     ``targets`` is ``config.target_modules`` after ``expand_target_modules``.
@@ -104,13 +105,14 @@ def is_target(config: LoraConfig, key: str, targets: list[str] | str) -> bool:
         return re.fullmatch(targets, key) is not None
     if not _matches_list(key, targets):
         return False
-    if config.layers_to_transform:
-        index = _layer_index(key, config.layers_pattern)
-        return index is not None and index in config.layers_to_transform
+    layers = getattr(config, "layers_to_transform", None)
+    if layers:
+        index = _layer_index(key, getattr(config, "layers_pattern", None))
+        return index is not None and index in layers
     return True
 
 
-def expand_target_modules(model: nn.Module, config: LoraConfig) -> Optional[list[str] | str]:
+def expand_target_modules(model: nn.Module, config: TargetedConfig) -> Optional[list[str] | str]:
     """``target_modules`` as saved files record it: ``None`` becomes the architecture default and
     ``"all-linear"`` the full names of every linear layer but the output head (as PEFT writes)."""
     from .adapters.base import AdapterLayer
@@ -156,7 +158,7 @@ def shortest_suffixes(targets: list[str], others: list[str]) -> set[str]:
     return chosen or set(targets)
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def find_targets(model: nn.Module, config: TargetedConfig) -> list[tuple[str, nn.Module]]:
     """(name, module) pairs that ``config`` targets in ``model``."""
     targets = expand_target_modules(model, config)
     return [(k, m) for k, m in walk_modules(model) if is_target(config, k, targets)]

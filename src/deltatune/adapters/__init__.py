@@ -1,6 +1,23 @@
-"""Adapter layers, one file per method family."""
+"""Adapter layers, one file per method family; importing this package registers every method."""
 
-from .base import AdapterLayer, ModulesToSave, RowPlan
+from . import lora_method  # noqa: F401  (registers LORA)
+from .base import AdapterContainer, AdapterLayer, ModulesToSave, RowPlan, adapter_layers
 from .lora import LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer
+from .method import METHODS, LayerMethod, Method, method_for, register_method
 
-__all__ = ["AdapterLayer", "LoraEmbedding", "LoraLayer", "LoraLinear", "ModulesToSave", "RowPlan", "make_lora_layer"]
+__all__ = [
+    "METHODS",
+    "AdapterContainer",
+    "AdapterLayer",
+    "LayerMethod",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "Method",
+    "ModulesToSave",
+    "RowPlan",
+    "adapter_layers",
+    "make_lora_layer",
+    "method_for",
+    "register_method",
+]

@@ -255,7 +255,31 @@ class AdapterLayer(nn.Module):
         return self._tied_weight is not None
 
 
-class ModulesToSave(nn.Module):
+class AdapterContainer(nn.Module):
+    """Adapter holders that are not layer wrappers (trainable copies, soft prompts).
+
+    They share the bookkeeping of ``AdapterLayer``: ``adapter_names``, ``adapter_parameters``,
+    ``delete_adapter``, ``active_adapters``, ``disabled`` and ``row_plan``.
+    """
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, layer) for every adapter layer and adapter container in the model."""
+    for key, module in model.named_modules():
+        if isinstance(module, (AdapterLayer, AdapterContainer)):
+            yield key, module
+
+
+def base_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """Parameters of the base model, not of any adapter or trainable copy."""
+    adapter_ids = {id(p) for _, layer in adapter_layers(model) for n in layer.adapter_names
+                   for p in layer.adapter_parameters(n)}
+    for key, p in model.named_parameters():
+        if id(p) not in adapter_ids:
+            yield key, p
+
+
+class ModulesToSave(AdapterContainer):
     """A module trained in full: one trainable copy per adapter beside the frozen original."""
 
     def __init__(self, original_module: nn.Module):

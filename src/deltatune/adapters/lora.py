@@ -19,6 +19,7 @@ from torch import nn
 from .. import kernels
 from ..config import LoraConfig
 from ..quant.layers import QuantLinear
+from ..targeting import pattern_value
 from .base import AdapterLayer
 
 
@@ -86,10 +87,13 @@ class LoraLayer(AdapterLayer):
         return (B.float() @ A.float()) * self.scaling[name]
 
     # ----- adding ------------------------------------------------------------------------
-    def add(self, name: str, r: int, alpha: float, config: LoraConfig, from_file: bool = False) -> None:
-        """Create adapter ``name``; with ``from_file`` the values will be loaded, so skip initialisation."""
+    def add(self, name: str, config: LoraConfig, key: str, from_file: bool = False) -> None:
+        """Create adapter ``name`` for the module called ``key``; with ``from_file`` the values will
+        be loaded, so skip initialisation."""
         if name in self.adapter_names:
             raise ValueError(f"adapter {name!r} already exists on this layer")
+        r = pattern_value(config.rank_pattern, key, config.r)
+        alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
@@ -105,6 +109,20 @@ class LoraLayer(AdapterLayer):
 
     def _create(self, name: str, r: int, config: LoraConfig) -> None:
         raise NotImplementedError
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Sub-key -> live tensor of adapter ``name``, as PEFT names them."""
+        out: dict[str, torch.Tensor] = {}
+        for attr in ("lora_A", "lora_B"):
+            if name in getattr(self, attr):
+                for sub, p in getattr(self, attr)[name].named_parameters():
+                    out[f"{attr}.{sub}"] = p
+        for attr in ("lora_embedding_A", "lora_embedding_B"):
+            if name in getattr(self, attr):
+                out[attr] = getattr(self, attr)[name]
+        if name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
+        return out
 
     def _initialise(self, name: str, init: Union[bool, str]) -> None:
         raise NotImplementedError
@@ -258,7 +276,7 @@ class LoraEmbedding(LoraLayer):
         return factor * result + factor * delta
 
 
-def make_lora_layer(module: nn.Module, config: LoraConfig) -> LoraLayer:
+def make_lora_layer(module: nn.Module, config: LoraConfig, key: str = "") -> LoraLayer:
     """Wrap a base module in the matching LoRA layer, or say which types are supported."""
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)

@@ -1,0 +1,124 @@
+"""How each kind of adapter is added to a model and mapped to file keys: the ``Method`` protocol.
+
+``deltatune.model`` and ``deltatune.io`` only talk to methods through this protocol, so a new
+method is a config class, a module in ``adapters/`` and one ``register_method`` call. Most
+methods wrap chosen modules in an ``AdapterLayer`` (``LayerMethod`` does all of that work);
+soft prompts live at the model level and implement the protocol themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, TargetedConfig
+from ..targeting import expand_target_modules, find_targets, modules_to_save_targets, replace_module
+from .base import AdapterLayer, ModulesToSave
+
+FILE_PREFIX = "base_model.model."
+
+
+class Method:
+    """What a method does at the model level; the defaults suit methods without layers."""
+
+    def prepare(self, model: nn.Module, config: AdapterConfig) -> None:
+        """Fill the config's model-dependent fields (resolved targets, sizes) before adding."""
+
+    def inject(self, model: nn.Module, config: AdapterConfig, name: str, from_file: bool) -> None:
+        """Create adapter ``name``; with ``from_file`` its values will be loaded, so skip initialisation."""
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        """Drop model-level state of adapter ``name`` (layers are cleaned by ``deltatune.model``)."""
+
+    def extra_parameters(self, model: nn.Module, name: str, config: AdapterConfig) -> Iterator[nn.Parameter]:
+        """Base-model parameters that adapter ``name`` trains too (biases, for some configs)."""
+        return iter(())
+
+    def file_tensors(self, model: nn.Module, name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
+        """File key -> live tensor for adapter ``name``, in the file's layout."""
+        return {}
+
+    def prepare_load(self, model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+        """Adjust the model to a file's tensors after ``inject`` and before values are copied."""
+
+    def loss_penalty(self, model: nn.Module, name: str, config: AdapterConfig) -> Optional[torch.Tensor]:
+        """A term the training loop adds to the loss (AdaLoRA's orthogonality penalty)."""
+        return None
+
+    def after_step(self, model: nn.Module, name: str, config: AdapterConfig, step: int) -> None:
+        """Called by the training loop after each optimizer step, gradients still present."""
+
+
+class LayerMethod(Method):
+    """A method that wraps each targeted module in ``layer_class`` (made by ``make_layer``)."""
+
+    def __init__(self, layer_class: type[AdapterLayer], make_layer: Callable[[nn.Module, AdapterConfig, str], AdapterLayer]):
+        self.layer_class = layer_class
+        self.make_layer = make_layer
+
+    def prepare(self, model: nn.Module, config: AdapterConfig) -> None:
+        assert isinstance(config, TargetedConfig)
+        config.target_modules = expand_target_modules(model, config)
+
+    def inject(self, model: nn.Module, config: AdapterConfig, name: str, from_file: bool) -> None:
+        assert isinstance(config, TargetedConfig)
+        targets = find_targets(model, config)
+        saved = modules_to_save_targets(model, config.modules_to_save or [])
+        if not targets and not saved:
+            sample = [k for k, m in model.named_modules() if k][:12]
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matched no module of {type(model).__name__}; "
+                f"some module names: {sample}"
+            )
+        if config.modules_to_save and not saved:
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module")
+        for key, module in targets:
+            layer = module
+            if isinstance(module, AdapterLayer) and not isinstance(module, self.layer_class):
+                raise TypeError(
+                    f"module {key!r} already holds a {type(module).__name__} adapter; one method per module "
+                    f"(add the {config.peft_type} adapter to other modules, or delete the other adapter)"
+                )
+            if not isinstance(module, self.layer_class):
+                try:
+                    layer = self.make_layer(module, config, key)
+                except TypeError as err:
+                    raise TypeError(f"module {key!r}: {err}") from None
+                replace_module(model, key, layer)
+            layer.add(name, config, key, from_file=from_file)
+            layer.train(module.training)  # new submodules start in train mode; follow the model's
+        for key, module in saved:
+            wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+            if wrapper is not module:
+                replace_module(model, key, wrapper)
+            wrapper.add(name)
+            wrapper.train(module.training)
+
+    def file_tensors(self, model: nn.Module, name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for key, layer in model.named_modules():
+            if isinstance(layer, ModulesToSave) and name in layer.adapter_names:
+                for sub, tensor in layer.modules_to_save[name].state_dict(keep_vars=True).items():
+                    out[f"{FILE_PREFIX}{key}.{sub}"] = tensor
+            elif isinstance(layer, self.layer_class) and layer.has_adapter(name):
+                for sub, tensor in layer.file_tensors(name).items():
+                    out[f"{FILE_PREFIX}{key}.{sub}"] = tensor
+        return out
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(peft_type: str, method: Method) -> None:
+    METHODS[peft_type] = method
+
+
+def method_for(config: AdapterConfig) -> Method:
+    """The registered method of ``config``'s ``peft_type``, or a TypeError that lists the known ones."""
+    method = METHODS.get(config.peft_type)
+    if method is None:
+        raise TypeError(f"unsupported config type {type(config).__name__}; known methods: {sorted(METHODS)}")
+    return method

@@ -1,0 +1,86 @@
+"""LoRA's config (also rsLoRA, DoRA, PiSSA/OLoRA initialisation), PEFT's field names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+from .base import TargetedConfig, register_config
+
+# Fields PEFT writes for LoRA that deltatune does not act on, with PEFT's defaults. They are
+# written so our files carry PEFT's exact field set. A loaded file whose value differs is fine
+# when the field only matters at initialisation or for bookkeeping ...
+_PEFT_PASSIVE_LORA_FIELDS: dict[str, Any] = {
+    "corda_config": None,
+    "eva_config": None,
+    "loftq_config": {},
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "qalora_group_size": 16,
+    "ensure_weight_tying": False,
+}
+# ... but these change what the adapter computes, so a non-default value is refused rather
+# than silently giving different outputs.
+_PEFT_UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "monteclora_config": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "velora_config": None,
+}
+
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+
+
+@register_config
+@dataclass
+class LoraConfig(TargetedConfig):
+    """LoRA, rsLoRA and DoRA.
+
+    ``target_modules``: a list of module names matched as the full name or a dotted suffix,
+    a regular expression matched against the whole module name, or ``"all-linear"`` (every
+    linear layer but the output head). ``None`` picks the usual attention projections for
+    known architectures.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    passive_fields: ClassVar[dict[str, Any]] = _PEFT_PASSIVE_LORA_FIELDS
+    unsupported_fields: ClassVar[dict[str, Any]] = _PEFT_UNSUPPORTED_LORA_FIELDS
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+    lora_bias: bool = False
+    fan_in_fan_out: bool = False
+    init_lora_weights: Union[bool, str] = True
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        init = self.init_lora_weights
+        if init not in _INIT_CHOICES and not (isinstance(init, str) and init.startswith("pissa_niter_")):
+            raise ValueError(
+                f"LoraConfig.init_lora_weights={init!r} is not supported; "
+                "use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
+            )
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("LoraConfig.layers_pattern is only meaningful together with layers_to_transform")
