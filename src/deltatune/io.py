@@ -105,7 +105,7 @@ def load_adapter(
 
 def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:
     config = get_state(model).configs[name]
-    method_for(config).prepare_load(model, config, tensors)
+    method_for(config).prepare_load(model, name, config, tensors)
     targets = adapter_tensors(model, name)
     for_base = f" (the adapter was made for base {made_for!r})" if made_for else ""
     unexpected = [k for k in tensors if k not in targets]

@@ -21,3 +21,5 @@ __all__ = [
     "method_for",
     "register_method",
 ]
+
+from . import ia3, lokr_loha, nola, vera  # noqa: E402,F401  (register their methods)

@@ -41,7 +41,8 @@ class Method:
         """File key -> live tensor for adapter ``name``, in the file's layout."""
         return {}
 
-    def prepare_load(self, model: nn.Module, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> None:
+    def prepare_load(self, model: nn.Module, name: str, config: AdapterConfig,
+                     tensors: dict[str, torch.Tensor]) -> None:
         """Adjust the model to a file's tensors after ``inject`` and before values are copied."""
 
     def loss_penalty(self, model: nn.Module, name: str, config: AdapterConfig) -> Optional[torch.Tensor]:

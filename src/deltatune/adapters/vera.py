@@ -1,0 +1,148 @@
+"""VeRA layers: one pair of frozen random matrices shared by all layers, two learned vectors per layer.
+
+``ΔW = diag(λ_b) · B[:out] · diag(λ_d) · A[:, :in]`` where ``A`` (r, max in) and ``B`` (max out, r)
+are drawn once per adapter from ``projection_prng_key`` (the same values PEFT draws, so files
+without projections rebuild them). Files hold ``vera_lambda_b``/``vera_lambda_d`` per layer
+and, with ``save_projection``, ``base_model.vera_A``/``base_model.vera_B``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..config import VeraConfig
+from ..targeting import find_targets
+from .lora_method import trained_biases
+from .linear_base import LinearAdapterLayer, check_linear_like
+from .method import LayerMethod, register_method
+from .shared import SharedTensors, drop_shared, largest_in_out, seeded_kaiming_uniform, shared_tensors
+
+PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
+
+
+class VeraLinear(LinearAdapterLayer):
+    adapter_dict_names = ("vera_lambda_b", "vera_lambda_d")
+
+    def __init__(self, base_layer: nn.Module, shared: SharedTensors, fan_in_fan_out: bool = False):
+        super().__init__(base_layer, fan_in_fan_out)
+        self.vera_lambda_b = nn.ParameterDict()
+        self.vera_lambda_d = nn.ParameterDict()
+        self.vera_dropout = nn.ModuleDict()
+        self._shared = (shared,)  # a reference, not a submodule: the holder is registered once on the model
+
+    def _forget(self, name: str) -> None:
+        super()._forget(name)
+        if name in self.vera_dropout:
+            del self.vera_dropout[name]
+
+    def add(self, name: str, config: VeraConfig, key: str, from_file: bool = False) -> None:
+        if self.has_adapter(name):
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        _, out_features = self.in_out
+        self.scaling[name] = 1.0
+        self.vera_lambda_b[name] = nn.Parameter(torch.ones(out_features))
+        self.vera_lambda_d[name] = nn.Parameter(torch.randn(config.r))
+        if config.init_weights:  # λ_b = 0: the adapter starts as a no-op
+            with torch.no_grad():
+                self.vera_lambda_d[name].fill_(config.d_initial)
+                self.vera_lambda_b[name].zero_()
+        self.vera_dropout[name] = nn.Dropout(config.vera_dropout) if config.vera_dropout > 0 else nn.Identity()
+        self.match_device(name)
+
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"vera_lambda_b": self.vera_lambda_b[name], "vera_lambda_d": self.vera_lambda_d[name]}
+
+    def _projections(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        in_features, out_features = self.in_out
+        A = self._shared[0].get("vera_A", name)[:, :in_features]
+        B = self._shared[0].get("vera_B", name)[:out_features, :]
+        return A.to(dtype), B.to(dtype)
+
+    def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        lambda_b, lambda_d = self.vera_lambda_b[name], self.vera_lambda_d[name]
+        A, B = self._projections(name, lambda_d.dtype)
+        x = self.vera_dropout[name](x.to(lambda_d.dtype))
+        return result + lambda_b * nn.functional.linear(lambda_d * nn.functional.linear(x, A), B)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self._projections(name, torch.float32)
+        lambda_b = self.vera_lambda_b[name].float().unsqueeze(-1)
+        lambda_d = self.vera_lambda_d[name].float().unsqueeze(-1)
+        return (lambda_b * B) @ (lambda_d * A)
+
+    def merge_into(self, name: str, weight: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        return self.canonical(self.canonical(weight) + self.delta_weight(name).to(weight.device))
+
+
+class VeraMethod(LayerMethod):
+    def __init__(self) -> None:
+        super().__init__(VeraLinear, self._make)
+        self._holder: SharedTensors | None = None
+
+    def _make(self, module: nn.Module, config: VeraConfig, key: str) -> VeraLinear:
+        check_linear_like(module, "VeRA")
+        return VeraLinear(module, self._holder, config.fan_in_fan_out)
+
+    def inject(self, model: nn.Module, config: VeraConfig, name: str, from_file: bool) -> None:
+        sizes = []
+        for _, module in find_targets(model, config):
+            base = getattr(module, "base_layer", module)
+            check_linear_like(base, "VeRA")
+            sizes.append(_in_out(base, config.fan_in_fan_out))
+        if not sizes:
+            raise ValueError(f"target_modules={config.target_modules!r} matched no linear layer of {type(model).__name__}")
+        in_max, out_max = largest_in_out(sizes)
+        generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
+        A = seeded_kaiming_uniform((config.r, in_max), generator)
+        B = seeded_kaiming_uniform((out_max, config.r), generator)
+        holder = shared_tensors(model)
+        device = next(model.parameters()).device
+        holder.put("vera_A", name, A.to(device))
+        holder.put("vera_B", name, B.to(device))
+        self._holder = holder
+        try:
+            super().inject(model, config, name, from_file)
+        finally:
+            self._holder = None
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        drop_shared(model, name)
+
+    def extra_parameters(self, model: nn.Module, name: str, config: VeraConfig) -> Iterator[nn.Parameter]:
+        for _, p in trained_biases(model, name, config.bias, VeraLinear, "vera_only"):
+            yield p
+
+    def file_tensors(self, model: nn.Module, name: str, config: VeraConfig) -> dict[str, torch.Tensor]:
+        out = super().file_tensors(model, name, config)
+        for key, p in trained_biases(model, name, config.bias, VeraLinear, "vera_only"):
+            out["base_model.model." + key] = p
+        if config.save_projection:
+            holder = shared_tensors(model, create=False)
+            for kind, key in PROJECTION_KEYS.items():
+                out[key] = holder.get(kind, name)
+        return out
+
+    def prepare_load(self, model: nn.Module, name: str, config: VeraConfig,
+                     tensors: dict[str, torch.Tensor]) -> None:
+        """Projections in the file win over the seeded ones (they are what the adapter was trained with)."""
+        holder = shared_tensors(model, create=False)
+        for kind, key in PROJECTION_KEYS.items():
+            if key in tensors:
+                current = holder.get(kind, name)
+                if tuple(tensors[key].shape) != tuple(current.shape):
+                    raise ValueError(f"{key} has shape {tuple(tensors[key].shape)} in the file but this model's "
+                                     f"targeted layers need {tuple(current.shape)}")
+                holder.put(kind, name, tensors[key].to(current.device, current.dtype))
+
+
+def _in_out(module: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    rows, cols = module.weight.shape  # Conv1D stores (in, out)
+    return (rows, cols) if type(module).__name__ == "Conv1D" or fan_in_fan_out else (cols, rows)
+
+
+register_method("VERA", VeraMethod())
