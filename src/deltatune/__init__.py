@@ -2,7 +2,22 @@
 
 from . import quant, train
 from .combine import add_weighted_adapter
-from .config import AdapterConfig, LoraConfig, config_from_dict
+from .config import (
+    AdaLoraConfig,
+    AdapterConfig,
+    BottleneckConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    NolaConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    SelectiveConfig,
+    VeraConfig,
+    config_from_dict,
+)
 from .io import load_adapter, read_adapter_config, save_adapter
 from .model import (
     active_adapters,
@@ -23,8 +38,19 @@ from .models import load_model
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterConfig",
+    "BottleneckConfig",
+    "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
+    "NolaConfig",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "SelectiveConfig",
+    "VeraConfig",
     "MergeReport",
     "active_adapters",
     "add_adapter",

@@ -33,6 +33,7 @@ class AdapterConfig:
     passive_fields: ClassVar[dict[str, Any]] = {}
     unsupported_fields: ClassVar[dict[str, Any]] = {}
     mergeable: ClassVar[bool] = True
+    omitted_fields: ClassVar[tuple[str, ...]] = ()  # shared fields this method's files do not carry
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     inference_mode: bool = False
@@ -43,7 +44,7 @@ class AdapterConfig:
         """The ``adapter_config.json`` content, PEFT's keys and meanings."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
-            if f.name == "extra_fields":
+            if f.name == "extra_fields" or f.name in self.omitted_fields:
                 continue
             value = getattr(self, f.name)
             out[f.name] = sorted(value) if isinstance(value, set) else value

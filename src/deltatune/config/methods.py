@@ -111,6 +111,7 @@ class VeraConfig(TargetedConfig):
     layers; each layer learns two vectors, ``Δ = diag(λ_b) B diag(λ_d) A``."""
 
     peft_type: ClassVar[str] = "VERA"
+    omitted_fields: ClassVar[tuple[str, ...]] = ("exclude_modules",)  # PEFT's VeRA has no such field
     r: int = 256
     projection_prng_key: int = 0
     save_projection: bool = True
@@ -124,6 +125,8 @@ class VeraConfig(TargetedConfig):
 
     def validate(self) -> None:
         check_positive_int("VeraConfig", "r", self.r)
+        if self.exclude_modules:
+            raise ValueError("VeraConfig.exclude_modules: PEFT's VeRA files have no such field; name the targets instead")
         check_probability("VeraConfig", "vera_dropout", self.vera_dropout)
         if self.bias not in ("none", "all", "vera_only"):
             raise ValueError(f"VeraConfig.bias must be 'none', 'all' or 'vera_only', got {self.bias!r}")

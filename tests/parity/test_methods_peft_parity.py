@@ -1,0 +1,135 @@
+"""PEFT parity for the methods beside LoRA: files loaded both ways give the same logits, the
+files carry PEFT's keys, shapes and config fields, and one backward step gives PEFT's gradients."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune as dt
+from tiny_models import randomize_adapter, sample_ids, tiny_model
+
+peft = pytest.importorskip("peft")
+
+# case -> (architecture, config class name (the same in PEFT and deltatune), fields)
+CASES = {
+    "loha-llama": ("llama", "LoHaConfig", dict(target_modules=["q_proj", "v_proj"], r=4, alpha=8)),
+    "loha-qwen2-patterns": ("qwen2", "LoHaConfig", dict(target_modules="all-linear", r=4, alpha=6,
+                                                        rank_pattern={"k_proj": 2}, alpha_pattern={"o_proj": 3})),
+    "lokr-llama": ("llama", "LoKrConfig", dict(target_modules=["q_proj", "down_proj"], r=4, alpha=8)),
+    "lokr-decompose-both-llama": ("llama", "LoKrConfig", dict(target_modules=["q_proj", "down_proj", "up_proj"],
+                                                              r=2, decompose_both=True)),
+    "lokr-factor-qwen2": ("qwen2", "LoKrConfig", dict(target_modules=["v_proj", "gate_proj"], r=8,
+                                                      decompose_factor=4)),
+    "ia3-llama": ("llama", "IA3Config", dict(target_modules=["k_proj", "v_proj", "down_proj"],
+                                             feedforward_modules=["down_proj"])),
+    "ia3-gpt2": ("gpt2", "IA3Config", dict(target_modules=["c_attn", "mlp.c_proj"],
+                                           feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True,
+                                           init_ia3_weights=False)),
+    "ia3-t5": ("t5", "IA3Config", dict(target_modules=["k", "v", "wo"], feedforward_modules=["wo"],
+                                       task_type="SEQ_2_SEQ_LM")),
+    "vera-llama": ("llama", "VeraConfig", dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4)),
+    "vera-no-projection-qwen2": ("qwen2", "VeraConfig", dict(target_modules=["q_proj", "v_proj"], r=6,
+                                                             save_projection=False, projection_prng_key=7)),
+    "vera-gpt2": ("gpt2", "VeraConfig", dict(target_modules=["c_attn", "c_fc"], r=16, fan_in_fan_out=True)),
+}
+ATOL = 1e-5
+
+
+def _peft_model(base, case):
+    _, cls, kwargs = CASES[case]
+    extra = {"init_weights": False} if cls != "IA3Config" else {"init_ia3_weights": False}
+    if cls == "VeraConfig":
+        extra = {}
+    extra = {k: v for k, v in extra.items() if k not in kwargs}
+    return peft.get_peft_model(copy.deepcopy(base), getattr(peft, cls)(**kwargs, **extra))
+
+
+def _dt_model(base, case):
+    _, cls, kwargs = CASES[case]
+    model = copy.deepcopy(base)
+    dt.add_adapter(model, getattr(dt, cls)(**kwargs))
+    return model
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            return model(input_ids=ids, labels=ids).logits
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
+    base = tiny_model(CASES[case][0])
+    theirs = _peft_model(base, case)
+    randomize_adapter(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    dt.load_adapter(ours, tmp_path)
+    ids = sample_ids()
+    expected = _logits(theirs, ids)
+    assert (expected - _logits(base, ids)).abs().max() > 1e-2  # the adapter really changes the output
+    diff = (_logits(ours, ids) - expected).abs().max().item()
+    parity_results[f"{case}: PEFT file -> deltatune"] = diff
+    assert diff <= ATOL
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
+    base = tiny_model(CASES[case][0])
+    ours = _dt_model(base, case)
+    randomize_adapter(ours, seed=7)
+    dt.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    ids = sample_ids()
+    expected = _logits(ours, ids)
+    assert (expected - _logits(base, ids)).abs().max() > 1e-2
+    diff = (_logits(theirs, ids) - expected).abs().max().item()
+    parity_results[f"{case}: deltatune file -> PEFT"] = diff
+    assert diff <= ATOL
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_files_have_peft_keys_shapes_and_config_fields(case, tmp_path):
+    base = tiny_model(CASES[case][0])
+    _peft_model(base, case).save_pretrained(tmp_path / "theirs")
+    dt.save_adapter(_dt_model(base, case), tmp_path / "ours")
+    theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert set(our_cfg) == set(their_cfg)
+    for key in CASES[case][2]:
+        mine, other = our_cfg[key], their_cfg[key]
+        if isinstance(other, list) and isinstance(mine, list):
+            mine, other = sorted(mine), sorted(other)
+        assert mine == other, key
+    if "save_projection" not in CASES[case][2] and CASES[case][1] == "VeraConfig":
+        # the seeded projections are PEFT's values, not just its shapes
+        assert torch.equal(ours["base_model.vera_A"], theirs["base_model.vera_A"])
+        assert torch.equal(ours["base_model.vera_B"], theirs["base_model.vera_B"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gradients_of_one_step_equal_peft(case, tmp_path):
+    base = tiny_model(CASES[case][0])
+    theirs = _peft_model(base, case)
+    randomize_adapter(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = copy.deepcopy(base)
+    dt.load_adapter(ours, tmp_path, trainable=True)
+    ids = sample_ids()
+    for model in (theirs, ours):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    their_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
+                   for n, p in theirs.named_parameters() if p.requires_grad}
+    our_grads = {n.replace(".default", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert set(our_grads) == set(their_grads)
+    for name, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[name], atol=1e-6, rtol=1e-4, msg=name)
