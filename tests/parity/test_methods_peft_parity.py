@@ -133,3 +133,60 @@ def test_gradients_of_one_step_equal_peft(case, tmp_path):
     assert set(our_grads) == set(their_grads)
     for name, grad in our_grads.items():
         torch.testing.assert_close(grad, their_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+ADALORA = dict(target_modules=["q_proj", "v_proj", "up_proj"], init_r=6, target_r=2, total_step=6, tinit=1,
+               tfinal=2, deltaT=1, lora_alpha=8, orth_reg_weight=0.0)  # PEFT 0.21.2 adds no penalty to its loss
+
+
+def _sgd_steps(model, ids, after_step):
+    """Six steps in PEFT's documented order: backward, update, re-allocate ranks, zero the gradients."""
+    for step in range(1, 7):
+        model(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad and p.grad is not None:
+                    p -= 0.1 * p.grad
+        after_step(step)
+        model.zero_grad(set_to_none=True)
+
+
+def test_adalora_rank_allocation_and_files_match_peft(tmp_path, parity_results):
+    from deltatune.adapters.method import method_for
+    from deltatune.model import get_state
+
+    base, ids = tiny_model("llama"), sample_ids()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**ADALORA))
+    randomize_adapter(theirs)
+    theirs.save_pretrained(tmp_path / "start")
+    ours = copy.deepcopy(base)
+    dt.load_adapter(ours, tmp_path / "start", trainable=True)  # the same starting values
+    config = get_state(ours).configs["default"]
+    method = method_for(config)
+    _sgd_steps(theirs, ids, theirs.base_model.update_and_allocate)
+    _sgd_steps(ours, ids, lambda step: method.after_step(ours, "default", config, step))
+
+    their_pattern = {k.replace(".default", ""): v for k, v in theirs.peft_config["default"].rank_pattern.items()}
+    assert config.rank_pattern == their_pattern
+    kept = [sum(v) for v in config.rank_pattern.values()]
+    assert sum(kept) == 2 * len(kept) and min(kept) < 6  # the budget (target_r per layer) was met by pruning
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max() <= ATOL
+    theirs.save_pretrained(tmp_path / "theirs")
+    dt.save_adapter(ours, tmp_path / "ours")
+    their_file = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    our_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert {k: tuple(v.shape) for k, v in our_file.items()} == {k: tuple(v.shape) for k, v in their_file.items()}
+    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert our_cfg["rank_pattern"] == json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["rank_pattern"]
+    # each side loads the other's pruned file to the same logits
+    back_in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    back_in_ours = dt.load_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()
+    with torch.no_grad():
+        expected = ours(ids).logits
+        d1 = (back_in_peft(ids).logits - expected).abs().max().item()
+        d2 = (back_in_ours(ids).logits - expected).abs().max().item()
+    parity_results["adalora-llama: deltatune file -> PEFT"] = d1
+    parity_results["adalora-llama: PEFT file -> deltatune"] = d2
+    assert d1 <= ATOL and d2 <= ATOL
