@@ -170,10 +170,10 @@ def test_bf16_autocast_and_packing_run(tmp_path, setup):
 
 def test_early_stopping(tmp_path, setup):
     messages = []
-    cfg = load_config(None, {**setup, "output_dir": str(tmp_path / "early"), "lr": 0.0, "eval_steps": 1,
+    cfg = load_config(None, {**setup, "output_dir": str(tmp_path / "early"), "lr": 1e-30, "eval_steps": 1,
                              "early_stopping_patience": 2, "max_steps": 8})
     summary = train(cfg, log=messages.append)
-    # lr 0: the validation loss never improves after the first evaluation, so two more end the run.
+    # lr 1e-30 (no visible update): the validation loss never improves after the first evaluation, so two more end the run.
     assert summary["steps"] == 3 and any("early stopping at step 3" in m for m in messages)
 
 

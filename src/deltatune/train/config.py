@@ -43,9 +43,11 @@ class TrainConfig:
     quantize: str = ""
     """Load the base quantized: nf4, fp4 or int8 (QLoRA); empty: full precision."""
     method: str = "lora"
-    """Adapter method (a peft_type in the config registry: lora)."""
+    """Adapter method: lora, dora, loha, lokr, adalora, ia3, vera, nola, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, p_tuning, bitfit, top_layers."""
     lora: LoraOptions = field(default_factory=LoraOptions)
-    """Adapter settings."""
+    """LoRA/DoRA settings."""
+    adapter: dict = field(default_factory=dict)
+    """Config fields of the method (PEFT names), e.g. --adapter '{r: 8, alpha: 16}'; they override the method's recipe."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data settings."""
     output_dir: str = ""
@@ -58,8 +60,8 @@ class TrainConfig:
     """Examples (or packed rows) per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    lr: float = 2e-4
-    """Peak learning rate."""
+    lr: float = 0.0
+    """Peak learning rate; 0: the method's usual rate (LoRA 2e-4; see train/methods.py)."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases and norms)."""
     schedule: str = "cosine"

@@ -20,14 +20,15 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from ..config import CONFIG_REGISTRY
+from ..adapters.method import method_for
 from ..data import collate, pack, prepare_data
 from ..evaluate.generation import loss_sums
 from ..io import save_adapter
-from ..model import add_adapter, trainable_parameters
+from ..model import add_adapter, get_state, trainable_parameters
 from ..models import load_model
 from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, to_dict
+from .methods import adapter_config, learning_rate, recipe_for
 from .distributed import Distributed
 from .optimizers import make_optimizer
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
@@ -133,16 +134,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         resume_from = latest_valid(output_dir, log=log if dist.is_main else (lambda *_: None))
         if resume_from is None:
             raise ConfigError(f"--resume: no valid checkpoint to resume in {output_dir}")
-    if cfg.method.upper() not in CONFIG_REGISTRY:
-        raise ConfigError(f"method {cfg.method!r} is not known; available: {sorted(m.lower() for m in CONFIG_REGISTRY)}")
+    recipe_for(cfg)  # an unknown method fails before the model loads
 
     _seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
-    adapter_cls = CONFIG_REGISTRY[cfg.method.upper()]
-    options = {k: v for k, v in to_dict(cfg.lora).items()}
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    options["task_type"] = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
-    add_adapter(model, adapter_cls(**options))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     default_job = not cfg.data.path
@@ -158,7 +154,15 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     steps_per_epoch = max(1, len(_batches_for_epoch(len(train_rows), cfg.batch_size, cfg.seed, 0, 0, dist.world))
                           // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    optimizer = make_optimizer(_param_groups(model, cfg.weight_decay), cfg.optimizer, lr=cfg.lr,
+    task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
+    adapter_cfg = adapter_config(cfg, task_type, total_steps)
+    add_adapter(model, adapter_cfg, "default")
+    adapter_cfg = get_state(model).configs["default"]  # the live copy (AdaLoRA records its ranks in it)
+    method = method_for(adapter_cfg)
+    if dist.is_main:
+        trainable, total = trainable_parameters(model)
+        log(f"method {cfg.method}: {trainable:,d} trainable of {total:,d} parameters; lr {learning_rate(cfg):g}")
+    optimizer = make_optimizer(_param_groups(model, cfg.weight_decay), cfg.optimizer, lr=learning_rate(cfg),
                                weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
@@ -198,7 +202,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             rows = [train_rows[i] for i in batches[index % len(batches)]]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
             with _autocast(cfg.precision, device):
-                loss = ddp_model(**batch, use_cache=False).loss / cfg.grad_accum
+                loss = ddp_model(**batch, use_cache=False).loss
+                penalty = method.loss_penalty(model, "default", adapter_cfg)
+                loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.item()
             tokens_seen += int(batch["input_ids"].numel())
@@ -208,6 +214,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
+        method.after_step(model, "default", adapter_cfg, step + 1)  # AdaLoRA re-allocates ranks (needs the gradients)
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
