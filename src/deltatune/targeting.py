@@ -47,14 +47,15 @@ def replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
 
 def walk_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Named modules, stopping at adapter wrappers so their internals are never targeted."""
-    from .adapters.base import AdapterLayer, ModulesToSave  # local: adapters import this module
+    from .adapters.base import AdapterContainer, AdapterLayer  # local: adapters import this module
+    from .adapters.shared import SharedTensors
 
     for name, child in model.named_children():
+        if isinstance(child, (AdapterContainer, SharedTensors)) and not hasattr(child, "original_module"):
+            continue  # soft prompts and shared bases are deltatune's own, never targets
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
-        if isinstance(child, AdapterLayer):
-            continue
-        if isinstance(child, ModulesToSave):
+        if isinstance(child, (AdapterLayer, AdapterContainer)):
             continue
         yield from walk_modules(child, full)
 

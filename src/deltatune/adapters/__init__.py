@@ -22,4 +22,4 @@ __all__ = [
     "register_method",
 ]
 
-from . import adalora, ia3, lokr_loha, nola, vera  # noqa: E402,F401  (register their methods)
+from . import adalora, ia3, lokr_loha, nola, prompt, vera  # noqa: E402,F401  (register their methods)
