@@ -204,6 +204,24 @@ class AdaLoraMethod(LayerMethod):
                     terms.append(torch.linalg.norm(cov - torch.eye(cov.shape[0], device=cov.device, dtype=cov.dtype)))
         return config.orth_reg_weight * torch.stack(terms).mean() if terms else None
 
+    def training_state(self, model: nn.Module, name: str, config: AdaLoraConfig) -> dict:
+        allocator = self._allocator(model, name, config)
+        params = [p for _, layer in allocator.layers for p in allocator._params(layer)]
+        return {"rank_pattern": config.rank_pattern,
+                "exp_avg_ipt": [allocator.exp_avg_ipt.get(id(p)) for p in params],
+                "exp_avg_unc": [allocator.exp_avg_unc.get(id(p)) for p in params]}
+
+    def load_training_state(self, model: nn.Module, name: str, config: AdaLoraConfig, state: dict) -> None:
+        allocator = self._allocator(model, name, config)
+        params = [p for _, layer in allocator.layers for p in allocator._params(layer)]
+        config.rank_pattern = state.get("rank_pattern")
+        for table, saved in ((allocator.exp_avg_ipt, state.get("exp_avg_ipt", [])),
+                             (allocator.exp_avg_unc, state.get("exp_avg_unc", []))):
+            table.clear()
+            for p, value in zip(params, saved):
+                if value is not None:
+                    table[id(p)] = value.to(p.device)
+
     def after_step(self, model: nn.Module, name: str, config: AdaLoraConfig, step: int) -> None:
         """PEFT's ``update_and_allocate(step)``; call after ``optimizer.step()``, before ``zero_grad``."""
         if config.total_step is None:

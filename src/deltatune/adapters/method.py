@@ -52,6 +52,13 @@ class Method:
     def after_step(self, model: nn.Module, name: str, config: AdapterConfig, step: int) -> None:
         """Called by the training loop after each optimizer step, gradients still present."""
 
+    def training_state(self, model: nn.Module, name: str, config: AdapterConfig) -> dict:
+        """What a resumed run needs beyond the tensors (AdaLoRA's scores and ranks); tensors and plain values."""
+        return {}
+
+    def load_training_state(self, model: nn.Module, name: str, config: AdapterConfig, state: dict) -> None:
+        """Restore ``training_state`` in a resumed run."""
+
 
 class LayerMethod(Method):
     """A method that wraps each targeted module in ``layer_class`` (made by ``make_layer``)."""

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from ..io import adapter_tensors, save_adapter
+from ..io import save_adapter
 
 MARKER = "complete.json"
 STATE = "trainer_state.pt"
+TRAINED = "trained_tensors.safetensors"
 
 
 def _sha256(path: Path) -> str:
@@ -55,7 +56,10 @@ def save_checkpoint(output_dir: Path, step: int, model, trainer_state: dict, con
     final = output_dir / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".checkpoint-{step}."))
     try:
-        save_adapter(model, tmp / "adapter", name="default")
+        save_adapter(model, tmp / "adapter", name="default")  # the PEFT folder, for users
+        # every trained tensor as it lives in the model (an AdaLoRA file holds only kept ranks)
+        save_file({n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters()
+                   if p.requires_grad}, str(tmp / TRAINED))
         torch.save(trainer_state, tmp / STATE)
         (tmp / "config.yaml").write_text(config_text)
         files = {}
@@ -116,13 +120,13 @@ def latest_valid(output_dir: Path, log=print) -> Optional[Path]:
 
 
 def load_checkpoint(folder: Path, model) -> dict:
-    """Put the checkpoint's adapter weights into ``model`` and return the trainer state."""
-    saved = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
-    current = adapter_tensors(model, "default")
-    if set(saved) != set(current):
-        raise ValueError(f"{folder}: the checkpoint's adapter tensors do not match this run's adapter "
-                         f"(extra {sorted(set(saved) - set(current))[:3]}, missing {sorted(set(current) - set(saved))[:3]})")
+    """Put the checkpoint's trained tensors into ``model`` and return the trainer state."""
+    saved = load_file(str(folder / TRAINED))
+    current = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in saved):
+        raise ValueError(f"{folder}: the checkpoint's trained tensors do not match this run's adapter "
+                         "(was it written with other adapter settings?)")
     with torch.no_grad():
-        for key, tensor in current.items():
-            tensor.copy_(saved[key].to(tensor.device, tensor.dtype))
+        for key, value in saved.items():
+            current[key].copy_(value.to(current[key].device, current[key].dtype))
     return torch.load(folder / STATE, weights_only=True)

@@ -178,6 +178,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         set_rng_state(state["rng"])
         step, micro, best, bad_evals = state["step"], state["micro"], state["best"], state["bad_evals"]
         initial_eval = state.get("initial_eval")
+        method.load_training_state(model, "default", adapter_cfg, state.get("method", {}))
         if dist.is_main:
             log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
@@ -242,7 +243,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps or stop) and dist.is_main:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "micro": micro,
-                     "best": best, "bad_evals": bad_evals, "initial_eval": initial_eval}
+                     "best": best, "bad_evals": bad_evals, "initial_eval": initial_eval,
+                     "method": method.training_state(model, "default", adapter_cfg)}
             save_checkpoint(output_dir, step, model, state, config_text)
         dist.barrier()
         if on_step_end is not None:

@@ -60,6 +60,9 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
             raise ConfigError(f"lora.*: settings of the lora group do not apply to --method {cfg.method}; "
                               "use --adapter '{field: value}' (the method's config fields)")
         options = {**recipe.options, **cfg.adapter}
+    if recipe.peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") and cfg.data.packing:
+        raise ConfigError(f"data.packing: --method {cfg.method} puts virtual tokens before each sequence; "
+                          "packed rows would share them, so packing is not supported with soft prompts")
     if recipe.peft_type == "ADALORA":
         options.setdefault("total_step", total_steps)
         options.setdefault("tinit", total_steps // 10)
