@@ -84,6 +84,13 @@ def _eval(args: argparse.Namespace) -> int:
     return run_eval_command(args)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import CompareConfig, run_compare
+
+    rows = run_compare(CompareConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CompareConfig)}))
+    return 0 if all("error" not in r for r in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DemoConfig
     from .merge_cli import MergeConfig
@@ -108,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                            "prints the merge error")
     _add_dataclass_options(merge, MergeConfig)
     merge.set_defaults(func=_merge)
+    from .compare import CompareConfig
+
+    compare = sub.add_parser("compare", help="train several methods on the same job and step budget; "
+                             "one table of parameters, file size, memory, time and held-out scores, plus a plot")
+    _add_dataclass_options(compare, CompareConfig)
+    compare.set_defaults(func=_compare)
     info = sub.add_parser("info", help="versions, device and the default model's cache")
     info.set_defaults(func=_info)
     return parser

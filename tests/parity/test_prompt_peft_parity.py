@@ -126,3 +126,20 @@ def test_prompt_tuning_gradients_match_peft(tmp_path):
     theirs_grad = theirs.prompt_encoder["default"].embedding.weight.grad
     ours_grad = ours.deltatune_prompts.encoders["default"].embedding.weight.grad
     torch.testing.assert_close(ours_grad, theirs_grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["prompt-tuning-llama", "prefix-llama", "p-tuning-mlp-qwen2"])
+def test_left_padded_batch_generates_as_single_rows(case):
+    base = tiny_model(CASES[case][0])
+    ours = _ours(base, case).eval()
+    rows = [sample_ids(1, 7, seed=1)[0], sample_ids(1, 4, seed=2)[0]]
+    ids = torch.zeros(2, 7, dtype=torch.long)
+    mask = torch.zeros(2, 7, dtype=torch.long)
+    for i, row in enumerate(rows):  # left padding, as batched generation uses
+        ids[i, 7 - len(row):], mask[i, 7 - len(row):] = row, 1
+    with torch.no_grad():
+        batched = ours.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        for i, row in enumerate(rows):
+            single = ours.generate(row[None], attention_mask=torch.ones(1, len(row), dtype=torch.long),
+                                   max_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert torch.equal(batched[i, 7:], single[0, len(row):])
