@@ -98,8 +98,9 @@ def add_weighted_adapter(
         cfg = state.configs.get(a)
         if cfg is None:
             raise ValueError(f"unknown adapter {a!r}; this model has {sorted(state.configs)}")
-        if not isinstance(cfg, LoraConfig) or cfg.use_dora:
-            raise ValueError(f"adapter {a!r}: add_weighted_adapter combines plain LoRA adapters only (not DoRA)")
+        if type(cfg) is not LoraConfig or cfg.use_dora:
+            raise ValueError(f"adapter {a!r} ({cfg.peft_type}): add_weighted_adapter combines plain LoRA adapters "
+                             "only (not DoRA or other methods)")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     generator = torch.Generator().manual_seed(seed)

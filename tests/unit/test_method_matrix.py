@@ -148,3 +148,53 @@ def test_two_methods_on_different_modules_and_switching():
 def test_bitfit_on_a_model_without_biases_says_so():
     with pytest.raises(ValueError, match="no biases"):
         dt.add_adapter(tiny_model("llama"), dt.SelectiveConfig(bitfit=True))
+
+
+ROUTED = ["loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck-houlsby", "top-layer"]
+
+
+@pytest.mark.parametrize("method", ROUTED)
+def test_per_row_routing_equals_separate_runs(method):
+    arch, make, _ = METHODS[method]
+    base, ids = tiny_model(arch), sample_ids()
+    model = copy.deepcopy(base)
+    dt.add_adapter(model, make(), "a")
+    dt.add_adapter(model, make(), "b")
+    randomize_adapter(model)
+    expected = []
+    for name in ("a", "b"):
+        dt.set_adapter(model, name)
+        expected.append(_logits(model, ids))
+    with dt.adapter_per_row(model, ["b", None, "a"]):
+        routed = _logits(model, ids)
+    torch.testing.assert_close(routed[0], expected[1][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(routed[1], _logits(base, ids)[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(routed[2], expected[0][2], atol=1e-6, rtol=1e-5)
+
+
+def test_soft_prompts_refuse_per_row_routing():
+    model = tiny_model("llama")
+    dt.add_adapter(model, dt.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(NotImplementedError, match="per row"), dt.adapter_per_row(model, ["default", None, None]):
+        model(sample_ids())
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck-houlsby"])
+def test_weight_methods_on_an_nf4_base(method):
+    from deltatune.quant import QuantizeConfig, dequantize_model, quantize_model
+
+    arch, make, _ = METHODS[method]
+    quantized = quantize_model(tiny_model(arch), QuantizeConfig(quant_type="nf4"))
+    reference = dequantize_model(copy.deepcopy(quantized))  # the same weights, in float32
+    for m in (quantized, reference):
+        torch.manual_seed(0)  # the same initial adapter values on both
+        dt.add_adapter(m, make())
+        randomize_adapter(m)
+    ids = sample_ids()
+    torch.testing.assert_close(_logits(quantized, ids), _logits(reference, ids), atol=1e-4, rtol=1e-4)
+    if METHODS[method][1]().mergeable:
+        before = _logits(quantized, ids)
+        dt.merge(quantized, verbose=False)
+        torch.testing.assert_close(_logits(quantized, ids), before, atol=1e-4, rtol=1e-4)
+        dt.unmerge(quantized)
+        assert torch.equal(_logits(quantized, ids), before)

@@ -90,9 +90,23 @@ class SelectiveLayer(AdapterLayer):
         return copies.bias.detach().float().to(bias.device) if hasattr(copies, "bias") else bias
 
 
+def _public_names(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Base tensor name as the user sees it (a selective wrapper's ``base_layer`` left out)
+    -> (owning module's key, tensor name)."""
+    out = {}
+    for k, _ in base_parameters(model):
+        module, _, tensor = k.rpartition(".")
+        owner, _, last = module.rpartition(".")
+        if last == "base_layer" and isinstance(model.get_submodule(owner), SelectiveLayer):
+            module = owner  # already wrapped by another selective adapter: name the wrapper
+        out[f"{module}.{tensor}" if module else tensor] = (module, tensor)
+    return out
+
+
 def chosen_tensors(model: nn.Module, config: SelectiveConfig) -> dict[str, list[str]]:
     """Module name -> names of its tensors that ``config`` trains."""
-    names = [k for k, _ in base_parameters(model)]
+    public = _public_names(model)
+    names = list(public)
     chosen: set[str] = set()
     if config.bitfit:
         chosen |= {k for k in names if k.endswith(".bias") or k == "bias"}
@@ -114,7 +128,7 @@ def chosen_tensors(model: nn.Module, config: SelectiveConfig) -> dict[str, list[
         chosen |= {k for k, i in index.items() if i in top}
     by_module: dict[str, list[str]] = defaultdict(list)
     for k in sorted(chosen):
-        module, _, tensor = k.rpartition(".")
+        module, tensor = public[k]
         by_module[module].append(tensor)
     return dict(by_module)
 
