@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 import shutil
 import time
@@ -13,7 +15,7 @@ import torch
 
 from ..data import DataConfig, DataError
 from ..io import load_adapter
-from ..model import disable_adapters, set_adapter
+from ..model import delete_adapter, disable_adapters, set_adapter
 from ..models import load_model
 from . import metrics as text_metrics
 from .examples import load_eval_examples
@@ -83,16 +85,19 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve:
     started = time.perf_counter()
     curves: list[Path] = []
     names: list[str] = []
+    folders: dict[str, Path] = {}  # adapters loaded one at a time (methods may share modules)
     if model is None:
         model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None)
         for raw in cfg.adapters:
             folder, curve = _adapter_dir(Path(raw))
             name = _name_for(Path(raw), set(names))
-            try:
+            try:  # fail before any evaluation if an adapter does not fit
                 load_adapter(model, folder, name=name)
-            except ValueError as err:
+                delete_adapter(model, name)
+            except (ValueError, TypeError) as err:
                 raise DataError(f"adapter {raw} does not fit this base model: {err}") from None
             names.append(name)
+            folders[name] = folder
             if curve is not None:
                 curves.append(curve)
     else:
@@ -114,7 +119,10 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve:
     rows: list[dict] = []
     references = [e.reference for e in examples]
     for who in ["base", *names]:
-        context = disable_adapters(model) if who == "base" else _active(model, who)
+        if who == "base":
+            context = disable_adapters(model)
+        else:
+            context = _loaded(model, who, folders[who]) if who in folders else _active(model, who)
         with context:
             predictions = generate(model, tokenizer, examples, cfg.batch_size, cfg.max_new_tokens, seq2seq,
                                    cfg.do_sample, cfg.temperature, cfg.top_p)
@@ -139,6 +147,16 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve:
         f"report: {out / 'report.md'}\n")
     log(table(results))
     return results
+
+
+@contextlib.contextmanager
+def _loaded(model, name: str, folder: Path):
+    """Within the block adapter ``name`` is loaded (and active); afterwards the base is as before."""
+    load_adapter(model, folder, name=name)
+    try:
+        yield
+    finally:
+        delete_adapter(model, name)
 
 
 class _active:
