@@ -179,7 +179,10 @@ def test_adalora_rank_allocation_and_files_match_peft(tmp_path, parity_results):
     our_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert {k: tuple(v.shape) for k, v in our_file.items()} == {k: tuple(v.shape) for k, v in their_file.items()}
     our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert our_cfg["rank_pattern"] == json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["rank_pattern"]
+    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert set(our_cfg) == set(their_cfg)
+    for key in ("rank_pattern", "init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step", "lora_alpha"):
+        assert our_cfg[key] == their_cfg[key], key
     # each side loads the other's pruned file to the same logits
     back_in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     back_in_ours = dt.load_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()
