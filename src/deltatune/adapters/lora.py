@@ -20,7 +20,7 @@ from .. import kernels
 from ..config import LoraConfig
 from ..quant.layers import QuantLinear
 from ..targeting import pattern_value
-from .base import AdapterLayer
+from .linear_base import LinearAdapterLayer
 
 
 class Magnitude(nn.Module):
@@ -31,14 +31,14 @@ class Magnitude(nn.Module):
         self.weight = nn.Parameter(vector)
 
 
-class LoraLayer(AdapterLayer):
+class LoraLayer(LinearAdapterLayer):
     """Shared logic of the LoRA layers; ``transposed`` is True when the stored weight is (in, out)."""
 
     adapter_dict_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module, transposed: bool):
         super().__init__(base_layer)
-        self.transposed = transposed
+        self.transposed = transposed  # embeddings are looked up transposed; decided by the subclass
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
@@ -47,27 +47,13 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
 
     def _forget(self, name: str) -> None:
-        for table in (self.r, self.lora_alpha, self.scaling):
+        super()._forget(name)
+        for table in (self.r, self.lora_alpha):
             table.pop(name, None)
         if name in self.lora_dropout:
             del self.lora_dropout[name]
-
-    def has_adapter(self, name: str) -> bool:
-        return name in self.scaling  # set by add, cleared by delete
-
-    def canonical(self, weight: torch.Tensor) -> torch.Tensor:
-        """Stored layout <-> (out, in) layout (an involution: transposes when stored is (in, out))."""
-        return weight.T if self.transposed else weight
-
-    @property
-    def in_out(self) -> tuple[int, int]:
-        if self.quantized:
-            return self.base_layer.in_features, self.base_layer.out_features
-        out_features, in_features = self.canonical(self.base_weight()).shape
-        return in_features, out_features
 
     # ----- factors -----------------------------------------------------------------------
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +91,7 @@ class LoraLayer(AdapterLayer):
             weight = self.canonical(self.base_weight().detach())
             norm = torch.linalg.norm(weight.float() + self.delta_weight(name).to(weight.device), dim=1)
             self.lora_magnitude_vector[name] = Magnitude(norm.to(weight.dtype))
-        self._match_device(name)
+        self.match_device(name)
 
     def _create(self, name: str, r: int, config: LoraConfig) -> None:
         raise NotImplementedError
@@ -126,12 +112,6 @@ class LoraLayer(AdapterLayer):
 
     def _initialise(self, name: str, init: Union[bool, str]) -> None:
         raise NotImplementedError
-
-    def _match_device(self, name: str) -> None:
-        weight = self.base_weight()
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        for p in self.adapter_parameters(name):
-            p.data = p.data.to(weight.device, dtype)
 
     # ----- merging -----------------------------------------------------------------------
     def merge_into(self, name: str, weight: torch.Tensor, original: torch.Tensor) -> torch.Tensor:

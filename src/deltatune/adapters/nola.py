@@ -17,11 +17,9 @@ import torch
 from torch import nn
 
 from ..config import NolaConfig
-from ..targeting import find_targets
-from .linear_base import LinearAdapterLayer, check_linear_like
-from .method import LayerMethod, register_method
-from .shared import SharedTensors, drop_shared, largest_in_out, seeded_kaiming_uniform, shared_tensors
-from .vera import _in_out
+from .linear_base import LinearAdapterLayer
+from .method import register_method
+from .shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform
 
 
 class NolaLinear(LinearAdapterLayer):
@@ -72,42 +70,19 @@ class NolaLinear(LinearAdapterLayer):
         return self.canonical(self.canonical(weight) + delta.to(weight.device))
 
 
-class NolaMethod(LayerMethod):
+class NolaMethod(SharedTensorMethod):
+    method_name = "NOLA"
+
     def __init__(self) -> None:
-        super().__init__(NolaLinear, self._make)
-        self._holder: SharedTensors | None = None
+        super().__init__(NolaLinear)
 
-    def _make(self, module: nn.Module, config: NolaConfig, key: str) -> NolaLinear:
-        check_linear_like(module, "NOLA")
-        return NolaLinear(module, self._holder)
-
-    def inject(self, model: nn.Module, config: NolaConfig, name: str, from_file: bool) -> None:
-        sizes = []
-        for _, module in find_targets(model, config):
-            base = getattr(module, "base_layer", module)
-            check_linear_like(base, "NOLA")
-            sizes.append(_in_out(base, False))
-        if not sizes:
-            raise ValueError(f"target_modules={config.target_modules!r} matched no linear layer of {type(model).__name__}")
-        in_max, out_max = largest_in_out(sizes)
+    def make_shared(self, config: NolaConfig, in_max: int, out_max: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator(device="cpu").manual_seed(config.basis_seed)
         # each basis matrix gets Kaiming's bound for its own fan-in (in for A, r for B)
         basis_A = seeded_kaiming_uniform((config.num_basis_A * config.r, in_max), generator)
         basis_B = seeded_kaiming_uniform((config.num_basis_B * out_max, config.r), generator)
-        basis_A = basis_A.view(config.num_basis_A, config.r, in_max)
-        basis_B = basis_B.view(config.num_basis_B, out_max, config.r)
-        holder = shared_tensors(model)
-        device = next(model.parameters()).device
-        holder.put("nola_basis_A", name, basis_A.to(device))
-        holder.put("nola_basis_B", name, basis_B.to(device))
-        self._holder = holder
-        try:
-            super().inject(model, config, name, from_file)
-        finally:
-            self._holder = None
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        drop_shared(model, name)
+        return {"nola_basis_A": basis_A.view(config.num_basis_A, config.r, in_max),
+                "nola_basis_B": basis_B.view(config.num_basis_B, out_max, config.r)}
 
 
 register_method("NOLA", NolaMethod())

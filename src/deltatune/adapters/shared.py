@@ -12,6 +12,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..targeting import find_targets
+from .linear_base import check_linear_like
+from .method import LayerMethod
+
 SHARED_ATTR = "deltatune_shared"
 
 
@@ -61,6 +65,49 @@ def seeded_kaiming_uniform(shape: tuple[int, ...], generator: torch.Generator) -
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-def largest_in_out(layers_in_out: list[tuple[int, int]]) -> tuple[int, int]:
-    """The largest input and output sizes among the targeted layers."""
-    return max(i for i, _ in layers_in_out), max(o for _, o in layers_in_out)
+def linear_in_out(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int, int]:
+    """(in, out) of a linear-like module, whatever its weight layout."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    rows, cols = module.weight.shape  # Conv1D stores (in, out)
+    return (rows, cols) if type(module).__name__ == "Conv1D" or fan_in_fan_out else (cols, rows)
+
+
+class SharedTensorMethod(LayerMethod):
+    """A layer method whose layers share frozen tensors sized for the largest targeted layer
+    (VeRA, NOLA). Subclasses build them in ``make_shared``; layers get the holder as ``shared``."""
+
+    method_name = ""
+
+    def __init__(self, layer_class) -> None:
+        super().__init__(layer_class, self._make)
+        self._holder: Optional[SharedTensors] = None
+
+    def make_shared(self, config, in_max: int, out_max: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _make(self, module: nn.Module, config, key: str):
+        check_linear_like(module, self.method_name)
+        return self.layer_class(module, self._holder, getattr(config, "fan_in_fan_out", False))
+
+    def inject(self, model: nn.Module, config, name: str, from_file: bool) -> None:
+        sizes = []
+        for _, module in find_targets(model, config):
+            base = getattr(module, "base_layer", module)
+            check_linear_like(base, self.method_name)
+            sizes.append(linear_in_out(base, getattr(config, "fan_in_fan_out", False)))
+        if not sizes:
+            raise ValueError(f"target_modules={config.target_modules!r} matched no linear layer of {type(model).__name__}")
+        holder = shared_tensors(model)
+        device = next(model.parameters()).device
+        in_max, out_max = max(i for i, _ in sizes), max(o for _, o in sizes)
+        for kind, tensor in self.make_shared(config, in_max, out_max).items():
+            holder.put(kind, name, tensor.to(device))
+        self._holder = holder
+        try:
+            super().inject(model, config, name, from_file)
+        finally:
+            self._holder = None
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        drop_shared(model, name)

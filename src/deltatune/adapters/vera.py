@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from ..config import VeraConfig
-from ..targeting import find_targets
+from .linear_base import LinearAdapterLayer
 from .lora_method import trained_biases
-from .linear_base import LinearAdapterLayer, check_linear_like
-from .method import LayerMethod, register_method
-from .shared import SharedTensors, drop_shared, largest_in_out, seeded_kaiming_uniform, shared_tensors
+from .method import register_method
+from .shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform, shared_tensors
 
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
 
@@ -77,39 +76,16 @@ class VeraLinear(LinearAdapterLayer):
         return self.canonical(self.canonical(weight) + self.delta_weight(name).to(weight.device))
 
 
-class VeraMethod(LayerMethod):
+class VeraMethod(SharedTensorMethod):
+    method_name = "VeRA"
+
     def __init__(self) -> None:
-        super().__init__(VeraLinear, self._make)
-        self._holder: SharedTensors | None = None
+        super().__init__(VeraLinear)
 
-    def _make(self, module: nn.Module, config: VeraConfig, key: str) -> VeraLinear:
-        check_linear_like(module, "VeRA")
-        return VeraLinear(module, self._holder, config.fan_in_fan_out)
-
-    def inject(self, model: nn.Module, config: VeraConfig, name: str, from_file: bool) -> None:
-        sizes = []
-        for _, module in find_targets(model, config):
-            base = getattr(module, "base_layer", module)
-            check_linear_like(base, "VeRA")
-            sizes.append(_in_out(base, config.fan_in_fan_out))
-        if not sizes:
-            raise ValueError(f"target_modules={config.target_modules!r} matched no linear layer of {type(model).__name__}")
-        in_max, out_max = largest_in_out(sizes)
+    def make_shared(self, config: VeraConfig, in_max: int, out_max: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
-        A = seeded_kaiming_uniform((config.r, in_max), generator)
-        B = seeded_kaiming_uniform((out_max, config.r), generator)
-        holder = shared_tensors(model)
-        device = next(model.parameters()).device
-        holder.put("vera_A", name, A.to(device))
-        holder.put("vera_B", name, B.to(device))
-        self._holder = holder
-        try:
-            super().inject(model, config, name, from_file)
-        finally:
-            self._holder = None
-
-    def remove(self, model: nn.Module, name: str) -> None:
-        drop_shared(model, name)
+        vera_A = seeded_kaiming_uniform((config.r, in_max), generator)  # drawn first, as PEFT draws them
+        return {"vera_A": vera_A, "vera_B": seeded_kaiming_uniform((out_max, config.r), generator)}
 
     def extra_parameters(self, model: nn.Module, name: str, config: VeraConfig) -> Iterator[nn.Parameter]:
         for _, p in trained_biases(model, name, config.bias, VeraLinear, "vera_only"):
@@ -136,13 +112,6 @@ class VeraMethod(LayerMethod):
                     raise ValueError(f"{key} has shape {tuple(tensors[key].shape)} in the file but this model's "
                                      f"targeted layers need {tuple(current.shape)}")
                 holder.put(kind, name, tensors[key].to(current.device, current.dtype))
-
-
-def _in_out(module: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return module.in_features, module.out_features
-    rows, cols = module.weight.shape  # Conv1D stores (in, out)
-    return (rows, cols) if type(module).__name__ == "Conv1D" or fan_in_fan_out else (cols, rows)
 
 
 register_method("VERA", VeraMethod())
