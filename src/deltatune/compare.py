@@ -38,6 +38,8 @@ class CompareConfig:
     """Folder for the runs and the table; empty: runs/compare-<time>."""
     batch_size: int = 0
     """Examples per step for every run; 0: the train default."""
+    lr: float = 0.0
+    """Learning rate for every run; 0: each method's usual rate (its recipe)."""
 
 
 def _train_command(cfg: CompareConfig, method: str, out: Path) -> list[str]:
@@ -49,6 +51,8 @@ def _train_command(cfg: CompareConfig, method: str, out: Path) -> list[str]:
         cmd += ["--data.path", cfg.data]
     if cfg.batch_size:
         cmd += ["--batch-size", str(cfg.batch_size)]
+    if cfg.lr:
+        cmd += ["--lr", str(cfg.lr)]
     return cmd
 
 
