@@ -198,3 +198,21 @@ def test_weight_methods_on_an_nf4_base(method):
         torch.testing.assert_close(_logits(quantized, ids), before, atol=1e-4, rtol=1e-4)
         dt.unmerge(quantized)
         assert torch.equal(_logits(quantized, ids), before)
+
+
+def test_prompt_tuning_initialisation_from_text_and_vocabulary(tmp_path, default_tokenizer):
+    from tiny_models import tiny_chat_model_dir
+
+    folder = tiny_chat_model_dir(tmp_path / "model", default_tokenizer)
+    model, tokenizer = dt.load_model(str(folder))
+    text = "Which order does the animal belong to?"
+    dt.add_adapter(model, dt.PromptTuningConfig(num_virtual_tokens=12, prompt_tuning_init="TEXT",
+                                                prompt_tuning_init_text=text, tokenizer_name_or_path=str(folder)))
+    ids = tokenizer(text)["input_ids"]
+    ids = (ids * (12 // len(ids) + 1))[:12]  # repeated to the prompt's length, as PEFT does
+    prompts = model.deltatune_prompts.encoders["default"].embedding.weight
+    words = model.get_input_embeddings().weight
+    assert torch.equal(prompts, words[torch.tensor(ids)])
+    dt.add_adapter(model, dt.PromptTuningConfig(num_virtual_tokens=6, prompt_tuning_init="SAMPLE_VOCAB"), "vocab")
+    sampled = model.deltatune_prompts.encoders["vocab"].embedding.weight
+    assert all(any(torch.equal(row, w) for w in words) for row in sampled)  # each row is some word's embedding
