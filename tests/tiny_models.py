@@ -50,6 +50,15 @@ def sample_ids(batch: int = 3, length: int = 7, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=g)
 
 
+def eval_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Logits in eval mode without gradients; an encoder-decoder's decoder reads the same ids."""
+    model.eval()
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:  # T5: the decoder reads the same ids, shifted by the model
+            return model(input_ids=ids, labels=ids).logits
+        return model(ids).logits
+
+
 def randomize_adapter(model: torch.nn.Module, seed: int = 2) -> None:
     """Give every trainable tensor random values, so parity checks compare non-trivial adapters."""
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Union
 
@@ -23,7 +22,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.method import FILE_PREFIX as PREFIX
 from .adapters.method import method_for
 from .config import config_from_dict
 from .files import write_atomically
@@ -39,10 +37,8 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def _is_base_key(key: str) -> bool:
-    """Keys holding base-model tensors (biases, embedding weights, VeRA's seeded projections)
-    that a file may leave out."""
-    return (".base_layer." in key or (key.endswith("bias") and ".lora_" not in key)
-            or key in ("base_model.vera_A", "base_model.vera_B"))
+    """Keys holding base-model tensors (biases, embedding weights) that a file may leave out."""
+    return ".base_layer." in key or (key.endswith("bias") and ".lora_" not in key)
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default") -> Path:
@@ -105,7 +101,8 @@ def load_adapter(
 
 def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:
     config = get_state(model).configs[name]
-    method_for(config).prepare_load(model, name, config, tensors)
+    method = method_for(config)
+    method.prepare_load(model, name, config, tensors)
     targets = adapter_tensors(model, name)
     for_base = f" (the adapter was made for base {made_for!r})" if made_for else ""
     unexpected = [k for k in tensors if k not in targets]
@@ -114,7 +111,8 @@ def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:
             f"{weights_file}: key {unexpected[0]!r} has no matching module in this "
             f"{type(model).__name__}{for_base}; {len(unexpected)} such key(s)"
         )
-    missing = [k for k in targets if k not in tensors and not _is_base_key(k)]
+    optional = method.optional_file_keys(config)
+    missing = [k for k in targets if k not in tensors and not _is_base_key(k) and k not in optional]
     if missing:
         raise ValueError(f"{weights_file}: key {missing[0]!r} is missing; {len(missing)} adapter tensor(s) missing")
     for key, value in tensors.items():

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 from torch import nn
 
 from . import adapters  # noqa: F401  (registers every method)
-from .adapters.base import AdapterContainer, AdapterLayer, ModulesToSave, RowPlan, adapter_layers, base_parameters
+from .adapters.base import AdapterLayer, ModulesToSave, RowPlan, adapter_layers
 from .adapters.method import METHODS, method_for
 from .config import AdapterConfig, LoraConfig
 from .merge_report import MergeReport, measure_merge

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from tiny_models import randomize_adapter, sample_ids, tiny_model
+from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -54,14 +54,6 @@ def _dt_model(base, case):
     return model
 
 
-def _logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        if model.config.is_encoder_decoder:
-            return model(input_ids=ids, labels=ids).logits
-        return model(ids).logits
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
     base = tiny_model(CASES[case][0])
@@ -71,9 +63,9 @@ def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
     ours = copy.deepcopy(base)
     dt.load_adapter(ours, tmp_path)
     ids = sample_ids()
-    expected = _logits(theirs, ids)
-    assert (expected - _logits(base, ids)).abs().max() > 1e-2  # the adapter really changes the output
-    diff = (_logits(ours, ids) - expected).abs().max().item()
+    expected = eval_logits(theirs, ids)
+    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2  # the adapter really changes the output
+    diff = (eval_logits(ours, ids) - expected).abs().max().item()
     parity_results[f"{case}: PEFT file -> deltatune"] = diff
     assert diff <= ATOL
 
@@ -86,9 +78,9 @@ def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
     dt.save_adapter(ours, tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     ids = sample_ids()
-    expected = _logits(ours, ids)
-    assert (expected - _logits(base, ids)).abs().max() > 1e-2
-    diff = (_logits(theirs, ids) - expected).abs().max().item()
+    expected = eval_logits(ours, ids)
+    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2
+    diff = (eval_logits(theirs, ids) - expected).abs().max().item()
     parity_results[f"{case}: deltatune file -> PEFT"] = diff
     assert diff <= ATOL
 

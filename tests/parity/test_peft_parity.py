@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from tiny_models import randomize_adapter, sample_ids, tiny_model
+from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -46,14 +46,6 @@ def _dt_model(base, kwargs):
     return model
 
 
-def _logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        if model.config.is_encoder_decoder:  # T5: the decoder reads the same ids, shifted by the model
-            return model(input_ids=ids, labels=ids).logits
-        return model(ids).logits
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
     arch, kwargs = CASES[case]
@@ -64,9 +56,9 @@ def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
     ours = copy.deepcopy(base)
     dt.load_adapter(ours, tmp_path)
     ids = sample_ids()
-    expected = _logits(theirs, ids)
-    assert (expected - _logits(base, ids)).abs().max() > 1e-2  # the adapter really changes the output
-    diff = (_logits(ours, ids) - expected).abs().max().item()
+    expected = eval_logits(theirs, ids)
+    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2  # the adapter really changes the output
+    diff = (eval_logits(ours, ids) - expected).abs().max().item()
     parity_results[f"{case}: PEFT file -> deltatune"] = diff
     assert diff <= ATOL
 
@@ -80,9 +72,9 @@ def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
     dt.save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     ids = sample_ids()
-    expected = _logits(ours, ids)
-    assert (expected - _logits(base, ids)).abs().max() > 1e-2
-    diff = (_logits(theirs, ids) - expected).abs().max().item()
+    expected = eval_logits(ours, ids)
+    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2
+    diff = (eval_logits(theirs, ids) - expected).abs().max().item()
     parity_results[f"{case}: deltatune file -> PEFT"] = diff
     assert diff <= ATOL
 

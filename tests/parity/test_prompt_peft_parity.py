@@ -44,7 +44,7 @@ def _ours(base, case):
     return model
 
 
-def _logits(model, ids, peft_model=False):
+def _logits(model, ids):
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits

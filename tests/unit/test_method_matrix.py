@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from tiny_models import randomize_adapter, sample_ids, tiny_model
+from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 
 # name -> (architecture, config, a new adapter leaves outputs unchanged)
 METHODS = {
@@ -37,12 +37,6 @@ METHODS = {
 STEP_LR = {"ia3": 1e-1, "ia3-gpt2": 1e-1, "vera": 5e-2, "prompt-tuning": 5e-2, "prefix-tuning": 5e-2}
 
 
-def _logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def _setup(method):
     arch, make, _ = METHODS[method]
     base = tiny_model(arch)
@@ -56,7 +50,7 @@ def test_new_adapter_and_trainable_tensors(method):
     base, model = _setup(method)
     ids = sample_ids()
     if METHODS[method][2]:
-        assert torch.equal(_logits(model, ids), _logits(base, ids))
+        assert torch.equal(eval_logits(model, ids), eval_logits(base, ids))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
     base_names = {n for n, _ in base.named_parameters()}
@@ -70,15 +64,15 @@ def test_disable_merge_save_load_delete(method, tmp_path):
     base, model = _setup(method)
     randomize_adapter(model)
     ids = sample_ids()
-    tuned, plain = _logits(model, ids), _logits(base, ids)
+    tuned, plain = eval_logits(model, ids), eval_logits(base, ids)
     assert (tuned - plain).abs().max() > 1e-3
     with dt.disable_adapters(model):
-        assert torch.equal(_logits(model, ids), plain)
-    assert torch.equal(_logits(model, ids), tuned)
+        assert torch.equal(eval_logits(model, ids), plain)
+    assert torch.equal(eval_logits(model, ids), tuned)
 
     dt.save_adapter(model, tmp_path)
     reloaded = dt.load_adapter(copy.deepcopy(base), tmp_path)
-    assert torch.equal(_logits(reloaded, ids), tuned)
+    assert torch.equal(eval_logits(reloaded, ids), tuned)
     again = tmp_path / "again"
     dt.save_adapter(reloaded, again)
     from safetensors.torch import load_file
@@ -88,21 +82,21 @@ def test_disable_merge_save_load_delete(method, tmp_path):
     config = dt.read_adapter_config(tmp_path)
     if config.mergeable:
         dt.merge(model, verbose=False)
-        torch.testing.assert_close(_logits(model, ids), tuned, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(eval_logits(model, ids), tuned, atol=1e-5, rtol=1e-5)
         dt.unmerge(model)
-        assert torch.equal(_logits(model, ids), tuned)
+        assert torch.equal(eval_logits(model, ids), tuned)
         merged = dt.unload(copy.deepcopy(model), merge=True, verbose=False)
-        torch.testing.assert_close(_logits(merged, ids), tuned, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(eval_logits(merged, ids), tuned, atol=1e-5, rtol=1e-5)
     else:
         with pytest.raises(ValueError, match="cannot be merged"):
             dt.merge(model, verbose=False)
         with pytest.raises(ValueError, match="cannot be merged"):
             dt.unload(copy.deepcopy(model), merge=True, verbose=False)
     restored = dt.unload(copy.deepcopy(model), merge=False)
-    assert torch.equal(_logits(restored, ids), plain)
+    assert torch.equal(eval_logits(restored, ids), plain)
     assert not any(n.startswith("deltatune") for n, _ in restored.named_modules())
     dt.delete_adapter(model, "default")
-    assert torch.equal(_logits(model, ids), plain)
+    assert torch.equal(eval_logits(model, ids), plain)
     assert {n for n, _ in model.named_parameters()} == {n for n, _ in base.named_parameters()}
 
 
@@ -136,10 +130,10 @@ def test_two_methods_on_different_modules_and_switching():
     outputs = {}
     for name in ("lora", "ia3", "soft"):
         dt.set_adapter(model, name)
-        outputs[name] = _logits(model, ids)
+        outputs[name] = eval_logits(model, ids)
     assert all((outputs[a] - outputs[b]).abs().max() > 1e-4 for a, b in [("lora", "ia3"), ("ia3", "soft")])
     dt.set_adapter(model, ["lora", "ia3"])  # two weight methods at once
-    both = _logits(model, ids)
+    both = eval_logits(model, ids)
     assert (both - outputs["lora"]).abs().max() > 1e-4
     with pytest.raises(TypeError, match="one method per module"):
         dt.add_adapter(model, dt.LoHaConfig(target_modules=["q_proj"]), "loha")
@@ -164,11 +158,11 @@ def test_per_row_routing_equals_separate_runs(method):
     expected = []
     for name in ("a", "b"):
         dt.set_adapter(model, name)
-        expected.append(_logits(model, ids))
+        expected.append(eval_logits(model, ids))
     with dt.adapter_per_row(model, ["b", None, "a"]):
-        routed = _logits(model, ids)
+        routed = eval_logits(model, ids)
     torch.testing.assert_close(routed[0], expected[1][0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(routed[1], _logits(base, ids)[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(routed[1], eval_logits(base, ids)[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(routed[2], expected[0][2], atol=1e-6, rtol=1e-5)
 
 
@@ -191,13 +185,13 @@ def test_weight_methods_on_an_nf4_base(method):
         dt.add_adapter(m, make())
         randomize_adapter(m)
     ids = sample_ids()
-    torch.testing.assert_close(_logits(quantized, ids), _logits(reference, ids), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(eval_logits(quantized, ids), eval_logits(reference, ids), atol=1e-4, rtol=1e-4)
     if METHODS[method][1]().mergeable:
-        before = _logits(quantized, ids)
+        before = eval_logits(quantized, ids)
         dt.merge(quantized, verbose=False)
-        torch.testing.assert_close(_logits(quantized, ids), before, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(eval_logits(quantized, ids), before, atol=1e-4, rtol=1e-4)
         dt.unmerge(quantized)
-        assert torch.equal(_logits(quantized, ids), before)
+        assert torch.equal(eval_logits(quantized, ids), before)
 
 
 def test_prompt_tuning_initialisation_from_text_and_vocabulary(tmp_path, default_tokenizer):

@@ -21,7 +21,7 @@ from ..config import AdaLoraConfig
 from .base import adapter_layers
 from .linear_base import LinearAdapterLayer, check_linear_like
 from .lora_method import trained_biases
-from .method import LayerMethod, register_method
+from .method import FILE_PREFIX, LayerMethod, register_method
 
 _EPS = 1e-5
 
@@ -179,7 +179,7 @@ class AdaLoraMethod(LayerMethod):
             if layer.lora_A[name].shape[0] == sum(mask):
                 continue  # built from this pattern: already the kept triplets
             keep = torch.tensor(mask, device=layer.lora_A[name].device)
-            prefix = f"base_model.model.{key}."
+            prefix = f"{FILE_PREFIX}{key}."
             out[prefix + "lora_A"] = layer.lora_A[name][keep]
             out[prefix + "lora_E"] = layer.lora_E[name][keep]
             out[prefix + "lora_B"] = layer.lora_B[name][:, keep]

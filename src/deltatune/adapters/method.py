@@ -41,6 +41,10 @@ class Method:
         """File key -> live tensor for adapter ``name``, in the file's layout."""
         return {}
 
+    def optional_file_keys(self, config: AdapterConfig) -> set[str]:
+        """Keys of ``file_tensors`` that a file may leave out (values the method can rebuild)."""
+        return set()
+
     def prepare_load(self, model: nn.Module, name: str, config: AdapterConfig,
                      tensors: dict[str, torch.Tensor]) -> None:
         """Adjust the model to a file's tensors after ``inject`` and before values are copied."""

@@ -16,7 +16,7 @@ from torch import nn
 from ..config import VeraConfig
 from .linear_base import LinearAdapterLayer
 from .lora_method import trained_biases
-from .method import register_method
+from .method import FILE_PREFIX, register_method
 from .shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform, shared_tensors
 
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
@@ -94,12 +94,15 @@ class VeraMethod(SharedTensorMethod):
     def file_tensors(self, model: nn.Module, name: str, config: VeraConfig) -> dict[str, torch.Tensor]:
         out = super().file_tensors(model, name, config)
         for key, p in trained_biases(model, name, config.bias, VeraLinear, "vera_only"):
-            out["base_model.model." + key] = p
+            out[FILE_PREFIX + key] = p
         if config.save_projection:
             holder = shared_tensors(model, create=False)
             for kind, key in PROJECTION_KEYS.items():
                 out[key] = holder.get(kind, name)
         return out
+
+    def optional_file_keys(self, config: VeraConfig) -> set[str]:
+        return set(PROJECTION_KEYS.values())  # rebuilt from projection_prng_key when not saved
 
     def prepare_load(self, model: nn.Module, name: str, config: VeraConfig,
                      tensors: dict[str, torch.Tensor]) -> None:
