@@ -20,6 +20,7 @@ exactly as PEFT saves them.
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterator, Optional
 
 import torch
@@ -151,11 +152,12 @@ class SoftPrompts(AdapterContainer):
         n = config.num_virtual_tokens
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         batch = (ids if ids is not None else embeds).shape[0]
-        cache = kwargs.get("past_key_values")
+        cache_key = _cache_argument(model, kwargs)
+        cache = kwargs.get(cache_key)
         starting = cache is None or cache.get_seq_length() == 0
         if isinstance(config, PrefixTuningConfig):
             if starting:
-                kwargs["past_key_values"] = self._prefix_cache(model, name, config, batch, cache)
+                kwargs[cache_key] = self._prefix_cache(model, name, config, batch, cache)
         elif starting:
             if embeds is None:
                 embeds = model.get_input_embeddings()(ids)
@@ -190,6 +192,20 @@ class SoftPrompts(AdapterContainer):
         for layer in range(config.num_layers):
             cache.update(values[2 * layer], values[2 * layer + 1], layer)
         return cache
+
+
+# transformers 5.24 renamed the forward argument ``past_key_values`` to ``cache`` (the old name
+# still works on its own but loses to ``cache`` when both are given, as ``generate`` passes it).
+_CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+def _cache_argument(model: nn.Module, kwargs: dict) -> str:
+    """The keyword this call carries its KV cache under, or the one ``model.forward`` takes."""
+    for key in _CACHE_ARGUMENTS:
+        if kwargs.get(key) is not None:
+            return key
+    params = inspect.signature(model.forward).parameters
+    return next((key for key in _CACHE_ARGUMENTS if key in params), "past_key_values")
 
 
 def _shift_positions(kwargs: dict, n: int, batch: int, prepend: bool) -> None:
