@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--modes", default="fp32,nf4,nf4-nodq,fp4,int8")
     parser.add_argument("--json", default="")
     args = parser.parse_args()
-    from deltatune.models import default_model_dir
+    from deltatune.loading import default_model_dir
 
     default_model_dir()  # convert and cache once, outside the measured processes
     rows = []

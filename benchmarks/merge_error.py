@@ -19,7 +19,7 @@ from dataclasses import asdict
 import torch
 
 import deltatune as dt
-from deltatune.demo import FACTS, chat_batch, train_steps
+from deltatune.cli.demo import FACTS, chat_batch, train_steps
 from deltatune.merge_report import probe_ids
 
 

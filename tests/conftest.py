@@ -26,7 +26,7 @@ def default_tokenizer():
     """The embedded default model's tokenizer (SmolLM2, with a chat template)."""
     from transformers import AutoTokenizer
 
-    from deltatune.models import default_model_dir
+    from deltatune.loading import default_model_dir
 
     tok = AutoTokenizer.from_pretrained(default_model_dir())
     tok.pad_token = tok.pad_token or tok.eos_token

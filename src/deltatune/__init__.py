@@ -19,7 +19,7 @@ from .config import (
     config_from_dict,
 )
 from .io import load_adapter, read_adapter_config, save_adapter
-from .model import (
+from .adapter_ops import (
     active_adapters,
     add_adapter,
     adapter_per_row,
@@ -33,7 +33,7 @@ from .model import (
     unmerge,
 )
 from .merge_report import MergeReport
-from .models import load_model
+from .loading import load_model
 
 __version__ = "0.1.0"
 

@@ -15,7 +15,7 @@ import torch
 
 from .adapters.lora import LoraLayer
 from .config import LoraConfig
-from .model import add_adapter, adapter_layers, config_for_layers, get_state
+from .adapter_ops import add_adapter, adapter_layers, config_for_layers, get_state
 
 COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 

@@ -25,7 +25,7 @@ from torch import nn
 from .adapters.method import method_for
 from .config import config_from_dict
 from .files import write_atomically
-from .model import add_adapter, get_state
+from .adapter_ops import add_adapter, get_state
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 

@@ -11,6 +11,8 @@ from typing import Iterator, Optional
 from torch import nn
 
 from .config import TargetedConfig
+from .module_tree import AddedModule, output_head_name
+from .quant.layers import QuantLinear
 
 ALL_LINEAR = "all-linear"
 
@@ -33,29 +35,17 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 def is_linear_like(module: nn.Module) -> bool:
     """nn.Linear, the transposed GPT-2 ``Conv1D``, or a quantized linear layer."""
-    from .quant.layers import QuantLinear
-
     return isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D"
-
-
-def replace_module(model: nn.Module, key: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule named ``key`` is."""
-    parent_name, _, child = key.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def walk_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Named modules, stopping at adapter wrappers so their internals are never targeted."""
-    from .adapters.base import AdapterContainer, AdapterLayer  # local: adapters import this module
-    from .adapters.shared import SharedTensors
-
     for name, child in model.named_children():
-        if isinstance(child, (AdapterContainer, SharedTensors)) and not hasattr(child, "original_module"):
+        if isinstance(child, AddedModule) and not child.stands_for_base:
             continue  # soft prompts and shared bases are deltatune's own, never targets
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
-        if isinstance(child, (AdapterLayer, AdapterContainer)):
+        if isinstance(child, AddedModule):
             continue
         yield from walk_modules(child, full)
 
@@ -116,8 +106,6 @@ def is_target(config: TargetedConfig, key: str, targets: list[str] | str) -> boo
 def expand_target_modules(model: nn.Module, config: TargetedConfig) -> Optional[list[str] | str]:
     """``target_modules`` as saved files record it: ``None`` becomes the architecture default and
     ``"all-linear"`` the full names of every linear layer but the output head (as PEFT writes)."""
-    from .adapters.base import AdapterLayer
-
     targets = resolve_targets(config, model)
     if isinstance(targets, (list, set, tuple)) and len(targets) >= MIN_NAMES_TO_SHORTEN:
         listed = set(targets)
@@ -129,7 +117,7 @@ def expand_target_modules(model: nn.Module, config: TargetedConfig) -> Optional[
     head = output_head_name(model)
     names, others = [], []
     for key, module in walk_modules(model):
-        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        base = getattr(module, "base_layer", module) if isinstance(module, AddedModule) else module
         (names if is_linear_like(base) and key != head else others).append(key)
     if len(names) >= MIN_NAMES_TO_SHORTEN:
         return sorted(shortest_suffixes(names, others))
@@ -163,20 +151,6 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[tuple[str, nn
     """(name, module) pairs that ``config`` targets in ``model``."""
     targets = expand_target_modules(model, config)
     return [(k, m) for k, m in walk_modules(model) if is_target(config, k, targets)]
-
-
-def output_head_name(model: nn.Module) -> Optional[str]:
-    """Qualified name of the output head (left out of "all-linear"), if the model has one."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is None:
-        return None
-    for name, module in model.named_modules():
-        if module is head or getattr(module, "base_layer", None) is head:
-            return name
-        if getattr(module, "original_module", None) is head:
-            return name
-    return None
 
 
 def pattern_value(patterns: dict, key: str, default):

@@ -8,7 +8,7 @@ import torch
 
 import deltatune as dt
 from deltatune import models
-from deltatune.demo import FACTS, chat_batch, train_steps
+from deltatune.cli.demo import FACTS, chat_batch, train_steps
 from tiny_models import tiny_model
 
 

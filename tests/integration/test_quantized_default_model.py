@@ -10,7 +10,7 @@ import torch
 
 import deltatune as dt
 from deltatune import quant
-from deltatune.demo import FACTS, chat_batch, train_steps
+from deltatune.cli.demo import FACTS, chat_batch, train_steps
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "load_memory.py"
 

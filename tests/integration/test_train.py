@@ -119,7 +119,7 @@ def test_config_errors_name_the_field(tmp_path):
 
 def test_cli_flags_reach_the_config(tmp_path, setup):
     from deltatune.cli import build_parser
-    from deltatune.train_cli import overrides_from_args
+    from deltatune.cli.train import overrides_from_args
 
     args = build_parser().parse_args(["train", "--lora.r", "32", "--max-steps", "5", "--data.packing",
                                       "--lora.target-modules", "[q_proj, v_proj]", "--model", "123"])

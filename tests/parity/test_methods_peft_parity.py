@@ -145,7 +145,7 @@ def _sgd_steps(model, ids, after_step):
 
 def test_adalora_rank_allocation_and_files_match_peft(tmp_path, parity_results):
     from deltatune.adapters.method import method_for
-    from deltatune.model import get_state
+    from deltatune.adapter_ops import get_state
 
     base, ids = tiny_model("llama"), sample_ids()
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaLoraConfig(**ADALORA))

@@ -55,3 +55,58 @@ def test_merge_writes_a_plain_transformers_folder(tmp_path, capsys):
 def test_merge_needs_an_adapter():
     with pytest.raises(ValueError, match="--adapter"):
         main(["merge"])
+
+
+def _train_overrides(*flags):
+    from deltatune.cli import build_parser
+    from deltatune.cli.options import parse
+    from deltatune.cli.train import overrides_from_args
+
+    return overrides_from_args(parse(build_parser(), ["train", *flags]))
+
+
+def test_the_short_flags_people_type_reach_the_config():
+    from deltatune.train import load_config
+
+    overrides = _train_overrides("--data", "my.jsonl", "--model", "models/m", "--method", "dora", "--lr", "2e-4",
+                                 "--epochs", "2", "--batch-size", "4", "--output-dir", "runs/x")
+    assert overrides == {"data.path": "my.jsonl", "model": "models/m", "method": "dora", "lr": 2e-4, "epochs": 2.0,
+                         "batch_size": 4, "output_dir": "runs/x"}
+    cfg = load_config(None, overrides)
+    assert (cfg.data.path, cfg.lr, cfg.batch_size, cfg.data.validation_path) == ("my.jsonl", 2e-4, 4, "")
+    # the dotted spelling and the underscore spelling are the same setting
+    assert _train_overrides("--data.path", "a.jsonl", "--max_steps", "3") == {"data.path": "a.jsonl", "max_steps": 3}
+    assert _train_overrides("--lr=1e-3")["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("command, typed, suggested", [
+    (["train"], "--lora.rr", "--lora.r"),
+    (["train"], "--max-step", "--max-steps"),
+    (["eval"], "--adaptr", "--adapter"),
+    (["merge"], "--requantise", "--requantize"),
+])
+def test_an_unknown_flag_names_the_closest_known_one(command, typed, suggested, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, typed, "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {typed} 3; did you mean {suggested}?" in err, err
+
+
+def test_no_suggestion_when_nothing_is_close(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--zzzz", "1"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --zzzz 1" in err and "did you mean" not in err
+
+
+def test_a_badly_typed_flag_names_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--lora.r", "sixteen"])
+    assert "--lora.r" in capsys.readouterr().err
+
+
+def test_flags_are_never_guessed_from_a_prefix(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--max", "5"])  # once an abbreviation of --max-steps / --max-grad-norm
+    assert "unrecognized arguments: --max 5" in capsys.readouterr().err

@@ -3,7 +3,7 @@
 An ``AdapterLayer`` wraps one base module as ``base_layer`` and holds any number of named
 adapters in ``nn.ModuleDict``/``nn.ParameterDict`` attributes keyed by adapter name (PEFT's
 layout, so state-dict keys map to PEFT's by a rename). The model-level functions in
-``deltatune.model`` only talk to layers through the methods defined here.
+``deltatune.adapter_ops`` only talk to layers through the methods defined here.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..module_tree import AddedModule
 from ..quant.layers import QuantLinear
 
 
@@ -48,7 +49,7 @@ class RowPlan:
         return self._cache[key]
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(AddedModule):
     """Base for layers that wrap ``base_layer`` and hold named adapters.
 
     Subclasses list the attributes that hold per-adapter tensors in ``adapter_dict_names``
@@ -255,7 +256,7 @@ class AdapterLayer(nn.Module):
         return self._tied_weight is not None
 
 
-class AdapterContainer(nn.Module):
+class AdapterContainer(AddedModule):
     """Adapter holders that are not layer wrappers (trainable copies, soft prompts).
 
     They share the bookkeeping of ``AdapterLayer``: ``adapter_names``, ``adapter_parameters``,

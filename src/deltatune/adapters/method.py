@@ -1,6 +1,6 @@
 """How each kind of adapter is added to a model and mapped to file keys: the ``Method`` protocol.
 
-``deltatune.model`` and ``deltatune.io`` only talk to methods through this protocol, so a new
+``deltatune.adapter_ops`` and ``deltatune.io`` only talk to methods through this protocol, so a new
 method is a config class, a module in ``adapters/`` and one ``register_method`` call. Most
 methods wrap chosen modules in an ``AdapterLayer`` (``LayerMethod`` does all of that work);
 soft prompts live at the model level and implement the protocol themselves.
@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, TargetedConfig
-from ..targeting import expand_target_modules, find_targets, modules_to_save_targets, replace_module
+from ..module_tree import replace_module
+from ..targeting import expand_target_modules, find_targets, modules_to_save_targets
 from .base import AdapterLayer, ModulesToSave
 
 FILE_PREFIX = "base_model.model."
@@ -31,7 +32,7 @@ class Method:
         raise NotImplementedError
 
     def remove(self, model: nn.Module, name: str) -> None:
-        """Drop model-level state of adapter ``name`` (layers are cleaned by ``deltatune.model``)."""
+        """Drop model-level state of adapter ``name`` (layers are cleaned by ``deltatune.adapter_ops``)."""
 
     def extra_parameters(self, model: nn.Module, name: str, config: AdapterConfig) -> Iterator[nn.Parameter]:
         """Base-model parameters that adapter ``name`` trains too (biases, for some configs)."""

@@ -91,6 +91,8 @@ class PlainPrompt(nn.Module):
 class SoftPrompts(AdapterContainer):
     """Every soft-prompt adapter of a model, and the hooks that apply the active one."""
 
+    stands_for_base = False
+
     def __init__(self) -> None:
         super().__init__()
         self.encoders = nn.ModuleDict()

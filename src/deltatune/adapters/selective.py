@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from ..config import SelectiveConfig
 from ..quant.layers import QuantLinear
-from ..targeting import replace_module
+from ..module_tree import replace_module
 from .base import AdapterContainer, AdapterLayer, base_parameters
 from .method import FILE_PREFIX, Method, register_method
 

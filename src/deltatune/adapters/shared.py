@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..module_tree import AddedModule
 from ..targeting import find_targets
 from .linear_base import check_linear_like
 from .method import LayerMethod
@@ -19,8 +20,10 @@ from .method import LayerMethod
 SHARED_ATTR = "deltatune_shared"
 
 
-class SharedTensors(nn.Module):
+class SharedTensors(AddedModule):
     """Buffers named ``<kind>_<adapter>``, e.g. ``vera_A_default``."""
+
+    stands_for_base = False
 
     def __init__(self) -> None:
         super().__init__()

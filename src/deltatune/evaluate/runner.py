@@ -15,8 +15,8 @@ import torch
 
 from ..data import DataConfig, DataError
 from ..io import load_adapter
-from ..model import delete_adapter, disable_adapters, set_adapter
-from ..models import load_model
+from ..adapter_ops import delete_adapter, disable_adapters, set_adapter
+from ..loading import load_model
 from . import metrics as text_metrics
 from .examples import load_eval_examples
 from .generation import choice_accuracy, generate, perplexity
@@ -101,7 +101,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve:
             if curve is not None:
                 curves.append(curve)
     else:
-        from ..model import get_state
+        from ..adapter_ops import get_state
 
         names = list(get_state(model).configs)
         if loss_curve is not None and Path(loss_curve).is_file():
@@ -166,7 +166,7 @@ class _active:
         self.model, self.name = model, name
 
     def __enter__(self):
-        from ..model import active_adapters
+        from ..adapter_ops import active_adapters
 
         self.before = active_adapters(self.model)
         set_adapter(self.model, self.name)

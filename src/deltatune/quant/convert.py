@@ -12,7 +12,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from ..targeting import output_head_name, replace_module
+from ..module_tree import output_head_name, replace_module
 from .layers import Linear4bit, Linear8bit, QuantLinear
 
 QUANT_TYPES = ("nf4", "fp4", "int8")

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..files import write_atomically
-from ..targeting import replace_module
+from ..module_tree import replace_module
 from .convert import (
     QuantizeConfig, linear_weight, make_quant_linear, mark_quantized, quantizable_linears,
 )

@@ -173,31 +173,3 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict[str, Any]] 
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
-
-
-def parse_override_args(args: list[str]) -> dict[str, Any]:
-    """``["--lora.r", "32", "--resume"]`` -> ``{"lora.r": 32, "resume": True}`` (values as YAML)."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: settings are given as --name value")
-        name = arg[2:]
-        if "=" in name:
-            name, raw = name.split("=", 1)
-            i += 1
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            raw = args[i + 1]
-            i += 2
-        else:
-            raw = "true"
-            i += 1
-        if name.startswith("no-") or name.startswith("no_"):
-            out[name[3:].replace("-", "_")] = False
-            continue
-        try:
-            out[name.replace("-", "_")] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[name.replace("-", "_")] = raw
-    return out

@@ -24,8 +24,8 @@ from ..adapters.method import method_for
 from ..data import collate, pack, prepare_data
 from ..evaluate.generation import loss_sums
 from ..io import save_adapter
-from ..model import add_adapter, get_state, trainable_parameters
-from ..models import load_model
+from ..adapter_ops import add_adapter, get_state, trainable_parameters
+from ..loading import load_model
 from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, to_dict
 from .methods import adapter_config, learning_rate, recipe_for

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .options import add_options, config_from_args
+
 
 @dataclass
 class MergeConfig:
@@ -29,11 +31,11 @@ def run_merge(cfg: MergeConfig) -> dict:
     """Merge, print the merge error, write the folder; returns a summary."""
     import torch
 
-    from .io import load_adapter
-    from .model import merge, unload
-    from .models import _parse_dtype, load_model
-    from .quant.convert import dequantize_model
-    from .quant.loading import save_model
+    from ..adapter_ops import merge, unload
+    from ..io import load_adapter
+    from ..loading import _parse_dtype, load_model
+    from ..quant.convert import dequantize_model
+    from ..quant.loading import save_model
 
     if not cfg.adapter:
         raise ValueError("deltatune merge needs --adapter FOLDER")
@@ -50,3 +52,15 @@ def run_merge(cfg: MergeConfig) -> dict:
     summary = {"out": str(Path(folder).resolve()), "report": asdict(report), "config": asdict(cfg)}
     print(json.dumps(summary, indent=2))
     return summary
+
+
+def add_parser(subcommands) -> None:
+    parser = subcommands.add_parser("merge", help="merge an adapter into its base and write a plain Hugging Face "
+                                    "folder; prints the merge error")
+    add_options(parser, MergeConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    run_merge(config_from_args(args, MergeConfig))
+    return 0

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .config import LoraConfig
-from .io import load_adapter, save_adapter
-from .model import add_adapter, disable_adapters, print_trainable_parameters
-from .models import load_model
+from ..adapter_ops import add_adapter, disable_adapters, print_trainable_parameters
+from ..config import LoraConfig
+from ..io import load_adapter, save_adapter
+from ..loading import load_model
+from .options import add_options, config_from_args
 
 # Made-up facts the base model cannot know, so the gain is visible.
 FACTS = [
@@ -115,3 +116,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         same = torch.equal(model(batch["input_ids"]).logits, fresh(batch["input_ids"]).logits)
     print(f"\nadapter saved to {out} (PEFT format); reloaded logits identical: {same}")
     return {"load_s": load_s, "train_s": train_s, "first_loss": losses[0], "last_loss": losses[-1], "reload_equal": same}
+
+
+def add_parser(subcommands) -> None:
+    parser = subcommands.add_parser("demo", help="teach the embedded default model a few facts with LoRA "
+                                    "(about a minute on CPU)")
+    add_options(parser, DemoConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    result = run_demo(config_from_args(args, DemoConfig))
+    return 0 if result["reload_equal"] and result["last_loss"] < result["first_loss"] else 1

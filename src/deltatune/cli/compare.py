@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .options import add_options, config_from_args
+
 DEFAULT_METHODS = ["lora", "dora", "loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck", "pfeiffer",
                    "prompt_tuning", "prefix_tuning", "p_tuning", "top_layers"]
 
@@ -43,12 +45,12 @@ class CompareConfig:
 
 
 def _train_command(cfg: CompareConfig, method: str, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "deltatune.cli", "train", "--method", method, "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "deltatune", "train", "--method", method, "--output-dir", str(out),
            "--max-steps", str(cfg.max_steps), "--final-eval", "on", "--overwrite"]
     if cfg.model:
         cmd += ["--model", cfg.model]
     if cfg.data:
-        cmd += ["--data.path", cfg.data]
+        cmd += ["--data", cfg.data]
     if cfg.batch_size:
         cmd += ["--batch-size", str(cfg.batch_size)]
     if cfg.lr:
@@ -131,11 +133,11 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def run_compare(cfg: CompareConfig, log=print) -> list[dict]:
     """Train every method in ``cfg.methods``; write compare.json, compare.md and compare.png."""
-    from .train.methods import RECIPES
+    from ..train.methods import RECIPES
 
     unknown = [m for m in cfg.methods if m not in RECIPES]
     if unknown:
-        from .train import ConfigError
+        from ..train import ConfigError
 
         raise ConfigError(f"methods: {unknown} are not known; choose from {sorted(RECIPES)}")
     folder = Path(cfg.output_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -149,3 +151,15 @@ def run_compare(cfg: CompareConfig, log=print) -> list[dict]:
     plot(rows, folder / "compare.png")
     log("\n" + table + f"\nwritten to {folder}")
     return rows
+
+
+def add_parser(subcommands) -> None:
+    parser = subcommands.add_parser("compare", help="train several methods on the same job and step budget; one "
+                                    "table of parameters, file size, memory, time and held-out scores, plus a plot")
+    add_options(parser, CompareConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    rows = run_compare(config_from_args(args, CompareConfig))
+    return 0 if all("error" not in r for r in rows) else 1

@@ -20,7 +20,7 @@ from .adapters.base import AdapterLayer, ModulesToSave, RowPlan, adapter_layers
 from .adapters.method import METHODS, method_for
 from .config import AdapterConfig, LoraConfig
 from .merge_report import MergeReport, measure_merge
-from .targeting import replace_module
+from .module_tree import replace_module
 
 _STATE_ATTR = "deltatune_state"
 
