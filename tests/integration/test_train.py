@@ -234,3 +234,23 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, setup):
     a = load_file(tmp_path / "big" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "accum" / "adapter" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_validation_loss_is_measured_about_ten_times_by_default(tmp_path, setup):
+    settings = {k: v for k, v in setup.items() if k != "eval_steps"}
+    _run(tmp_path, "curve", **{**settings, "max_steps": 20})
+    rows = [json.loads(line) for line in (tmp_path / "curve" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == list(range(0, 21, 2))
+    assert (tmp_path / "curve" / "loss.png").stat().st_size > 0
+
+
+def test_the_default_job_draws_its_validation_curve_from_eleven_points():
+    from deltatune.train.loop import DEFAULT_DATA, auto_eval_steps, planned_steps
+
+    cfg = load_config(None)
+    assert cfg.eval_steps == 0  # the automatic spacing
+    rows = len((DEFAULT_DATA / "train.jsonl").read_text().splitlines())
+    _, total = planned_steps(rows, cfg)
+    every = auto_eval_steps(total)
+    points = [0] + [s for s in range(1, total + 1) if s % every == 0 or s == total]
+    assert (rows, total, every, len(points)) == (160, 60, 6, 11)

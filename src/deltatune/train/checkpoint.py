@@ -13,13 +13,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..files import settle_files, staging_dir, write_atomically
 from ..io import save_adapter
 
 MARKER = "complete.json"
@@ -54,7 +54,7 @@ def save_checkpoint(output_dir: Path, step: int, model, trainer_state: dict, con
     """Write ``checkpoint-<step>`` atomically; keep the newest ``keep`` checkpoints."""
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".checkpoint-{step}."))
+    tmp = staging_dir(output_dir, prefix=f".checkpoint-{step}.")
     try:
         save_adapter(model, tmp / "adapter", name="default")  # the PEFT folder, for users
         # every trained tensor as it lives in the model (an AdaLoRA file holds only kept ranks)
@@ -63,13 +63,10 @@ def save_checkpoint(output_dir: Path, step: int, model, trainer_state: dict, con
         torch.save(trainer_state, tmp / STATE)
         (tmp / "config.yaml").write_text(config_text)
         files = {}
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in settle_files(tmp):
             files[str(f.relative_to(tmp))] = _sha256(f)
-        (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
-        with open(tmp / MARKER, "rb") as fh:
-            os.fsync(fh.fileno())
+        write_atomically(tmp / MARKER, lambda p: Path(p).write_text(json.dumps({"step": step, "files": files},
+                                                                                  indent=1)))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

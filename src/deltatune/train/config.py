@@ -77,7 +77,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     eval_steps: int = 0
-    """Evaluate the validation loss every N steps (0: at the end only)."""
+    """Evaluate the validation loss every N steps (0: about ten times over the run; always at step 0 and at the end)."""
     save_steps: int = 0
     """Write a resumable checkpoint every N steps (0: none until the end)."""
     logging_steps: int = 1

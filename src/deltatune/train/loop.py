@@ -35,6 +35,7 @@ from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .schedule import make_scheduler
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "datasets" / "velmar"
+EVAL_POINTS = 10  # validation evaluations over a run when eval_steps is 0 (besides step 0)
 
 
 def _wants_final_eval(cfg: TrainConfig, default_job: bool) -> bool:
@@ -80,6 +81,18 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def planned_steps(n_train_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps in the run) for ``n_train_rows`` rows."""
+    per_epoch = max(1, len(_batches_for_epoch(n_train_rows, cfg.batch_size, cfg.seed, 0, 0, world)) // cfg.grad_accum)
+    return per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def auto_eval_steps(total_steps: int) -> int:
+    """Steps between validation evaluations when none is set: about ``EVAL_POINTS`` over the run,
+    so the loss plot shows a curve, not a line from the first point to the last."""
+    return max(1, math.ceil(total_steps / EVAL_POINTS))
 
 
 def _rows(data, cfg: TrainConfig):
@@ -151,9 +164,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     train_rows, val_rows = _rows(data.train, cfg), _rows(data.validation, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    steps_per_epoch = max(1, len(_batches_for_epoch(len(train_rows), cfg.batch_size, cfg.seed, 0, 0, dist.world))
-                          // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = planned_steps(len(train_rows), cfg, dist.world)
+    eval_every = cfg.eval_steps or auto_eval_steps(total_steps)
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
     adapter_cfg = adapter_config(cfg, task_type, total_steps)
     add_adapter(model, adapter_cfg, "default")
@@ -223,7 +235,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         last_loss = dist.mean(step_loss)
         record = {"step": step, "epoch": round(micro / max(1, steps_per_epoch * cfg.grad_accum), 4),
                   "loss": last_loss, "lr": lr}
-        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == total_steps:
+        if step % eval_every == 0 or step == total_steps:
             eval_loss = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
             if eval_loss is not None:
                 record["eval_loss"] = eval_loss

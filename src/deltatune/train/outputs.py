@@ -79,10 +79,12 @@ def write_loss_curve(metrics: Path, png: Path) -> None:
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
     fig, ax = plt.subplots(figsize=(6, 4))
     trained = [r for r in rows if "loss" in r]
-    ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], label="train loss")
+    ax.plot([r["step"] for r in trained], [r["loss"] for r in trained], alpha=0.7, label="train loss (each step)")
     evals = [r for r in rows if "eval_loss" in r]
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="validation loss")
+        # markers show where validation loss was measured; the line between them is not data
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o--", markersize=5,
+                label=f"validation loss ({len(evals)} evaluations)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
