@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune import models
+from deltatune import loading
 from deltatune.cli.demo import FACTS, chat_batch, train_steps
 from tiny_models import tiny_model
 
@@ -18,7 +18,7 @@ def test_default_model_loads_and_lora_lowers_the_loss():
     elapsed = time.perf_counter() - start
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.hidden_size == 576
     assert tokenizer is not None and tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    assert models.describe_default()["cached"]
+    assert loading.describe_default()["cached"]
     print(f"default model load: {elapsed:.2f}s")
     dt.add_adapter(model, dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(0)
@@ -49,7 +49,7 @@ def test_clear_errors(tmp_path, monkeypatch):
 
 
 def test_gguf_file_loads_like_the_cached_default():
-    gguf = models.default_gguf_path()
+    gguf = loading.default_gguf_path()
     from_gguf, tokenizer = dt.load_model(gguf)
     cached, _ = dt.load_model()
     assert tokenizer is not None

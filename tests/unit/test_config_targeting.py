@@ -109,9 +109,9 @@ def test_long_target_lists_are_recorded_by_shortest_suffixes_like_peft():
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules="all-linear"))
     ours = copy.deepcopy(base)
     dt.add_adapter(ours, dt.LoraConfig(r=2, target_modules="all-linear"))
-    recorded = dt.model.get_state(ours).configs["default"].to_dict()["target_modules"]
+    recorded = dt.adapter_ops.get_state(ours).configs["default"].to_dict()["target_modules"]
     assert sorted(recorded) == sorted(theirs.peft_config["default"].target_modules) == ["k", "o", "q", "v", "wi", "wo"]
     full = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     listed = copy.deepcopy(base)
     dt.add_adapter(listed, dt.LoraConfig(r=2, target_modules=full))
-    assert sorted(dt.model.get_state(listed).configs["default"].to_dict()["target_modules"]) == sorted(recorded)
+    assert sorted(dt.adapter_ops.get_state(listed).configs["default"].to_dict()["target_modules"]) == sorted(recorded)

@@ -58,7 +58,7 @@ def test_quantized_merge_errors_within_bounds(tmp_path, quant_type, use_dora):
     report = dt.merge(exact, verbose=False)
     assert not report.requantized and report.within_float_rounding
     assert not quant.quantized_layers(exact) or all(
-        not isinstance(layer.base_layer, quant.QuantLinear) for _, layer in dt.model.adapter_layers(exact))
+        not isinstance(layer.base_layer, quant.QuantLinear) for _, layer in dt.adapter_ops.adapter_layers(exact))
 
     report = dt.merge(model, requantize=True, verbose=False)
     assert report.requantized

@@ -72,7 +72,7 @@ def test_gradients_equal_adapter_on_dequantized_weights(tmp_path, quant_type, us
     dt.add_adapter(quantized, dt.LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora, lora_dropout=0.2))
     randomize_adapter(quantized)
     plain = copy.deepcopy(quantized)
-    for _, layer in dt.model.adapter_layers(plain):
+    for _, layer in dt.adapter_ops.adapter_layers(plain):
         layer.base_layer = layer.base_layer.to_linear()
     assert not quant.quantized_layers(plain)
     ids = sample_ids()
