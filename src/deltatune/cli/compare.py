@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import write_atomically, write_text_atomically
 from .options import add_options, config_from_args
 
 DEFAULT_METHODS = ["lora", "dora", "loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck", "pfeiffer",
@@ -127,7 +128,7 @@ def plot(rows: list[dict], path: Path) -> None:
     right.barh(names, [r["exact_match"] or 0 for r in done])
     right.set_xlabel("held-out exact match")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomically(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -145,9 +146,9 @@ def run_compare(cfg: CompareConfig, log=print) -> list[dict]:
     rows: list[dict] = []
     for method in cfg.methods:
         rows.append(_run_one(cfg, method, folder / method, log))
-        (folder / "compare.json").write_text(json.dumps(rows, indent=2))  # partial results survive a stop
+        write_text_atomically(folder / "compare.json", json.dumps(rows, indent=2))  # partial results survive a stop
     table = markdown_table(rows)
-    (folder / "compare.md").write_text(table)
+    write_text_atomically(folder / "compare.md", table)
     plot(rows, folder / "compare.png")
     log("\n" + table + f"\nwritten to {folder}")
     return rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..files import write_atomically
+from ..files import write_atomically, write_text_atomically
 
 _LOWER_IS_BETTER = ("perplexity",)
 
@@ -13,12 +13,12 @@ _LOWER_IS_BETTER = ("perplexity",)
 def write_outputs(out: Path, metrics: dict[str, dict[str, float]], rows: list[dict], loss_curves: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r) + "\n" for r in rows)
-    write_atomically(out / "predictions.jsonl", lambda p: Path(p).write_text(text))
+    write_text_atomically(out / "predictions.jsonl", text)
     blob = json.dumps(metrics, indent=2)
-    write_atomically(out / "metrics.json", lambda p: Path(p).write_text(blob))
+    write_text_atomically(out / "metrics.json", blob)
     _bar_chart(metrics, out / "metrics.png")
     report = _markdown(metrics, rows, loss_curves)
-    write_atomically(out / "report.md", lambda p: Path(p).write_text(report))
+    write_text_atomically(out / "report.md", report)
 
 
 def table(metrics: dict[str, dict[str, float]]) -> str:
@@ -74,5 +74,5 @@ def _bar_chart(metrics: dict[str, dict[str, float]], png: Path) -> None:
     ax.set_ylabel("score")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png)
+    write_atomically(png, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..files import write_atomically
+from ..files import replace_folder_files
 from ..module_tree import replace_module
 from .convert import (
     QuantizeConfig, linear_weight, make_quant_linear, mark_quantized, quantizable_linears,
@@ -188,14 +188,13 @@ def _quant_layer_from_file(where: _Checkpoint, key: str, linear: nn.Module, quan
 
 def save_model(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None,
                dtype: Optional[torch.dtype] = None) -> Path:
-    """Write ``model`` as a Hugging Face folder (config + safetensors, each file atomically).
+    """Write ``model`` as a Hugging Face folder (weights, config, tokenizer), replaced as a unit.
 
     Quantized layers are written in bitsandbytes' layout with ``quantization_config`` in the
     config, so transformers + bitsandbytes and ``dt.load_model`` both read the folder.
     ``dtype`` casts the full-precision tensors (not the packed ones).
     """
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -211,20 +210,32 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None,
         if dtype is not None and value.is_floating_point() and not _is_quant_state_key(key):
             value = value.to(dtype)
         tensors[key] = value.detach().to("cpu").contiguous()
-    write_atomically(folder / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    files = {"model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"})}
     config = getattr(model, "config", None)
     if config is not None:
         if dtype is not None:
             config.dtype = dtype
-        text = config.to_json_string(use_diff=False)
-        write_atomically(folder / "config.json", lambda p: Path(p).write_text(text))
+        config_text = config.to_json_string(use_diff=False)
+        files["config.json"] = lambda p: Path(p).write_text(config_text)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
-        text = generation.to_json_string(use_diff=True)
-        write_atomically(folder / "generation_config.json", lambda p: Path(p).write_text(text))
+        generation_text = generation.to_json_string(use_diff=True)
+        files["generation_config.json"] = lambda p: Path(p).write_text(generation_text)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        files.update(_tokenizer_files(tokenizer))
+    replace_folder_files(folder, files)
     return folder
+
+
+def _tokenizer_files(tokenizer) -> dict:
+    """The tokenizer's files as writers for ``replace_folder_files`` (saved once to a scratch
+    folder and held in memory: they are small)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="deltatune-tokenizer-") as scratch:
+        tokenizer.save_pretrained(scratch)
+        contents = {p.name: p.read_bytes() for p in Path(scratch).iterdir() if p.is_file()}
+    return {name: (lambda target, data=data: Path(target).write_bytes(data)) for name, data in contents.items()}
 
 
 def _names_of(model: nn.Module, module: nn.Module) -> set[str]:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..files import settle_files, staging_dir, write_atomically
+from ..files import install_folder, settle_files, staging_dir, write_atomically
 from ..io import save_adapter
 
 MARKER = "complete.json"
@@ -67,9 +67,7 @@ def save_checkpoint(output_dir: Path, step: int, model, trainer_state: dict, con
             files[str(f.relative_to(tmp))] = _sha256(f)
         write_atomically(tmp / MARKER, lambda p: Path(p).write_text(json.dumps({"step": step, "files": files},
                                                                                   indent=1)))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        install_folder(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

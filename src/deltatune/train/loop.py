@@ -23,6 +23,7 @@ import yaml
 from ..adapters.method import method_for
 from ..data import collate, pack, prepare_data
 from ..evaluate.generation import loss_sums
+from ..files import write_text_atomically
 from ..io import save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
@@ -47,11 +48,9 @@ def _wants_final_eval(cfg: TrainConfig, default_job: bool) -> bool:
 def _final_eval(model, tokenizer, cfg: TrainConfig, data, output_dir: Path, log) -> dict:
     """``deltatune eval`` on the validation records: base against the adapter just trained."""
     from ..evaluate import EvalConfig, run_eval
-    from ..files import write_atomically
-
     records = output_dir / "validation.jsonl"
     text = "".join(json.dumps(r) + "\n" for r in data.validation_records)
-    write_atomically(records, lambda p: Path(p).write_text(text))
+    write_text_atomically(records, text)
     eval_cfg = EvalConfig(data=str(records), output_dir=str(output_dir / "eval"), batch_size=cfg.batch_size,
                           max_new_tokens=cfg.eval_max_new_tokens, chat_template=cfg.data.chat_template)
     return run_eval(eval_cfg, model=model, tokenizer=tokenizer, log=log, loss_curve=output_dir / "loss.png")
@@ -140,14 +139,14 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     """Run training as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
     dist = Distributed.setup()
     started = time.perf_counter()
-    output_dir = prepare_output_dir(cfg, dist.is_main, name_from_main=dist.broadcast)
+    recipe_for(cfg)  # an unknown method fails before the model loads or anything is moved
+    output_dir = prepare_output_dir(cfg, dist.is_main, name_from_main=dist.broadcast, log=log)
     dist.barrier()
     resume_from = None
     if cfg.resume:
         resume_from = latest_valid(output_dir, log=log if dist.is_main else (lambda *_: None))
         if resume_from is None:
             raise ConfigError(f"--resume: no valid checkpoint to resume in {output_dir}")
-    recipe_for(cfg)  # an unknown method fails before the model loads
 
     _seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
@@ -199,7 +198,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if initial_eval is not None:
             metrics.write({"step": 0, "eval_loss": initial_eval})
     if dist.is_main:
-        (output_dir / "config.yaml").write_text(config_text)
+        write_text_atomically(output_dir / "config.yaml", config_text)
 
     from tqdm.auto import tqdm
 
@@ -284,7 +283,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples}
         if _wants_final_eval(cfg, default_job) and data.validation_records:
             summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomically(output_dir / "summary.json", json.dumps(summary, indent=2))
         log("\n".join(["", "summary:"] + [f"  {k}: {v}" for k, v in summary.items() if k != "evaluation"]))
     dist.barrier()
     dist.shutdown()

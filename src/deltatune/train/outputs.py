@@ -6,11 +6,14 @@ import json
 import time
 from pathlib import Path
 
+from ..files import write_atomically, write_text_atomically
 from .config import ConfigError, TrainConfig
 
 
-def prepare_output_dir(cfg: TrainConfig, is_main: bool, name_from_main=None) -> Path:
-    """The run folder. A non-empty folder is refused unless resuming or overwriting, so nothing is lost."""
+def prepare_output_dir(cfg: TrainConfig, is_main: bool, name_from_main=None, log=print) -> Path:
+    """The run folder. A non-empty folder is refused unless resuming or overwriting; overwriting
+    moves the earlier run aside whole (saying where) before anything is written, so neither a
+    resume nor a reader can take its checkpoints, adapter or metrics for the new run's."""
     if cfg.output_dir:
         folder = Path(cfg.output_dir)
     else:
@@ -24,11 +27,26 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool, name_from_main=None) -> 
     if occupied and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"output_dir {folder} is not empty; pass --resume to continue its run or --overwrite "
                           "to write into it anyway")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
     if cfg.resume and not folder.is_dir():
         raise ConfigError(f"--resume: {folder} does not exist, so there is nothing to resume")
     if is_main:
+        if occupied and cfg.overwrite:
+            aside = _free_name(folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+            folder.rename(aside)
+            log(f"--overwrite: moved the earlier run in {folder} to {aside}")
         folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``... whichever does not exist yet."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 class MetricsLog:
@@ -44,7 +62,7 @@ class MetricsLog:
         if active and path.is_file():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text_atomically(path, "".join(line + "\n" for line in kept))
         if active:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -90,5 +108,5 @@ def write_loss_curve(metrics: Path, png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
+    write_atomically(png, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
