@@ -121,21 +121,27 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes exactly what the base model computes."""
+    """Within the block the model computes exactly what the base model computes.
+
+    Merged layers are unmerged for the block and afterwards get their merged state back as it
+    was (the same tensors, quantized bytes and flags), not merged again. ``dt.unmerge`` inside
+    the block keeps the model unmerged; ``dt.merge`` and deleting a merged adapter are refused.
+    """
     layers = [layer for _, layer in adapter_layers(model)]
-    merged = {id(layer): list(getattr(layer, "merged_adapters", [])) for layer in layers}
-    for layer in layers:
-        if merged[id(layer)]:
-            layer.unmerge()
-        layer.disabled = True
+    was_disabled = [layer.disabled for layer in layers]
+    set_aside: list[AdapterLayer] = []  # only these are restored: a nested block leaves the outer one's alone
     try:
+        for layer in layers:
+            if isinstance(layer, AdapterLayer) and layer.merged_adapters:
+                layer.set_merge_aside()
+                set_aside.append(layer)
+            layer.disabled = True
         yield model
     finally:
-        shared = _shared_parameter_ids(model)
-        for layer in layers:
-            layer.disabled = False
-            if merged[id(layer)]:
-                layer.merge(merged[id(layer)], untie=_is_shared(layer, shared), requantize=layer.merge_requantized)
+        for layer in set_aside:
+            layer.restore_merge()
+        for layer, flag in zip(layers, was_disabled):
+            layer.disabled = flag
 
 
 @contextlib.contextmanager
@@ -176,11 +182,12 @@ def merge(model: nn.Module, names: Optional[Sequence[str]] = None, *, requantize
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {sorted(state.configs)}")
-    _check_mergeable(state, names)
+    _check_mergeable(model, state, names)
     return measure_merge(model, lambda: _merge_layers(model, names, requantize), tokenizer, requantize, verbose)
 
 
-def _check_mergeable(state: AdapterState, names: Sequence[str]) -> None:
+def _check_mergeable(model: nn.Module, state: AdapterState, names: Sequence[str]) -> None:
+    """Refuse a merge before any layer changes (the layers check again, as a last guard)."""
     for n in names:
         config = state.configs[n]
         if not config.mergeable:
@@ -190,6 +197,16 @@ def _check_mergeable(state: AdapterState, names: Sequence[str]) -> None:
                    ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") else "its update is not linear in the input")
                 + "; keep it as an adapter, or use dt.unload(model, merge=False) for the base model"
             )
+    for key, layer in adapter_layers(model):
+        if not isinstance(layer, AdapterLayer):
+            continue
+        if layer.merge_set_aside:
+            raise RuntimeError("cannot merge inside dt.disable_adapters (the merged adapters are set aside "
+                               "until the block ends); merge after the block")
+        for n in names:
+            problem = n in layer.adapter_names and n not in layer.merged_adapters and layer.merge_problem(n)
+            if problem:
+                raise ValueError(f"adapter {n!r} cannot be merged into {key}: {problem}")
 
 
 def _merge_layers(model: nn.Module, names: Sequence[str], requantize: bool = False) -> None:
@@ -231,7 +248,7 @@ def unload(model: nn.Module, merge: bool = True, *, requantize: bool = False, to
     """
     state = get_state(model)
     if merge:
-        _check_mergeable(state, state.active)
+        _check_mergeable(model, state, state.active)
     if merge and _has_unmerged(model, state.active):
         measure_merge(model, lambda: _merge_layers(model, state.active, requantize), tokenizer, requantize,
                       verbose)
@@ -272,6 +289,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     state = get_state(model)
     if name not in state.configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+    merged = [key for key, layer in adapter_layers(model)
+              if isinstance(layer, AdapterLayer) and layer.holds_merged(name)]
+    if merged:  # refused before any layer changes, so the model is never left half deleted
+        raise RuntimeError(f"adapter {name!r} is merged into {len(merged)} layer(s) ({merged[0]}, ...); "
+                           "call dt.unmerge(model) first (after any dt.disable_adapters block)")
     _remove_from_layers(model, name)
     METHODS[state.configs[name].peft_type].remove(model, name)
     del state.configs[name]

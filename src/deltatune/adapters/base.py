@@ -9,6 +9,7 @@ layout, so state-dict keys map to PEFT's by a rename). The model-level functions
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -49,6 +50,32 @@ class RowPlan:
         return self._cache[key]
 
 
+@dataclass
+class _SetAsideMerge:
+    """A layer's merged state while ``dt.disable_adapters`` has the layer unmerged.
+
+    Kept to be put back as it was, not merged again: re-merging would not give the same bytes
+    back (several merge steps round in between; re-quantizing rounds again).
+    """
+
+    adapters: list[str]
+    requantized: bool
+    # Quantized base: the merged layer and the original it replaced (held, not copied).
+    merged_layer: Optional[nn.Module] = None
+    original_quant: Optional[tuple[QuantLinear]] = None
+    # Full-precision base: CPU copies of the merged tensors (unmerge overwrites them in place),
+    # the unmerged copies, and the private weight of a tied base.
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    original_weight: Optional[torch.Tensor] = None
+    original_bias: Optional[torch.Tensor] = None
+    private_weight: Optional[nn.Parameter] = None
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return module.device if isinstance(module, QuantLinear) else module.weight.device
+
+
 class AdapterLayer(AddedModule):
     """Base for layers that wrap ``base_layer`` and hold named adapters.
 
@@ -78,6 +105,7 @@ class AdapterLayer(AddedModule):
         # registered submodule (it must not appear in state dicts or module walks).
         self._original_quant: Optional[tuple[QuantLinear]] = None
         self.merge_requantized = False
+        self._set_aside: Optional[_SetAsideMerge] = None
 
     # ----- bookkeeping -------------------------------------------------------------------
     @property
@@ -104,8 +132,12 @@ class AdapterLayer(AddedModule):
             else:
                 yield from item.parameters()
 
+    def holds_merged(self, name: str) -> bool:
+        """Adapter ``name`` is merged into the base weight, or set aside by ``dt.disable_adapters``."""
+        return name in self.merged_adapters or (self._set_aside is not None and name in self._set_aside.adapters)
+
     def delete_adapter(self, name: str) -> None:
-        if name in self.merged_adapters:
+        if self.holds_merged(name):
             raise RuntimeError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; unmerge first")
         for attr in self.adapter_dict_names:
             holder = getattr(self, attr)
@@ -170,6 +202,21 @@ class AdapterLayer(AddedModule):
     def merge_bias_into(self, name: str, bias: torch.Tensor) -> torch.Tensor:
         return bias
 
+    def merge_step(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   original_weight: torch.Tensor, original_bias: Optional[torch.Tensor],
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weight, bias)`` (float32, stored layout) with adapter ``name`` folded in.
+
+        ``original_*`` are the unmerged base tensors; methods whose bias update depends on the
+        weight (DoRA) override this, the others implement ``merge_into``/``merge_bias_into``.
+        """
+        weight = self.merge_into(name, weight, original_weight)
+        return weight, None if bias is None else self.merge_bias_into(name, bias)
+
+    def merge_problem(self, name: str) -> Optional[str]:
+        """Why adapter ``name`` cannot be merged into this layer, or ``None`` when it can."""
+        return None
+
     def merge(self, names: Sequence[str], untie: bool = False, requantize: bool = False) -> None:
         """Fold the named adapters into the base weight, in order, exactly as forward applies them.
 
@@ -177,9 +224,16 @@ class AdapterLayer(AddedModule):
         ``requantize``: for a quantized base, store the merged weight quantized again (lossy)
         rather than in full precision.
         """
+        if self._set_aside is not None:
+            raise RuntimeError("cannot merge inside dt.disable_adapters (the merged adapters are set aside "
+                               "until the block ends); merge after the block")
         names = [n for n in names if n in self.adapter_names and n not in self.merged_adapters]
         if not names:
             return
+        for name in names:
+            problem = self.merge_problem(name)
+            if problem:
+                raise ValueError(f"adapter {name!r} cannot be merged: {problem}")
         if self.quantized or self._original_quant is not None:
             self._merge_quantized(names, requantize)
             return
@@ -192,13 +246,15 @@ class AdapterLayer(AddedModule):
             self._original_weight = weight.detach().to("cpu", copy=True)
             self._original_bias = None if bias is None else bias.detach().to("cpu", copy=True)
         original = self._original_weight.to(weight.device, torch.float32)
+        original_bias = None if self._original_bias is None else self._original_bias.to(weight.device, torch.float32)
         with torch.no_grad():
             current = weight.detach().float()
+            current_bias = None if bias is None else bias.detach().float()
             for name in names:
-                current = self.merge_into(name, current, original)
-                if bias is not None:
-                    bias.data.copy_(self.merge_bias_into(name, bias.detach().float()).to(bias.dtype))
+                current, current_bias = self.merge_step(name, current, current_bias, original, original_bias)
             weight.data.copy_(current.to(weight.dtype))
+            if bias is not None:
+                bias.data.copy_(current_bias.to(bias.dtype))
         self.merged_adapters.extend(names)
 
     def _merge_quantized(self, names: Sequence[str], requantize: bool) -> None:
@@ -207,14 +263,13 @@ class AdapterLayer(AddedModule):
             self._original_quant = (self.base_layer,)
         original = self._original_quant[0]
         reference = original.dequantize(torch.float32)
+        reference_bias = None if original.bias is None else original.bias.detach().float()
         current = self.base_layer
         weight = current.dequantize(torch.float32) if isinstance(current, QuantLinear) else current.weight.float()
         bias = None if current.bias is None else current.bias.detach().float()
         with torch.no_grad():
             for name in names:
-                weight = self.merge_into(name, weight, reference)
-                if bias is not None:
-                    bias = self.merge_bias_into(name, bias)
+                weight, bias = self.merge_step(name, weight, bias, reference, reference_bias)
         if requantize:
             self.base_layer = original.requantized(weight, bias)
         else:
@@ -228,11 +283,10 @@ class AdapterLayer(AddedModule):
 
     def unmerge(self) -> None:
         """Restore the base weight (and bias) exactly as they were before the first merge."""
+        self._set_aside = None  # inside dt.disable_adapters the layer is unmerged already: it stays so
         if self._original_quant is not None:
             original = self._original_quant[0]
-            current = self.base_layer
-            device = current.device if isinstance(current, QuantLinear) else current.weight.device
-            self.base_layer = original.to(device)  # follows the model if it moved while merged
+            self.base_layer = original.to(_device_of(self.base_layer))  # follows the model if it moved while merged
             self._original_quant = None
             self.merge_requantized = False
             self.merged_adapters = []
@@ -254,6 +308,55 @@ class AdapterLayer(AddedModule):
     @property
     def untied_for_merge(self) -> bool:
         return self._tied_weight is not None
+
+    # ----- setting a merge aside (dt.disable_adapters) -------------------------------------
+    def set_merge_aside(self) -> None:
+        """Unmerge for a while; ``restore_merge`` puts the merged state back exactly as it was.
+
+        A quantized base keeps its merged layer aside (no copy); a full-precision base copies
+        its merged weight and bias to the CPU, as the unmerged originals are kept.
+        """
+        if not self.merged_adapters or self._set_aside is not None:
+            return
+        aside = _SetAsideMerge(list(self.merged_adapters), self.merge_requantized)
+        if self._original_quant is not None:
+            aside.merged_layer, aside.original_quant = self.base_layer, self._original_quant
+        else:
+            bias = getattr(self.base_layer, "bias", None)
+            aside.weight = self.base_layer.weight.detach().to("cpu", copy=True)
+            aside.bias = None if bias is None else bias.detach().to("cpu", copy=True)
+            aside.original_weight, aside.original_bias = self._original_weight, self._original_bias
+            if self._tied_weight is not None:
+                aside.private_weight = self.base_layer.weight
+        self.unmerge()
+        self._set_aside = aside
+
+    def restore_merge(self) -> None:
+        """Undo ``set_merge_aside``: the same tensors, layers and flags as before it."""
+        aside, self._set_aside = self._set_aside, None
+        if aside is None:  # nothing set aside, or unmerged meanwhile (which stands)
+            return
+        device = _device_of(self.base_layer)  # follow the model if it moved meanwhile
+        if aside.merged_layer is not None:
+            self.base_layer = aside.merged_layer.to(device)
+            self._original_quant = aside.original_quant
+        else:
+            if aside.private_weight is not None:
+                self._tied_weight = self.base_layer.weight
+                aside.private_weight.data = aside.private_weight.data.to(device)
+                self.base_layer.weight = aside.private_weight
+            with torch.no_grad():
+                self.base_layer.weight.data.copy_(aside.weight)
+                if aside.bias is not None:
+                    self.base_layer.bias.data.copy_(aside.bias)
+            self._original_weight, self._original_bias = aside.original_weight, aside.original_bias
+        self.merged_adapters = list(aside.adapters)
+        self.merge_requantized = aside.requantized
+
+    @property
+    def merge_set_aside(self) -> bool:
+        """``dt.disable_adapters`` has this layer's merge set aside for its block."""
+        return self._set_aside is not None
 
 
 class AdapterContainer(AddedModule):

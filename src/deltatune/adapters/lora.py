@@ -11,7 +11,7 @@ Tensors are kept under PEFT's attribute names (``lora_A``, ``lora_B``, ``lora_em
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -114,13 +114,24 @@ class LoraLayer(LinearAdapterLayer):
         raise NotImplementedError
 
     # ----- merging -----------------------------------------------------------------------
-    def merge_into(self, name: str, weight: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    def merge_step(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   original_weight: torch.Tensor, original_bias: Optional[torch.Tensor],
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         delta = self.delta_weight(name).to(weight.device)
         current = self.canonical(weight)
-        if name in self.lora_magnitude_vector:
-            factor = self._dora_factor(name, self.canonical(original), delta).float()
-            return self.canonical(factor.view(-1, 1) * (current + delta))
-        return self.canonical(current + delta)
+        if bias is not None:
+            bias = self.merge_bias_into(name, bias)
+        if name not in self.lora_magnitude_vector:
+            return self.canonical(current + delta), bias
+        factor = self._dora_factor(name, self.canonical(original_weight), delta).float()
+        if bias is not None:
+            # DoRA rescales the output less the base layer's own bias (``apply``), so LoRA biases
+            # merged before it are rescaled too, and the original bias is not.
+            bias = original_bias + factor * (bias - original_bias)
+        return self.canonical(factor.view(-1, 1) * (current + delta)), bias
+
+    def merge_into(self, name: str, weight: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+        return self.merge_step(name, weight, None, original, None)[0]
 
     def _dora_factor(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         magnitude = self.lora_magnitude_vector[name].weight
@@ -213,9 +224,14 @@ class LoraLinear(LoraLayer):
         B = self.lora_B[name]
         if B.bias is None:
             return bias
-        if name in self.lora_magnitude_vector:
-            raise NotImplementedError("merging DoRA with lora_bias=True is not supported")
         return bias + B.bias.detach().float() * self.scaling[name]
+
+    def merge_problem(self, name: str) -> Optional[str]:
+        if self.lora_B[name].bias is not None and self.bias is None:
+            # Merging would need a bias the base model does not have (PEFT refuses it too).
+            return ("it has a LoRA bias (lora_bias=True) but the base layer has no bias to merge it into; "
+                    "keep the adapter unmerged")
+        return None
 
 
 class LoraEmbedding(LoraLayer):

@@ -84,3 +84,7 @@ class LoraConfig(TargetedConfig):
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("LoraConfig.layers_pattern is only meaningful together with layers_to_transform")
+        if self.use_dora and self.lora_bias:
+            # PEFT refuses this combination, so such an adapter could not be shared as a PEFT file.
+            raise ValueError("LoraConfig: lora_bias=True cannot be combined with use_dora=True (PEFT refuses it "
+                             "too); set lora_bias=False to train DoRA, or use_dora=False to train a LoRA bias")
