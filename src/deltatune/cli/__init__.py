@@ -3,6 +3,7 @@ from config dataclasses through ``options`` (field docstrings become ``--help``)
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -10,6 +11,11 @@ from . import compare, demo, eval, info, merge, train
 from .options import Parser, parse
 
 SUBCOMMANDS = (demo, train, eval, merge, compare, info)
+
+# What deltatune raises for input it cannot use (ConfigError and DataError are ValueErrors);
+# set DELTATUNE_TRACEBACK=1 to see the traceback instead of the one line.
+BAD_INPUT = (ValueError, FileNotFoundError, ModuleNotFoundError, NotImplementedError, PermissionError,
+             IsADirectoryError, NotADirectoryError)
 
 
 def build_parser() -> Parser:
@@ -26,12 +32,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 0
-    from ..data import DataError
-    from ..train import ConfigError
-
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ModuleNotFoundError) as err:
+    except BAD_INPUT as err:
+        if os.environ.get("DELTATUNE_TRACEBACK"):
+            raise
         # Bad input: one clear line instead of a traceback (nothing already written is touched).
-        print(f"deltatune {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"deltatune {args.command}: error: {message}", file=sys.stderr)
         return 2

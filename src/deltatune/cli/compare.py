@@ -141,6 +141,9 @@ def run_compare(cfg: CompareConfig, log=print) -> list[dict]:
         from ..train import ConfigError
 
         raise ConfigError(f"methods: {unknown} are not known; choose from {sorted(RECIPES)}")
+    for name in ("max_steps", "batch_size"):
+        if getattr(cfg, name) < (1 if name == "max_steps" else 0):
+            raise ValueError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} is too small")
     folder = Path(cfg.output_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     folder.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -17,6 +17,7 @@ from ..adapter_ops import add_adapter, disable_adapters, print_trainable_paramet
 from ..config import LoraConfig
 from ..io import load_adapter, save_adapter
 from ..loading import load_model
+from ..quant.convert import QUANT_TYPES
 from .options import add_options, config_from_args
 
 # Made-up facts the base model cannot know, so the gain is visible.
@@ -91,6 +92,11 @@ def answer(model, tokenizer, question: str, max_new_tokens: int) -> str:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the demo and return its measured figures."""
+    for name in ("steps", "rank", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be at least 1")
+    if cfg.quantize and cfg.quantize not in QUANT_TYPES:
+        raise ValueError(f"--quantize: {cfg.quantize!r} is not one of {', '.join(QUANT_TYPES)}")
     torch.manual_seed(0)
     start = time.perf_counter()
     quantize = cfg.quantize or None

@@ -34,13 +34,17 @@ def run_merge(cfg: MergeConfig) -> dict:
     from ..adapter_ops import merge, unload
     from ..io import load_adapter
     from ..loading import _parse_dtype, load_model
-    from ..quant.convert import dequantize_model
+    from ..quant.convert import QUANT_TYPES, dequantize_model
     from ..quant.loading import save_model
 
     if not cfg.adapter:
-        raise ValueError("deltatune merge needs --adapter FOLDER")
+        raise ValueError("--adapter FOLDER is required: the adapter to merge into its base")
     if cfg.requantize and not cfg.quantize:
         raise ValueError("--requantize needs a quantized base: add --quantize nf4|fp4|int8")
+    if not Path(cfg.adapter).is_dir():
+        raise FileNotFoundError(f"--adapter {cfg.adapter} is not a folder")
+    if cfg.quantize and cfg.quantize not in QUANT_TYPES:
+        raise ValueError(f"--quantize: {cfg.quantize!r} is not one of {', '.join(QUANT_TYPES)}")
     dtype = _parse_dtype(cfg.dtype)
     model, tokenizer = load_model(cfg.base or None, dtype=torch.float32, quantize=cfg.quantize or None)
     load_adapter(model, cfg.adapter, name="default")

@@ -35,7 +35,8 @@ class Parser(argparse.ArgumentParser):
         hints = [hint for flag in unknown if (hint := self.closest_flag(flag))]
         if hints:
             message += "; did you mean " + ", ".join(hints) + "?"
-        super().error(message)
+        # one line, as every other bad input gets (the usage block is in --help)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def closest_flag(self, flag: str) -> Optional[str]:
         """The known flag nearest to ``flag`` in spelling, or None when nothing is close."""

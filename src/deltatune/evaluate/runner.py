@@ -17,6 +17,7 @@ from ..data import DataConfig, DataError
 from ..io import load_adapter
 from ..adapter_ops import delete_adapter, disable_adapters, set_adapter
 from ..loading import load_model
+from ..quant.convert import QUANT_TYPES
 from . import metrics as text_metrics
 from .examples import load_eval_examples
 from .generation import choice_accuracy, generate, perplexity
@@ -64,7 +65,8 @@ def _adapter_dir(path: Path) -> tuple[Path, Optional[Path]]:
     if (path / "adapter" / "adapter_config.json").is_file():
         curve = path / "loss.png"
         return path / "adapter", curve if curve.is_file() else None
-    raise FileNotFoundError(f"{path} holds no adapter: expected adapter_config.json there or in {path}/adapter")
+    raise FileNotFoundError(f"--adapter {path} holds no adapter: expected adapter_config.json there or in "
+                            f"{path}/adapter")
 
 
 def _name_for(path: Path, taken: set[str]) -> str:
@@ -75,12 +77,34 @@ def _name_for(path: Path, taken: set[str]) -> str:
     return name
 
 
+def check_eval_settings(cfg: EvalConfig, loading: bool = True) -> None:
+    """Refuse settings no evaluation can use, before a model loads."""
+    if not cfg.data:
+        raise DataError("--data FILE is required: the held-out records to generate for")
+    if not Path(cfg.data).exists():
+        raise DataError(f"--data: {cfg.data} does not exist")
+    unknown = [m for m in cfg.metrics if m not in text_metrics.METRICS]
+    if unknown:
+        raise DataError(f"--metrics: {unknown} not known; choose from {list(text_metrics.METRICS)}")
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be at least 1")
+    if cfg.limit < 0:
+        raise DataError(f"--limit: {cfg.limit} must be 0 (all) or more")
+    if cfg.quantize and cfg.quantize not in QUANT_TYPES:
+        raise DataError(f"--quantize: {cfg.quantize!r} is not one of {', '.join(QUANT_TYPES)}")
+    if loading:
+        for raw in cfg.adapters:
+            _adapter_dir(Path(raw))  # a folder without an adapter fails now, not after loading
+
+
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve: Optional[Path] = None) -> dict:
     """Evaluate base and adapters; write the outputs; return ``{model: {metric: value}}``.
 
     ``model``/``tokenizer``: evaluate an already loaded model (training does this); its
     adapters are then the ones it has.
     """
+    check_eval_settings(cfg, loading=model is None)
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     curves: list[Path] = []
@@ -108,8 +132,6 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve:
             curves.append(Path(loss_curve))
     if tokenizer is None:
         raise DataError("evaluation needs a tokenizer; the model folder has none")
-    if not cfg.data:
-        raise DataError("deltatune eval needs --data FILE")
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     examples = load_eval_examples(cfg.data, tokenizer, DataConfig(chat_template=cfg.chat_template), seq2seq,
                                   cfg.limit)

@@ -27,6 +27,7 @@ from ..files import write_text_atomically
 from ..io import save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
+from .checks import check_settings
 from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, to_dict
 from .methods import adapter_config, learning_rate, recipe_for
@@ -40,8 +41,6 @@ EVAL_POINTS = 10  # validation evaluations over a run when eval_steps is 0 (besi
 
 
 def _wants_final_eval(cfg: TrainConfig, default_job: bool) -> bool:
-    if cfg.final_eval not in ("auto", "on", "off"):
-        raise ConfigError(f"final_eval {cfg.final_eval!r}: use on, off or auto")
     return cfg.final_eval == "on" or (cfg.final_eval == "auto" and default_job)
 
 
@@ -139,7 +138,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     """Run training as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
     dist = Distributed.setup()
     started = time.perf_counter()
-    recipe_for(cfg)  # an unknown method fails before the model loads or anything is moved
+    check_settings(cfg)  # bad settings fail before the model loads or anything is moved
+    recipe_for(cfg)
     output_dir = prepare_output_dir(cfg, dist.is_main, name_from_main=dist.broadcast, log=log)
     dist.barrier()
     resume_from = None

@@ -27,8 +27,6 @@ def prepare_output_dir(cfg: TrainConfig, is_main: bool, name_from_main=None, log
     if occupied and not (cfg.resume or cfg.overwrite):
         raise ConfigError(f"output_dir {folder} is not empty; pass --resume to continue its run or --overwrite "
                           "to write into it anyway")
-    if cfg.resume and cfg.overwrite:
-        raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
     if cfg.resume and not folder.is_dir():
         raise ConfigError(f"--resume: {folder} does not exist, so there is nothing to resume")
     if is_main:

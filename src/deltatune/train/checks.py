@@ -1,0 +1,61 @@
+"""Settings checked before any work: a bad value stops ``deltatune train`` with one line that
+names the setting and what it accepts, before a model loads or a folder is touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.formats import FORMATS
+from ..quant.convert import QUANT_TYPES
+from .config import ConfigError, TrainConfig
+from .methods import adapter_config
+from .optimizers import OPTIMIZERS
+from .schedule import SCHEDULES
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+FINAL_EVAL = ("auto", "on", "off")
+
+
+def _one_of(name: str, value: str, choices) -> None:
+    if value not in choices:
+        shown = ", ".join(c or "'' (none)" for c in choices)
+        raise ConfigError(f"{name}: {value!r} is not one of {shown}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{name}: {value!r} must be at least {low}")
+
+
+def _fraction(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name}: {value!r} must be in [0, 1)")
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    """Refuse settings no run can use; method-specific fields are checked by the method's config."""
+    _one_of("quantize", cfg.quantize, ("", *QUANT_TYPES))
+    _one_of("precision", cfg.precision, PRECISIONS)
+    _one_of("schedule", cfg.schedule, SCHEDULES)
+    _one_of("optimizer", cfg.optimizer, OPTIMIZERS)
+    _one_of("final_eval", cfg.final_eval, FINAL_EVAL)
+    _one_of("data.format", cfg.data.format, ("auto", *FORMATS))
+    for name in ("batch_size", "grad_accum", "logging_steps", "data.max_seq_len", "lora.r"):
+        group, _, field = name.rpartition(".")
+        _at_least(name, getattr(getattr(cfg, group) if group else cfg, field), 1)
+    for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "early_stopping_patience", "lr",
+                 "weight_decay", "max_grad_norm", "eval_max_new_tokens"):
+        _at_least(name, getattr(cfg, name), 0)
+    if cfg.epochs <= 0:
+        raise ConfigError(f"epochs: {cfg.epochs!r} must be above 0")
+    _fraction("lora.lora_dropout", cfg.lora.lora_dropout)
+    _fraction("data.validation_fraction", cfg.data.validation_fraction)
+    for name, path in (("model", cfg.model), ("data.path", cfg.data.path),
+                       ("data.validation_path", cfg.data.validation_path)):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{name}: {path} does not exist")
+    # The method's config checks its own fields; the run's length is not known yet, so AdaLoRA's
+    # schedule is checked against a long nominal run here and against the real one later.
+    adapter_config(cfg, "CAUSAL_LM", total_steps=10**6)
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
