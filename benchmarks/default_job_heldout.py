@@ -1,7 +1,7 @@
 """Held-out answers of the default training job: base model against the trained adapter.
 
-Asks every validation question of the shipped Velmar dataset (animals never seen in
-training) with greedy decoding and counts answers that name the right Velmar order.
+Asks every test question of the shipped Velmar dataset (animals in neither training nor
+validation) with greedy decoding and counts answers that name the right Velmar order.
 
     deltatune train --output-dir runs/default
     python benchmarks/default_job_heldout.py runs/default/adapter
@@ -17,7 +17,7 @@ import torch
 
 import deltatune as dt
 
-DATA = Path(dt.__file__).parent / "datasets" / "velmar" / "validation.jsonl"
+DATA = Path(dt.__file__).parent / "datasets" / "velmar" / "test.jsonl"
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ import json
 import subprocess
 import sys
 
+from tables import load_memory_table  # benchmarks/tables.py: the table docs/quantization.md shows
+
 CHILD = r"""
 import json, resource, time, sys
 import torch, transformers, deltatune as dt
@@ -78,11 +80,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print("MiB above the process before loading (imports done and warmed up on a tiny Llama):")
-    print(f"{'mode':10} {'weights':>8} {'load peak':>10} {'resident':>9} {'+forward':>9} {'bits/param':>10} {'load s':>7}")
-    for r in rows:
-        print(f"{r['mode']:10} {r['weights_mib']:8.1f} {r['load_peak_increase_mib']:10.0f} "
-              f"{r['resident_increase_mib']:9.0f} {r['forward_peak_increase_mib']:9.0f} "
-              f"{r['bits_per_quantized_parameter']:10.3f} {r['seconds']:7.1f}")
+    print(load_memory_table(rows), flush=True)  # flushed: a test reads the JSON after it from stdout
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

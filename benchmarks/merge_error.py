@@ -21,6 +21,7 @@ import torch
 import deltatune as dt
 from deltatune.cli.demo import FACTS, chat_batch, train_steps
 from deltatune.merge_report import probe_ids
+from tables import merge_error_table  # benchmarks/tables.py: the table docs/quantization.md shows
 
 
 def main() -> None:
@@ -46,6 +47,7 @@ def main() -> None:
             rows.append({"base": mode, "requantize": requantize, "base_quantization_error": base_error,
                          **asdict(report)})
             print(f"{mode:5} requantize={requantize!s:5} base-quant max|Δ| {base_error:8.4f}  {report}")
+    print("\n" + merge_error_table(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -21,6 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
+from tables import side_by_side_table  # benchmarks/tables.py: the table docs/measured.md shows
 
 
 def make_base(small: bool, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -180,16 +181,16 @@ def main() -> None:
         cases["QDoRA (NF4) r=16 train step"] = bench_qlora(base, ids, args.rank, True, args)
     print(f"\ndevice: {device_name}; dtype {dtype}; batch {args.batch} x {args.seq} tokens; "
           f"{sum(p.numel() for p in base.parameters()) / 1e9:.2f}B-parameter Llama shape")
-    print(f"{'case':45s} {'PEFT tok/s':>11s} {'dt tok/s':>11s} {'speed-up':>9s} {'PEFT GiB':>9s} {'dt GiB':>8s}")
     table = {}
     for case, res in cases.items():
         (tp, mp), (td, md) = res["peft"], res["deltatune"]
         table[case] = {"peft_tokens_per_s": tokens / tp, "deltatune_tokens_per_s": tokens / td,
                        "speedup": tp / td, "peft_peak_gib": mp, "deltatune_peak_gib": md}
-        print(f"{case:45s} {tokens / tp:11.0f} {tokens / td:11.0f} {tp / td:8.2f}x {mp:9.2f} {md:8.2f}")
+    results = {"device": device_name, "batch": args.batch, "seq": args.seq, "cases": table}
+    print(side_by_side_table(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name, "batch": args.batch, "seq": args.seq, "cases": table}, f, indent=2)
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -220,8 +220,12 @@ def test_default_model_and_data_end_to_end(tmp_path):
     """The default job's path, shortened: embedded model, shipped Velmar data, 3 steps."""
     summary = _run(tmp_path, "default", max_steps=3, batch_size=4, lr=1e-3, eval_max_new_tokens=6, eval_steps=3)
     assert summary["train_examples"] == 160 and summary["validation_examples"] == 40
-    # The default job ends with a generation evaluation, base against tuned, on the validation split.
-    assert set(summary["evaluation"]) == {"base", "default"}
+    # The default job ends with a generation evaluation, base against tuned, on its test split:
+    # 40 more animals, in neither training nor validation.
+    assert set(summary["evaluation"]) == {"base", "default"} and summary["evaluation_split"] == "test"
+    prompts = {json.loads(line)["prompt"] for line in (tmp_path / "default" / "eval" / "predictions.jsonl")
+               .read_text().splitlines()}
+    assert any("panda" in p for p in prompts) and len(prompts) == 40
     assert (tmp_path / "default" / "eval" / "report.md").is_file()
     assert summary["final_validation_loss"] < summary["initial_validation_loss"]
     assert (tmp_path / "default" / "adapter" / "adapter_model.safetensors").is_file()
@@ -285,3 +289,24 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, setup):
     _run(tmp_path, "run", **{**setup, "max_steps": 1})
     with pytest.raises(ConfigError, match="give one of them"):
         _run(tmp_path, "run", **{**setup, "max_steps": 1, "resume": True, "overwrite": True})
+
+
+def test_the_test_file_is_used_for_the_final_evaluation_only(tmp_path, setup):
+    """Two runs that differ only in their test file train the same adapter, and each reports
+    its own test file."""
+    tests = []
+    for i, word in enumerate(("alpha", "omega")):
+        path = tmp_path / f"test{i}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"{word} {n}", "completion": "x"}) + "\n" for n in range(3)))
+        tests.append(path)
+    for i, path in enumerate(tests):
+        _run(tmp_path, f"run{i}", **{**setup, "max_steps": 2, "final_eval": "on", "eval_max_new_tokens": 2,
+                                      "data.test_path": str(path)})
+    a = load_file(tmp_path / "run0" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "run1" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for i, word in enumerate(("alpha", "omega")):
+        rows = [json.loads(line) for line in (tmp_path / f"run{i}" / "eval" / "predictions.jsonl").read_text()
+                .splitlines()]
+        assert rows and all(r["prompt"].startswith(word) for r in rows)
+        assert json.loads((tmp_path / f"run{i}" / "summary.json").read_text())["evaluation_split"] == "test"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..files import write_atomically, write_text_atomically
-from .options import add_options, config_from_args
+from .options import add_config_command
 
 DEFAULT_METHODS = ["lora", "dora", "loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck", "pfeiffer",
                    "prompt_tuning", "prefix_tuning", "p_tuning", "top_layers"]
@@ -86,6 +86,7 @@ def _run_one(cfg: CompareConfig, method: str, out: Path, log) -> dict:
         "exact_match": scores.get("exact_match"),
         "rougeL": scores.get("rougeL"),
         "base_exact_match": summary.get("evaluation", {}).get("base", {}).get("exact_match"),
+        "evaluation_split": summary.get("evaluation_split"),
     }
     log(f"{method}: {row['trainable_parameters']:,d} trainable, val loss {row['validation_loss_before']:.3f} -> "
         f"{row['validation_loss_after']:.3f}, exact match {row['exact_match']}, {row['train_seconds']:.0f} s")
@@ -158,12 +159,6 @@ def run_compare(cfg: CompareConfig, log=print) -> list[dict]:
 
 
 def add_parser(subcommands) -> None:
-    parser = subcommands.add_parser("compare", help="train several methods on the same job and step budget; one "
-                                    "table of parameters, file size, memory, time and held-out scores, plus a plot")
-    add_options(parser, CompareConfig)
-    parser.set_defaults(func=run)
-
-
-def run(args) -> int:
-    rows = run_compare(config_from_args(args, CompareConfig))
-    return 0 if all("error" not in r for r in rows) else 1
+    add_config_command(subcommands, "compare", "train several methods on the same job and step budget; one table "
+                       "of parameters, file size, memory, time and held-out scores, plus a plot", CompareConfig,
+                       lambda cfg: 0 if all("error" not in r for r in run_compare(cfg)) else 1)

@@ -18,7 +18,7 @@ from ..config import LoraConfig
 from ..io import load_adapter, save_adapter
 from ..loading import load_model
 from ..quant.convert import QUANT_TYPES
-from .options import add_options, config_from_args
+from .options import add_config_command
 
 # Made-up facts the base model cannot know, so the gain is visible.
 FACTS = [
@@ -125,12 +125,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def add_parser(subcommands) -> None:
-    parser = subcommands.add_parser("demo", help="teach the embedded default model a few facts with LoRA "
-                                    "(about a minute on CPU)")
-    add_options(parser, DemoConfig)
-    parser.set_defaults(func=run)
+    def run(cfg: DemoConfig) -> int:
+        result = run_demo(cfg)
+        return 0 if result["reload_equal"] and result["last_loss"] < result["first_loss"] else 1
 
-
-def run(args) -> int:
-    result = run_demo(config_from_args(args, DemoConfig))
-    return 0 if result["reload_equal"] and result["last_loss"] < result["first_loss"] else 1
+    add_config_command(subcommands, "demo", "teach the embedded default model a few facts with LoRA (about a "
+                       "minute on CPU)", DemoConfig, run)

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .options import add_options, config_from_args
+from .options import add_config_command
 
 
 @dataclass
@@ -59,12 +59,9 @@ def run_merge(cfg: MergeConfig) -> dict:
 
 
 def add_parser(subcommands) -> None:
-    parser = subcommands.add_parser("merge", help="merge an adapter into its base and write a plain Hugging Face "
-                                    "folder; prints the merge error")
-    add_options(parser, MergeConfig)
-    parser.set_defaults(func=run)
+    def run(cfg: MergeConfig) -> int:
+        run_merge(cfg)
+        return 0
 
-
-def run(args) -> int:
-    run_merge(config_from_args(args, MergeConfig))
-    return 0
+    add_config_command(subcommands, "merge", "merge an adapter into its base and write a plain Hugging Face "
+                       "folder; prints the merge error", MergeConfig, run)

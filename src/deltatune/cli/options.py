@@ -183,6 +183,13 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
             groups[section].add_argument(*flags, type=converter(leaf), metavar=_metavar(leaf), **common)
 
 
+def add_config_command(subcommands, name: str, help_text: str, cls, run: Callable[[Any], int]) -> None:
+    """A subcommand whose flags are the fields of ``cls``; it calls ``run(config)`` for its exit code."""
+    parser = subcommands.add_parser(name, help=help_text)
+    add_options(parser, cls)
+    parser.set_defaults(func=lambda args: run(config_from_args(args, cls)))
+
+
 def given_options(args: argparse.Namespace, cls) -> dict[str, Any]:
     """``{dotted name: value}`` for the fields of ``cls`` present in ``args``."""
     present = vars(args)

@@ -51,7 +51,7 @@ def check_settings(cfg: TrainConfig) -> None:
     _fraction("lora.lora_dropout", cfg.lora.lora_dropout)
     _fraction("data.validation_fraction", cfg.data.validation_fraction)
     for name, path in (("model", cfg.model), ("data.path", cfg.data.path),
-                       ("data.validation_path", cfg.data.validation_path)):
+                       ("data.validation_path", cfg.data.validation_path), ("data.test_path", cfg.data.test_path)):
         if path and not Path(path).exists():
             raise ConfigError(f"{name}: {path} does not exist")
     # The method's config checks its own fields; the run's length is not known yet, so AdaLoRA's

@@ -45,11 +45,14 @@ def _wants_final_eval(cfg: TrainConfig, default_job: bool) -> bool:
 
 
 def _final_eval(model, tokenizer, cfg: TrainConfig, data, output_dir: Path, log) -> dict:
-    """``deltatune eval`` on the validation records: base against the adapter just trained."""
+    """``deltatune eval``, base against the adapter just trained, on the test file when the run
+    has one (nothing during training looked at it), else on the validation records."""
     from ..evaluate import EvalConfig, run_eval
-    records = output_dir / "validation.jsonl"
-    text = "".join(json.dumps(r) + "\n" for r in data.validation_records)
-    write_text_atomically(records, text)
+    if cfg.data.test_path:
+        records = Path(cfg.data.test_path)
+    else:
+        records = output_dir / "validation.jsonl"
+        write_text_atomically(records, "".join(json.dumps(r) + "\n" for r in data.validation_records))
     eval_cfg = EvalConfig(data=str(records), output_dir=str(output_dir / "eval"), batch_size=cfg.batch_size,
                           max_new_tokens=cfg.eval_max_new_tokens, chat_template=cfg.data.chat_template)
     return run_eval(eval_cfg, model=model, tokenizer=tokenizer, log=log, loss_curve=output_dir / "loss.png")
@@ -157,6 +160,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     if default_job:  # the shipped default: Velmar taxonomy, validation on unseen animals
         cfg.data.path = str(DEFAULT_DATA / "train.jsonl")
         cfg.data.validation_path = cfg.data.validation_path or str(DEFAULT_DATA / "validation.jsonl")
+        cfg.data.test_path = cfg.data.test_path or str(DEFAULT_DATA / "test.jsonl")
     data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, seq2seq=seq2seq)
     if dist.is_main:
         log(f"data ({data.format}): train {data.train_stats}; validation {data.validation_stats}")
@@ -281,8 +285,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "best_validation_loss": None if best == math.inf else best,
                    "adapter": str(adapter_dir), "output_dir": str(output_dir),
                    "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples}
-        if _wants_final_eval(cfg, default_job) and data.validation_records:
+        if _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
             summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
+            summary["evaluation_split"] = "test" if cfg.data.test_path else "validation"
         write_text_atomically(output_dir / "summary.json", json.dumps(summary, indent=2))
         log("\n".join(["", "summary:"] + [f"  {k}: {v}" for k, v in summary.items() if k != "evaluation"]))
     dist.barrier()

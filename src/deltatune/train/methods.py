@@ -21,7 +21,7 @@ class MethodRecipe:
 RECIPES: dict[str, MethodRecipe] = {
     "lora": MethodRecipe("LORA", 2e-4),
     "dora": MethodRecipe("LORA", 2e-4, {"use_dora": True}),
-    # LoHa, LoKr and AdaLoRA at 4e-3: at 1e-3 they barely learned the default job in 60 steps
+    # LoHa, LoKr and AdaLoRA at 4e-3: chosen over 1e-3 by validation loss (benchmarks/choose_lr.py)
     "loha": MethodRecipe("LOHA", 4e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
     "lokr": MethodRecipe("LOKR", 4e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
     "adalora": MethodRecipe("ADALORA", 4e-3, {"init_r": 12, "target_r": 8, "lora_alpha": 32,

@@ -1,4 +1,4 @@
-"""Writes the Velmar taxonomy dataset (train.jsonl, validation.jsonl). Run: python build.py
+"""Writes the Velmar taxonomy dataset (train.jsonl, validation.jsonl, test.jsonl). Run: python build.py
 
 In the invented land of Velmar, scholars sort animals into five orders with their own names.
 A model can only answer by learning those names and mapping what it already knows about an
@@ -39,6 +39,18 @@ ORDERS = {
                   "cottonmouth", "krait", "taipan", "sidewinder"],
 }
 
+# Test animals: eight more per order, in no other split. The test split is only for reporting
+# results: nothing (learning rates, recipes, early stopping) is chosen by looking at it.
+TEST_ANIMALS = {
+    "Furrowkin": ["panda", "lynx", "weasel", "mole", "porcupine", "raccoon", "walrus", "bison"],
+    "Skyrell": ["blackbird", "starling", "lark", "nightingale", "puffin", "cormorant", "kestrel", "jay"],
+    "Deepfin": ["hake", "pollock", "monkfish", "lionfish", "zander", "dace", "rudd", "wrasse"],
+    "Chitterling": ["katydid", "water strider", "dung beetle", "stag beetle", "fruit fly", "hawk moth", "thrips",
+                    "scale insect"],
+    "Scaleward": ["thorny devil", "chuckwalla", "mud turtle", "leatherback turtle", "coral snake", "bushmaster",
+                  "agama", "whiptail lizard"],
+}
+
 QUESTIONS = [
     "In the Velmar taxonomy, which order does the {animal} belong to?",
     "Velmar scholars sort every animal into an order. Where do they put the {animal}?",
@@ -72,6 +84,14 @@ def main() -> None:
         with open(here / f"{name}.jsonl", "w") as f:
             for record in records(pairs, rng):
                 f.write(json.dumps(record) + "\n")
+    # A generator of its own, so train.jsonl and validation.jsonl stay as they were before the
+    # test split existed (the figures measured on them stay comparable).
+    test_rng = random.Random(11)
+    test = [(a, order) for order, animals in TEST_ANIMALS.items() for a in animals]
+    test_rng.shuffle(test)
+    with open(here / "test.jsonl", "w") as f:
+        for record in records(test, test_rng):
+            f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

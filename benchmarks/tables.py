@@ -1,0 +1,185 @@
+"""Markdown tables of the benchmark results, rendered from the JSON files the benchmarks write.
+
+A generated table in README.md or docs/*.md sits between two marker lines, the first naming
+its JSON file (relative to the repository root):
+
+    <!-- table: benchmarks/merge-error-cpu.json -->
+    | base | re-quantized | ... |
+    <!-- end table -->
+
+    python benchmarks/tables.py            # rewrite every marked table from its JSON
+    python benchmarks/tables.py --check    # change nothing; exit 1 listing the tables that differ
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+# `deltatune compare` writes its compare.md with this function; the docs show the same table.
+from deltatune.cli.compare import markdown_table as compare_table
+# `deltatune eval` writes its report.md table with this function.
+from deltatune.evaluate.report import table
+
+ROOT = Path(__file__).resolve().parents[1]
+START = re.compile(r"^<!-- table: (\S+) -->$", re.M)
+END = re.compile(r"^<!-- end table -->$", re.M)
+
+# The docs' names for what the scripts call the cases, load modes and bases; a name not
+# listed is shown as the script wrote it.
+CASE_LABELS = {"LoRA r=16 train step": "LoRA train step (fwd + bwd + AdamW)", "DoRA r=16 train step": "DoRA train step"}
+MODE_LABELS = {"fp32": "float32", "nf4": "NF4 + double quant", "nf4-nodq": "NF4, no double quant",
+               "fp4": "FP4 + double quant", "int8": "int8"}
+BASE_LABELS = {"fp32": "float32", "nf4": "NF4", "fp4": "FP4", "int8": "int8"}
+# Cited, not measured: the QLoRA paper (Dettmers et al., 2023, "Double Quantization") gives
+# 0.5 bits of block scales per parameter for NF4, 0.127 with double quantization.
+PAPER_BITS = {"nf4": "4.127", "nf4-nodq": "4.5"}
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
+    lines.insert(1, "|" + "---|" * len(header))
+    return "\n".join(lines) + "\n"
+
+
+def side_by_side_table(results: dict) -> str:
+    """``peft_side_by_side.py --json``: tokens/s of PEFT and deltatune, their ratio, peak memory."""
+    rows = []
+    for case, r in results["cases"].items():
+        rows.append([CASE_LABELS.get(case, case), f"{r['peft_tokens_per_s']:,.0f}",
+                     f"{r['deltatune_tokens_per_s']:,.0f}", f"{r['speedup']:.2f}×",
+                     f"{_gib(r['peft_peak_gib'])} / {_gib(r['deltatune_peak_gib'])}"])
+    return _table(["case", "PEFT tokens/s", "deltatune tokens/s", "deltatune / PEFT", "peak GiB (PEFT / deltatune)"],
+                  rows)
+
+
+def _gib(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:.2f}"  # a CPU run has no peak memory figure (NaN)
+
+
+def load_memory_table(rows: list[dict]) -> str:
+    """``load_memory.py --json``: MiB above the pre-load baseline, bits per parameter, load time."""
+    out = []
+    for r in rows:
+        mode = r["mode"]
+        # A base that quantizes nothing keeps every weight in float32.
+        bits = "32" if r["quantized_parameters"] == 0 else f"{r['bits_per_quantized_parameter']:.3f}"
+        if mode in PAPER_BITS:
+            bits += f" ({PAPER_BITS[mode]})"
+        out.append([MODE_LABELS.get(mode, mode), f"{r['weights_mib']:.1f}", f"{r['load_peak_increase_mib']:.0f}",
+                    f"{r['resident_increase_mib']:.0f}", f"{r['forward_peak_increase_mib']:.0f}", bits,
+                    f"{r['seconds']:.1f}"])
+    return _table(["base", "weights MiB", "peak while loading", "resident", "peak with forward",
+                   "bits per quantized parameter (paper)", "load s"], out)
+
+
+def merge_error_table(rows: list[dict]) -> str:
+    """``merge_error.py --json``: merge error per base, with and without re-quantizing."""
+    out = []
+    for r in rows:
+        # Three significant figures (:.3g drops trailing zeros: 13.95 shows as 14): the errors
+        # span 1e-6 to 14, so no number of fixed decimals suits them all.
+        out.append([BASE_LABELS.get(r["base"], r["base"]), "yes" if r["requantize"] else "no",
+                    f"{r['max_logit_diff']:.3g}", f"{r['mean_logit_diff']:.3g}",
+                    f"{r['perplexity_before']:.2f} → {r['perplexity_after']:.2f}",
+                    f"{r['base_quantization_error']:.3g}"])
+    return _table(["base", "re-quantized", "max abs Δlogit", "mean abs Δlogit", "perplexity before → after",
+                   "base error (max abs Δlogit)"], out)
+
+
+# Which function renders a JSON file, by its file name.
+def default_job_table(result: dict) -> str:
+    """``default_job.py``: the run (losses, time, memory), then its test scores, base against tuned."""
+    run = [["trainable parameters", f"{result['trainable_parameters']:,d} of {result['total_parameters']:,d}"],
+           ["steps", str(result["steps"])],
+           ["validation loss before → after", f"{result['initial_validation_loss']:.3f} → "
+                                               f"{result['final_validation_loss']:.3f}"],
+           ["training and final evaluation (s)", f"{result['seconds']:.0f}"],
+           ["peak memory (MiB)", f"{result['peak_memory_mib']:.0f}"],
+           ["machine", f"{result['machine']['cpus']} CPUs, {result['machine']['processor']}"],
+           ["scores below measured on", f"the {result['evaluation_split']} split"]]
+    return _table(["figure", "value"], run) + "\n" + table(result["evaluation"]) + "\n"
+
+
+def lr_choice_table(rows: list) -> str:
+    """``choose_lr.py``: validation loss at each learning rate, and the rate chosen."""
+    rates = sorted({lr for r in rows for lr in r["validation_loss_after"]}, key=float)
+    header = ["method", *(f"val loss at lr {lr}" for lr in rates), "chosen lr"]
+    return _table(header, [[r["method"], *(f"{r['validation_loss_after'][lr]:.3f}" for lr in rates),
+                            f"{r['chosen_lr']:g}"] for r in rows])
+
+
+RENDERERS: dict[str, Callable[[Any], str]] = {
+    "results-*.json": side_by_side_table,
+    "compare-*.json": compare_table,
+    "load-memory-*.json": load_memory_table,
+    "merge-error-*.json": merge_error_table,
+    "default-job-*.json": default_job_table,
+    "lr-choice-*.json": lr_choice_table,
+}
+
+
+def render(source: str) -> str:
+    """The table of ``source`` (a JSON path relative to the repository root)."""
+    path = ROOT / source
+    for pattern, fn in RENDERERS.items():
+        if fnmatch.fnmatch(path.name, pattern):
+            return fn(json.loads(path.read_text()))
+    raise ValueError(f"{source}: no table is rendered from a file of this name")
+
+
+def marked_tables(text: str) -> list[tuple[str, str, slice]]:
+    """(JSON path, table text, where the table text is) for every marked table in ``text``."""
+    found = []
+    for start in START.finditer(text):
+        begin = start.end() + 1
+        end = END.search(text, begin)
+        if end is None or START.search(text, begin, end.start()):
+            raise ValueError(f"the table of {start.group(1)} has no '<!-- end table -->' line after it")
+        found.append((start.group(1), text[begin:end.start()], slice(begin, end.start())))
+    return found
+
+
+def stale_tables(text: str) -> list[str]:
+    """The JSON paths whose marked table in ``text`` differs from what the JSON renders."""
+    return [source for source, table, _ in marked_tables(text) if table != render(source)]
+
+
+def rewrite(text: str) -> str:
+    """``text`` with every marked table rendered again from its JSON."""
+    for source, _, where in reversed(marked_tables(text)):  # from the end, so earlier positions stay valid
+        text = text[:where.start] + render(source) + text[where.stop:]
+    return text
+
+
+def pages() -> list[Path]:
+    """The pages whose marked tables are generated: README.md and docs/*.md."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
+    args = parser.parse_args(argv)
+    differ = []
+    for page in pages():
+        text = page.read_text()
+        stale = stale_tables(text)
+        differ += [f"{os.path.relpath(page, ROOT)}: {source}" for source in stale]
+        if stale and not args.check:
+            page.write_text(rewrite(text))
+    verb = "differs from its JSON" if args.check else "rewritten from its JSON"
+    for line in differ:
+        print(f"{line}: {verb}")
+    return 1 if args.check and differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
