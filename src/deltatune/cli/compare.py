@@ -87,6 +87,8 @@ def _run_one(cfg: CompareConfig, method: str, out: Path, log) -> dict:
         "rougeL": scores.get("rougeL"),
         "base_exact_match": summary.get("evaluation", {}).get("base", {}).get("exact_match"),
         "evaluation_split": summary.get("evaluation_split"),
+        # times mean little if something else shared the cores: the load when the run ended
+        "load_average_1m": os.getloadavg()[0],
     }
     log(f"{method}: {row['trainable_parameters']:,d} trainable, val loss {row['validation_loss_before']:.3f} -> "
         f"{row['validation_loss_after']:.3f}, exact match {row['exact_match']}, {row['train_seconds']:.0f} s")
