@@ -57,6 +57,16 @@ def fsync_dir(folder: Union[str, os.PathLike]) -> None:
         os.close(fd)
 
 
+def utf8_text(data: bytes, where: str, error: type[Exception] = ValueError) -> str:
+    """``data`` decoded as UTF-8 (a BOM is dropped); undecodable bytes raise ``error`` naming
+    ``where`` and the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise error(f"{where}, line {line}: not UTF-8 text (byte {data[err.start]:#04x})") from None
+
+
 def write_atomically(path: Union[str, os.PathLike], write: Writer) -> None:
     """Call ``write(tmp_path)``, fsync the result, rename it over ``path``, fsync the folder."""
     path = Path(path)

@@ -24,7 +24,7 @@ from torch import nn
 
 from .adapters.method import method_for
 from .config import config_from_dict
-from .files import write_atomically
+from .files import replace_folder_files, utf8_text
 from .adapter_ops import add_adapter, get_state
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,19 +42,33 @@ def _is_base_key(key: str) -> bool:
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default") -> Path:
-    """Write adapter ``name`` as PEFT writes it; each file is replaced atomically."""
+    """Write adapter ``name`` as PEFT writes it. Config and weights are replaced together: a
+    reader never finds new weights beside an old config; other files in the folder stay."""
     state = get_state(model)
     if name not in state.configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
     config = state.configs[name].to_dict()
     config["inference_mode"] = True  # PEFT records saved adapters as inference-mode
-    write_atomically(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True)
-    write_atomically(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
-    return folder
+    return replace_folder_files(path, {
+        WEIGHTS_NAME: lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+        CONFIG_NAME: lambda p: Path(p).write_text(text),
+    })
+
+
+def _check_link(folder: Path, file: Path) -> None:
+    """Refuse a file of an adapter folder that is a symbolic link leading out of the folder.
+
+    Hugging Face's hub cache keeps ``<repo>/snapshots/<revision>/<file>`` as links to
+    ``<repo>/blobs/<hash>``, so a link into the ``blobs`` folder of the cache repo that holds
+    the snapshot is allowed too. Anything else (``/etc/passwd``, another project's file) is not.
+    """
+    target, root = file.resolve(), folder.resolve()
+    allowed = [root] + [p.parent / "blobs" for p in (root, *root.parents) if p.name == "snapshots"]
+    if not any(target.is_relative_to(place) for place in allowed):
+        raise ValueError(f"{file} is a symbolic link to {target}, outside the adapter folder; "
+                         "adapter files are read only from inside their folder (or a hub cache's blobs)")
 
 
 def read_adapter_config(path: Union[str, os.PathLike]):
@@ -65,10 +79,17 @@ def read_adapter_config(path: Union[str, os.PathLike]):
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    _check_link(folder, config_file)
     try:
-        data = json.loads(config_file.read_text())
+        data = json.loads(utf8_text(config_file.read_bytes(), str(config_file)))
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}, line {err.lineno}, column {err.colno}: invalid JSON ({err.msg})") from None
+    except RecursionError:  # the json module parses nested values recursively
+        raise ValueError(f"{config_file}: values nested too deeply") from None
+    except ValueError as err:
+        if str(config_file) in str(err):
+            raise
+        raise ValueError(f"{config_file}: invalid JSON ({err})") from None  # e.g. an integer of 5000 digits
     if not isinstance(data, dict):
         raise ValueError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
     return config_from_dict(data, source=str(config_file))
@@ -80,7 +101,7 @@ def load_adapter(
     """Add the adapter saved in ``path`` (by deltatune or PEFT) to ``model`` as ``name``.
 
     Every tensor must find its module with the same shape; otherwise nothing is added and
-    the error names the key and both shapes.
+    the error names the key and both shapes. Every error names the folder or the file.
     """
     folder = Path(path)
     config = read_adapter_config(folder)
@@ -89,17 +110,38 @@ def load_adapter(
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         hint = f" (found {pickles}: deltatune reads only safetensors, never pickled files)" if pickles else ""
         raise FileNotFoundError(f"{weights} not found{hint}")
+    _check_link(folder, weights)
+    tensors = _read_weights(weights)
+
+    base_tensors = {id(p) for p in model.parameters()}  # before the adapter adds its own
+
+    def fill(adapted: nn.Module) -> None:
+        _copy_tensors(adapted, name, tensors, weights, config.base_model_name_or_path, base_tensors)
+
+    try:
+        return add_adapter(model, config, name, trainable=trainable, _fill=fill)
+    except ValueError as err:
+        # Errors about the model (target_modules matching nothing, ...) name the adapter too.
+        if type(err) is not ValueError or str(folder) in str(err):
+            raise
+        raise ValueError(f"{folder}: {err}") from None
+
+
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a pickle or a damaged file is a ValueError naming it."""
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
-    def fill(adapted: nn.Module) -> None:
-        _copy_tensors(adapted, name, tensors, weights, config.base_model_name_or_path)
+    except Exception as err:  # safetensors' Python side on a header it cannot map (dtype, shape)
+        raise ValueError(f"{weights}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+    for key, value in tensors.items():  # dtypes are checked against the model in _copy_tensors
+        if value.is_floating_point() and not torch.isfinite(value.float()).all():
+            raise ValueError(f"{weights}: key {key!r} holds NaN or infinite values")
+    return tensors
 
-    return add_adapter(model, config, name, trainable=trainable, _fill=fill)
 
-
-def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:
+def _copy_tensors(model, name, tensors, weights_file, made_for, base_tensors: set[int]) -> None:
     config = get_state(model).configs[name]
     method = method_for(config)
     method.prepare_load(model, name, config, tensors)
@@ -112,7 +154,10 @@ def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:
             f"{type(model).__name__}{for_base}; {len(unexpected)} such key(s)"
         )
     optional = method.optional_file_keys(config)
-    missing = [k for k in targets if k not in tensors and not _is_base_key(k) and k not in optional]
+    # A file may leave out base-model biases it trained (they keep the base values), never the
+    # adapter's own tensors, even where those are biases too (a bottleneck's adapter_down.bias).
+    missing = [k for k, t in targets.items() if k not in tensors and k not in optional
+               and not (_is_base_key(k) and id(t) in base_tensors)]
     if missing:
         raise ValueError(f"{weights_file}: key {missing[0]!r} is missing; {len(missing)} adapter tensor(s) missing")
     for key, value in tensors.items():
@@ -122,6 +167,11 @@ def _copy_tensors(model, name, tensors, weights_file, made_for) -> None:
                 f"{weights_file}: key {key!r} has shape {tuple(value.shape)} in the file but "
                 f"{tuple(target.shape)} in the model{for_base}"
             )
+        # float16/bfloat16/float64 files load into a float32 model; integers, booleans and
+        # complex numbers in place of weights would be converted silently and wrongly.
+        if value.dtype != target.dtype and not (value.is_floating_point() and target.is_floating_point()):
+            raise ValueError(f"{weights_file}: key {key!r} has dtype {value.dtype} in the file but "
+                             f"{target.dtype} in the model")
     with torch.no_grad():
         for key, value in tensors.items():
             targets[key].copy_(value.to(targets[key].device, targets[key].dtype))

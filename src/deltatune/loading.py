@@ -192,7 +192,9 @@ def _load_weights(folder: Path, config, dtype, quant, prequantized, kwargs, devi
             if prequantized:
                 raise ValueError(f"{folder}: cannot read this quantized checkpoint: {err}") from None
             warn_fallback(str(err))
-    model = auto.from_pretrained(folder, dtype=dtype, **kwargs)
+    # Weights are read from safetensors (or a GGUF file), never unpickled from a .bin file.
+    safe = {} if "gguf_file" in kwargs else {"use_safetensors": True}
+    model = auto.from_pretrained(folder, dtype=dtype, **safe, **kwargs)
     if getattr(model.config, "quantization_config", None) is not None and kwargs:
         del model.config.quantization_config  # transformers marks GGUF models; the weights are dequantized
     if quant is not None:

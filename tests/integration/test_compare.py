@@ -18,7 +18,12 @@ def test_compare_two_methods(tmp_path, default_tokenizer):
     assert "no biases" in rows[1]["error"]
     for row in (rows[0], rows[2]):
         assert row["trainable_parameters"] > 0 and row["adapter_bytes"] > 0 and row["peak_memory_mib"] > 0
-        assert row["validation_loss_after"] is not None and row["exact_match"] is not None
+        # the row carries its run's own numbers (not merely something that is not None)
+        summary = json.loads((out / row["method"] / "summary.json").read_text())
+        assert row["validation_loss_before"] == summary["initial_validation_loss"]
+        assert row["validation_loss_after"] == summary["final_validation_loss"]
+        assert row["exact_match"] == summary["evaluation"]["default"]["exact_match"]
+        assert isinstance(row["exact_match"], float)
         assert (out / row["method"] / "adapter" / "adapter_config.json").is_file()
     assert rows[0]["trainable_parameters"] < rows[2]["trainable_parameters"]  # (IA)³ is the smaller delta
     table = (out / "compare.md").read_text()

@@ -1,9 +1,11 @@
 """deltatune eval on tiny models: outputs, report numbers, base and tuned, seq2seq, bad input."""
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import deltatune as dt
 from deltatune.cli import main
@@ -45,16 +47,44 @@ def test_eval_writes_outputs_and_the_report_holds_the_metrics(tmp_path, trained)
     assert {"rouge1", "bleu", "chrf", "exact_match", "token_f1", "perplexity"} <= set(saved["base"])
 
 
+def _choice_log_likelihoods(model, tokenizer, prompt, choices):
+    """Sum of log p(choice tokens | prompt) per choice, from one plain forward pass each (the test's own count)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    totals = []
+    for choice in choices:
+        cont = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([prompt_ids + cont])).logits[0].float(), dim=-1)
+        totals.append(sum(logp[len(prompt_ids) - 1 + i, t].item() for i, t in enumerate(cont)))
+    return totals
+
+
 def test_choice_accuracy_by_log_likelihood(tmp_path, trained):
     model, _, run = trained
+    # Forced records: each longer choice repeats the shorter one and adds tokens, so its log-likelihood
+    # is the shorter one's plus negative terms: any model picks the shortest. Three answers name it, one
+    # does not, so these four contribute exactly 3 right answers whatever the weights are.
+    forced = ["meaning", "meaning meaning", "meaning meaning meaning"]
+    records = [{"prompt": f"Word {i}:", "completion": " meaning", "choices": forced, "answer": answer}
+               for i, answer in enumerate([0, 0, 0, 2])]
+    # Free records: the model's choice is found by the test's own computation below.
+    records += [{"prompt": f"Word {i}:", "completion": f" meaning {i % 5}",
+                 "choices": [f"meaning {j}" for j in range(5)], "answer": i % 5} for i in range(5)]
     data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Word {i}:", "completion": f" meaning {i % 5}",
-                                        "choices": [f"meaning {j}" for j in range(5)], "answer": i % 5}) + "\n"
-                            for i in range(5)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
     results = run_eval(EvalConfig(adapters=[str(run / "adapter")], data=str(data), model=str(model),
                                   output_dir=str(tmp_path / "mc"), max_new_tokens=2, metrics=["exact_match"]),
                        log=lambda *_: None)
-    assert all(0.0 <= r["choice_accuracy"] <= 1.0 for r in results.values())
+    base, tokenizer = dt.load_model(str(model))
+    tuned = dt.load_adapter(copy.deepcopy(base), run / "adapter")
+    for name, net in (("base", base.eval()), ("run", tuned.eval())):  # "run": the adapter's run folder
+        picks = []
+        for r in records:
+            totals = _choice_log_likelihoods(net, tokenizer, r["prompt"], r["choices"])
+            picks.append(max(range(len(totals)), key=totals.__getitem__))
+        assert picks[:4] == [0, 0, 0, 0], picks  # the forced records really are forced
+        right = sum(p == r["answer"] for p, r in zip(picks, records))
+        assert results[name]["choice_accuracy"] == right / len(records), (name, picks)
 
 
 def test_seq2seq_summaries_on_a_tiny_t5(tmp_path, default_tokenizer):

@@ -72,6 +72,35 @@ def test_adalora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
     assert ranks[0] == ranks[1]
 
 
+def test_adalora_training_adds_the_orthogonality_penalty(tmp_path, setup, monkeypatch):
+    """The loop minimises loss + orth_reg_weight x AdaLoRA's penalty (PEFT adds it in forward; the
+    parity test checks the penalty's value, this checks that training really adds it)."""
+    from deltatune.adapters.adalora import AdaLoraMethod
+
+    seen = []
+    original = AdaLoraMethod.loss_penalty
+
+    def recording(self, model, name, config):
+        value = original(self, model, name, config)
+        seen.append(None if value is None else value.item())
+        return value
+
+    monkeypatch.setattr(AdaLoraMethod, "loss_penalty", recording)
+    first_loss, first_penalty = {}, {}
+    for weight in (0.0, 0.5):
+        seen.clear()
+        out = tmp_path / f"orth-{weight}"
+        train(load_config(None, {**setup, "method": "adalora", "max_steps": 1, "output_dir": str(out),
+                                 "adapter": {"init_r": 6, "target_r": 2, "orth_reg_weight": weight}}),
+              log=lambda *_: None)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        first_loss[weight] = next(r["loss"] for r in rows if r["step"] == 1)
+        first_penalty[weight] = seen[0] if seen else "never asked"
+    assert first_penalty[0.0] is None and first_penalty[0.5] > 0.1
+    # the same seed, data and initial adapter: the step-1 losses differ by exactly the penalty
+    assert first_loss[0.5] == pytest.approx(first_loss[0.0] + first_penalty[0.5], abs=1e-5)
+
+
 def test_bad_method_options_name_the_field(setup):
     with pytest.raises(ConfigError, match="method: 'lorax' is not known"):
         train(load_config(None, {**setup, "method": "lorax"}), log=lambda *_: None)

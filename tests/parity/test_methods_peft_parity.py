@@ -127,20 +127,31 @@ def test_gradients_of_one_step_equal_peft(case, tmp_path):
         torch.testing.assert_close(grad, their_grads[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+# task_type matters: without one, PEFT's PeftModel.forward skips AdaLoraModel.forward, where PEFT
+# adds the orthogonality penalty to the loss; with CAUSAL_LM both sides train with the penalty.
 ADALORA = dict(target_modules=["q_proj", "v_proj", "up_proj"], init_r=6, target_r=2, total_step=6, tinit=1,
-               tfinal=2, deltaT=1, lora_alpha=8, orth_reg_weight=0.0)  # PEFT 0.21.2 adds no penalty to its loss
+               tfinal=2, deltaT=1, lora_alpha=8, orth_reg_weight=0.5, task_type="CAUSAL_LM")
 
 
-def _sgd_steps(model, ids, after_step):
-    """Six steps in PEFT's documented order: backward, update, re-allocate ranks, zero the gradients."""
+def _sgd_steps(model, ids, after_step, penalty=None):
+    """Six steps in PEFT's documented order: backward, update, re-allocate ranks, zero the gradients.
+
+    ``penalty`` (deltatune) adds the method's loss penalty as deltatune's training loop does; PEFT
+    adds its own inside forward. Returns the loss of each step."""
+    losses = []
     for step in range(1, 7):
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        if penalty is not None:
+            loss = loss + penalty()
+        loss.backward()
+        losses.append(loss.item())
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad and p.grad is not None:
                     p -= 0.1 * p.grad
         after_step(step)
         model.zero_grad(set_to_none=True)
+    return losses
 
 
 def test_adalora_rank_allocation_and_files_match_peft(tmp_path, parity_results):
@@ -155,8 +166,18 @@ def test_adalora_rank_allocation_and_files_match_peft(tmp_path, parity_results):
     dt.load_adapter(ours, tmp_path / "start", trainable=True)  # the same starting values
     config = get_state(ours).configs["default"]
     method = method_for(config)
-    _sgd_steps(theirs, ids, theirs.base_model.update_and_allocate)
-    _sgd_steps(ours, ids, lambda step: method.after_step(ours, "default", config, step))
+    assert config.orth_reg_weight == 0.5
+    # the penalty is really there on both sides: PEFT's loss exceeds the plain model loss by it
+    with torch.no_grad():
+        their_loss = theirs(input_ids=ids, labels=ids).loss
+        plain_loss = ours(input_ids=ids, labels=ids).loss
+        penalty = method.loss_penalty(ours, "default", config)
+    assert penalty is not None and penalty.item() > 1e-3
+    torch.testing.assert_close(their_loss - plain_loss, penalty, atol=1e-5, rtol=1e-5)
+    their_losses = _sgd_steps(theirs, ids, theirs.base_model.update_and_allocate)
+    our_losses = _sgd_steps(ours, ids, lambda step: method.after_step(ours, "default", config, step),
+                            penalty=lambda: method.loss_penalty(ours, "default", config))
+    assert our_losses == pytest.approx(their_losses, abs=1e-5, rel=1e-5)
 
     their_pattern = {k.replace(".default", ""): v for k, v in theirs.peft_config["default"].rank_pattern.items()}
     assert config.rank_pattern == their_pattern

@@ -111,3 +111,24 @@ def test_flags_are_never_guessed_from_a_prefix(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--max", "5"])  # once an abbreviation of --max-steps / --max-grad-norm
     assert "unrecognized arguments: --max 5" in capsys.readouterr().err
+
+
+def test_flag_values_follow_the_declared_type_and_yaml_numbers():
+    overrides = _train_overrides("--lora.lora-alpha", "0.5", "--max-steps", "1e3", "--adapter", "{alpha: 1e1}")
+    assert overrides == {"lora.lora_alpha": 0.5, "max_steps": 1000, "adapter": {"alpha": 10.0}}
+    assert isinstance(overrides["max_steps"], int)
+    with pytest.raises(SystemExit):
+        _train_overrides("--max-steps", "2.5")  # not a whole number of steps
+
+
+def test_a_model_folder_with_pickled_weights_only_is_refused(tmp_path):
+    import deltatune as dt
+    from tiny_models import tiny_llama_64
+
+    import torch
+
+    model = tiny_llama_64()
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the old pickled layout
+    with pytest.raises((OSError, ValueError), match="safetensors"):
+        dt.load_model(tmp_path)

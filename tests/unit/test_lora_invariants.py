@@ -117,6 +117,13 @@ def test_several_adapters_set_delete():
     assert not torch.allclose(only_a, only_b)
     # Each LoRA adds its own term; on the first layer's output both contribute.
     assert not torch.allclose(both, only_a) and not torch.allclose(both, only_b)
+    # ... and on a layer both adapt, the output is exactly base + a's term + b's term (a mix that
+    # only differs from each single adapter would pass the line above).
+    v_proj = model.model.layers[0].self_attn.v_proj
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        terms = v_proj.base_layer(x) + x @ v_proj.delta_weight("a").T + x @ v_proj.delta_weight("b").T
+        torch.testing.assert_close(v_proj(x), terms, atol=1e-6, rtol=1e-5)
     dt.delete_adapter(model, "a")
     assert dt.active_adapters(model) == ["b"]
     assert torch.equal(_logits(model), only_b)
@@ -180,12 +187,39 @@ def test_bias_options_train_and_save_biases(bias, tmp_path):
 
 
 def test_lora_bias_merges():
-    model = tiny_model("qwen2")
+    base = tiny_model("qwen2")
+    model = copy.deepcopy(base)
     dt.add_adapter(model, dt.LoraConfig(r=4, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False))
     randomize_adapter(model)
     expected = _logits(model)
     dt.merge(model)
     torch.testing.assert_close(_logits(model), expected, atol=2e-5, rtol=1e-5)
+    q_proj = model.model.layers[0].self_attn.q_proj.base_layer
+    assert not torch.equal(q_proj.bias, base.model.layers[0].self_attn.q_proj.bias)  # lora_bias went into the bias
+    # unmerge must put the bias back too (the invariant test above has no merged bias)
+    dt.unmerge(model)
+    plain = dt.unload(copy.deepcopy(model), merge=False).state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in base.state_dict().items())
+    assert torch.equal(_logits(model), expected)
+
+
+def test_merging_one_adapter_at_a_time_unmerges_to_the_base():
+    """Two merge calls, then one unmerge: the base weights before the first merge come back exactly."""
+    base = tiny_model("llama")
+    model = copy.deepcopy(base)
+    for name in ("a", "b"):
+        dt.add_adapter(model, dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                       name=name)
+    randomize_adapter(model)
+    dt.set_adapter(model, ["a", "b"])
+    expected = _logits(model)
+    dt.merge(model, ["a"], verbose=False)
+    dt.merge(model, ["b"], verbose=False)
+    torch.testing.assert_close(_logits(model), expected, atol=2e-5, rtol=1e-5)
+    dt.unmerge(model)
+    plain = dt.unload(copy.deepcopy(model), merge=False).state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in base.state_dict().items())
+    assert torch.equal(_logits(model), expected)
 
 
 def test_dropout_is_used_in_training_only():

@@ -159,10 +159,14 @@ def test_per_row_routing_equals_separate_runs(method):
     for name in ("a", "b"):
         dt.set_adapter(model, name)
         expected.append(eval_logits(model, ids))
+    plain = eval_logits(base, ids)
+    # "a", "b" and the base differ on every row, so routing a row to the wrong one cannot pass below
+    for x, y in ((expected[0], expected[1]), (expected[0], plain), (expected[1], plain)):
+        assert ((x - y).abs().amax(dim=(1, 2)) > 1e-4).all()
     with dt.adapter_per_row(model, ["b", None, "a"]):
         routed = eval_logits(model, ids)
     torch.testing.assert_close(routed[0], expected[1][0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(routed[1], eval_logits(base, ids)[1], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(routed[1], plain[1], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(routed[2], expected[0][2], atol=1e-6, rtol=1e-5)
 
 

@@ -81,7 +81,7 @@ class Leaf:
     name: str
     default: Any
     doc: str
-    free_form: bool  # declared ``Any``: a name, a regex or a list, read as YAML
+    declared: str  # the annotation as written: "int", "float", "Any", ...
 
 
 def leaf_fields(cls, prefix: str = "") -> Iterator[Leaf]:
@@ -92,12 +92,14 @@ def leaf_fields(cls, prefix: str = "") -> Iterator[Leaf]:
         if dataclasses.is_dataclass(default):
             yield from leaf_fields(type(default), f"{prefix}{f.name}.")
         else:
-            yield Leaf(f"{prefix}{f.name}", default, docs.get(f.name, ""), str(f.type) in ("Any", "typing.Any"))
+            yield Leaf(f"{prefix}{f.name}", default, docs.get(f.name, ""), str(f.type).replace("typing.", ""))
 
 
 def _yaml_value(text: str) -> Any:
+    from ..train.config import read_yaml  # the YAML of config files: 2e-4 is a number
+
     try:
-        return yaml.safe_load(text)
+        return read_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -107,9 +109,12 @@ def _number(kind: type) -> Callable[[str], Any]:
         try:
             return kind(text)
         except ValueError:
+            value = float(text)  # 2e-4, 1e3, 1_000.5 ...
             if kind is int:
-                raise
-            return float(text)  # 2e-4, 1_000.5 ...
+                if not value.is_integer():
+                    raise
+                return int(value)  # 1e3 for an int, as in YAML files
+            return value
 
     convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
     return convert
@@ -130,28 +135,23 @@ def _text_value(text: str) -> Any:
 
 def converter(leaf: Leaf) -> Callable[[str], Any]:
     """How the text of a flag becomes the field's value."""
-    default = leaf.default
-    if leaf.free_form or isinstance(default, dict):
+    kind = leaf.declared
+    if kind in ("Any", "dict") or kind.startswith("dict["):
         return _yaml_value
-    if isinstance(default, bool):
+    if kind == "bool":
         raise TypeError("booleans are switches, not values")
-    if isinstance(default, (int, float)):
-        return _number(type(default))
-    if isinstance(default, list):
+    if kind in ("int", "float"):
+        return _number(int if kind == "int" else float)
+    if kind == "list" or kind.startswith("list["):
         return _list_value
     return _text_value
 
 
 def _metavar(leaf: Leaf) -> str:
-    if leaf.free_form or isinstance(leaf.default, dict):
+    kind = leaf.declared
+    if kind in ("Any", "dict") or kind.startswith("dict["):
         return "YAML"
-    if isinstance(leaf.default, int):
-        return "N"
-    if isinstance(leaf.default, float):
-        return "X"
-    if isinstance(leaf.default, list):
-        return "A,B"
-    return "TEXT"
+    return {"int": "N", "float": "X"}.get(kind, "A,B" if kind.startswith("list") else "TEXT")
 
 
 def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),

@@ -7,6 +7,11 @@ ones deltatune does not know, so writing it back loses nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import sys
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
@@ -84,7 +89,29 @@ class TargetedConfig(AdapterConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(getattr(self, "layers_to_transform", None), int):
             self.layers_to_transform = [self.layers_to_transform]
+        _check_patterns(self)
         super().__post_init__()
+
+
+def _check_patterns(config: TargetedConfig) -> None:
+    """Refuse texts that targeting uses in regular expressions and that do not compile."""
+    texts: list[tuple[str, str]] = []
+    for name in ("target_modules", "exclude_modules", "layers_pattern"):
+        if isinstance(getattr(config, name, None), str):
+            texts.append((name, getattr(config, name)))
+    # Items of these lists are spliced into larger expressions (a target_modules list holds plain names).
+    for name in ("layers_pattern", "modules_to_save"):
+        if isinstance(getattr(config, name, None), list):
+            texts += [(name, item) for item in getattr(config, name) if isinstance(item, str)]
+    for name in ("rank_pattern", "alpha_pattern"):
+        if isinstance(getattr(config, name, None), dict):
+            texts += [(f"{name} key", key) for key in getattr(config, name) if isinstance(key, str)]
+    for name, text in texts:
+        try:
+            re.compile(text)
+        except re.error as err:
+            raise ValueError(f"{type(config).__name__}.{name} {text!r} is not a valid regular expression "
+                             f"({err})") from None
 
 
 def check_positive_int(owner: str, name: str, value: Any) -> None:
@@ -116,9 +143,12 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter config") -> Ad
     peft_type = data.pop("peft_type", None)
     if peft_type is None:
         raise ValueError(f"{source}: field 'peft_type' is missing")
+    if not isinstance(peft_type, str):
+        raise ValueError(f"{source}: field 'peft_type' must be text, got {short_repr(peft_type)}")
     cls = CONFIG_REGISTRY.get(str(peft_type).upper())
     if cls is None:
-        raise ValueError(f"{source}: peft_type {peft_type!r} is not supported (known: {sorted(CONFIG_REGISTRY)})")
+        raise ValueError(f"{source}: peft_type {short_repr(peft_type)} is not supported "
+                         f"(known: {sorted(CONFIG_REGISTRY)})")
     known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
     passive = {**_COMMON_PASSIVE_FIELDS, **cls.passive_fields}
     kwargs: dict[str, Any] = {}
@@ -129,15 +159,69 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter config") -> Ad
             kwargs[key] = value
             continue
         if key in cls.unsupported_fields and value != cls.unsupported_fields[key]:
-            raise NotImplementedError(f"{source}: field {key!r}={value!r} is not supported by deltatune")
+            raise NotImplementedError(f"{source}: field {key!r}={short_repr(value)} is not supported by deltatune")
         if key not in passive and key not in cls.unsupported_fields and key != "peft_version":
             unknown.append(key)
         extra[key] = value
     if unknown:
         warnings.warn(f"{source}: deltatune does not know the field(s) {unknown}; they are kept as they are")
+    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    for key, value in kwargs.items():
+        if not _fits(value, hints[key]):
+            raise ValueError(f"{source}: field {key!r} must be {_describe(hints[key])}, got {short_repr(value)}")
     try:
         config = cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: {err}") from err
+        raise ValueError(f"{source}: {err}") from None
     config.extra_fields = extra
     return config
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON fits a field's annotation (``Optional[list[str]]``, ...)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # sizes and seeds: 64 bits, as torch takes them
+        return isinstance(value, int) and not isinstance(value, bool) and -2 ** 63 <= value < 2 ** 63
+    if hint is float:  # JSON writes 8.0 as 8; NaN and Infinity are never meaningful settings
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is list or origin is list:
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            return False
+        return not args or all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return True  # an annotation this check does not know: leave it to validate()
+
+
+def _describe(hint: Any) -> str:
+    """An annotation in JSON's words: ``Optional[list[str]]`` -> "a list of strings or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+    if origin is list:
+        return f"a list of {plural.get(args[0], 'values')}" if args else "a list"
+    if origin is dict and args and args[1] in plural:
+        return f"an object whose values are {plural[args[1]]}"
+    names = {bool: "true or false", int: "an integer (64 bits at most)", float: "a finite number", str: "a string",
+             dict: "an object", list: "a list", type(None): "null"}
+    return names.get(hint, "an object" if origin is dict else getattr(hint, "__name__", str(hint)))
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, so that a huge value does not flood a message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print (Python's 4300-digit limit)
+        text = f"<an integer of about {value.bit_length() * 3 // 10} digits>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

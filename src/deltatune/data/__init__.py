@@ -27,6 +27,8 @@ class DataConfig:
     """Training data: a .jsonl/.json/.csv/.parquet file or a save_to_disk folder (empty: the shipped default)."""
     validation_path: str = ""
     """Validation data file; empty: hold out validation_fraction of the training data."""
+    test_path: str = ""
+    """Test data file for the final evaluation (base against tuned), used for nothing else: no choice during training looks at it. Empty: the final evaluation uses the validation split."""
     validation_fraction: float = 0.1
     """Share of the training records held out for validation when there is no validation file."""
     format: str = "auto"
@@ -83,6 +85,24 @@ def _tokenize_split(records, config: DataConfig, tokenizer, fmt: str, where: str
     return out, stats
 
 
+def _check_config(config: DataConfig) -> None:
+    """Refuse settings that would make the splits or lengths meaningless."""
+    if isinstance(config.max_seq_len, bool) or not isinstance(config.max_seq_len, int) or config.max_seq_len < 1:
+        raise DataError(f"data.max_seq_len must be a positive integer, got {config.max_seq_len!r}")
+    fraction = config.validation_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise DataError(f"data.validation_fraction must be in [0, 1), got {fraction!r}")
+
+
+def _rows(records, where: str) -> list[dict]:
+    """The records as dicts. A ``save_to_disk`` folder is read lazily, so damage in its Arrow
+    files can surface only here."""
+    try:
+        return [dict(r) for r in records]
+    except Exception as err:  # pyarrow and datasets raise many types
+        raise DataError(f"{where}could not be read ({type(err).__name__}: {err})") from None
+
+
 def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Optional[str] = None,
                  seq2seq: bool = False) -> PreparedData:
     """Read, split, tokenize and check the data of ``config`` (``seq2seq``: for an encoder-decoder)."""
@@ -90,20 +110,21 @@ def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Opt
         raise DataError("data.packing works with causal language models only, not sequence-to-sequence ones")
     if tokenizer is None:
         raise DataError("training needs a tokenizer; the model folder has no tokenizer files")
+    _check_config(config)
     path = config.path or default_path
     if not path:
         raise DataError("no training data: set data.path")
     records = load_records(path)
     where = f"{path}: "
     fmt = detect_format(records.column_names, config.columns, config.format, where)
-    rows = [dict(r) for r in records]
+    rows = _rows(records, where)
     if not rows:
         raise DataError(f"{where}the dataset is empty")
     if config.validation_path:
         val_records = load_records(config.validation_path)
         # The validation file must have the training format's columns (detect_format checks them).
         detect_format(val_records.column_names, config.columns, fmt, f"{config.validation_path}: ")
-        val_rows, val_where = [dict(r) for r in val_records], f"{config.validation_path}: "
+        val_rows, val_where = _rows(val_records, f"{config.validation_path}: "), f"{config.validation_path}: "
     else:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)

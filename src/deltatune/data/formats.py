@@ -28,6 +28,8 @@ _WITHOUT_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 def detect_format(column_names: list[str], columns: dict[str, str], fmt: str = "auto", where: str = "") -> str:
     """The format name for a dataset with ``column_names`` (after the ``columns`` mapping)."""
+    if not isinstance(columns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in columns.items()):
+        raise DataError(f"{where}data.columns must map field names to column names (text to text), got {columns!r}")
     available = set(column_names)
     mapped = lambda name: columns.get(name, name)  # noqa: E731
     if fmt != "auto":
@@ -50,29 +52,40 @@ def detect_format(column_names: list[str], columns: dict[str, str], fmt: str = "
 def segments(record: dict, fmt: str, columns: dict[str, str], index: int,
              where: str = "") -> list[tuple[str, bool]] | list[dict]:
     """``[(text, trained), ...]`` for text formats; the message list for ``chat``."""
-    get = lambda name: _field(record, columns.get(name, name), index, where)  # noqa: E731
+    get = lambda name: _text(record, columns.get(name, name), index, where)  # noqa: E731
     if fmt == "chat":
-        messages = get("messages")
+        messages = _field(record, columns.get("messages", "messages"), index, where)
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
             raise DataError(f"{where}record {index}: 'messages' must be a non-empty list of "
-                            "{role, content} objects")
+                            "{role, content} objects whose role and content are text")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}record {index}: no assistant message to learn from")
         return messages
     if fmt == "prompt_completion":
-        return [(str(get("prompt")), False), (str(get("completion")), True)]
+        return [(get("prompt"), False), (get("completion"), True)]
     if fmt == "seq2seq":
-        return [(str(get("source")), False), (str(get("target")), True)]
+        return [(get("source"), False), (get("target"), True)]
     if fmt == "instruction":
-        extra: Optional[str] = record.get(columns.get("input", "input"))
+        name = columns.get("input", "input")
+        extra: Optional[str] = _text(record, name, index, where) if record.get(name) is not None else None
         template = _WITH_INPUT if extra else _WITHOUT_INPUT
         prompt = template.format(instruction=get("instruction"), input=extra)
-        return [(prompt, False), (str(get("output")), True)]
-    return [(str(get("text")), True)]
+        return [(prompt, False), (get("output"), True)]
+    return [(get("text"), True)]
 
 
 def _field(record: dict, name: str, index: int, where: str):
     if name not in record or record[name] is None:
         raise DataError(f"{where}record {index}: field {name!r} is missing; the record has {sorted(record)}")
     return record[name]
+
+
+def _text(record: dict, name: str, index: int, where: str) -> str:
+    """A text field as text. Numbers are fine (a CSV column of answers is read as numbers);
+    a list or an object is refused rather than trained on as its Python spelling."""
+    value = _field(record, name, index, where)
+    if not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}record {index}: field {name!r} must be text, got {type(value).__name__}")
+    return str(value)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from jinja2 import TemplateError
+
 from .records import DataError
 
 IGNORE = -100
@@ -44,8 +46,14 @@ def _chat_ids(tokenizer, messages: list[dict], index: int, where: str) -> tuple[
     """Token ids of the rendered chat and, per token, whether it belongs to an assistant turn."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}record {index}: chat records need a tokenizer with a chat template")
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False,  # noqa: E731
-                                                             add_generation_prompt=gen)
+
+    def render(msgs: list[dict], gen: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except (TemplateError, TypeError, ValueError) as err:  # e.g. "roles must alternate"
+            raise DataError(f"{where}record {index}: the chat template refused the messages "
+                            f"({type(err).__name__}: {err})") from None
+
     ids = _ids(tokenizer, render(messages, False), False)
     trained = [False] * len(ids)
     for i, message in enumerate(messages):

@@ -7,13 +7,18 @@ dotted flags, e.g. ``--lora.r 32 --data.max_seq_len 256``; values are read as YA
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
+from ..config.base import short_repr
 from ..data import DataConfig
+from ..files import utf8_text
 
 
 @dataclass
@@ -93,50 +98,124 @@ class TrainConfig:
     resume: bool = False
     """Continue from the latest valid checkpoint in output_dir."""
     overwrite: bool = False
-    """Allow a non-empty output_dir without resuming (its files may be replaced)."""
+    """Start a new run in a non-empty output_dir: the earlier run is first moved aside to <output_dir>.replaced-<time>."""
 
 
 class ConfigError(ValueError):
     """A bad setting: the message names the field (and the file)."""
 
 
+class SettingsLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reads numbers as YAML 1.2 does and refuses a key given twice.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent, so ``2e-4``,
+    ``1e3`` and ``-.5`` would be text. Everything else (ints, booleans, null) is unchanged.
+    A repeated key (two ``lr:`` lines) would silently keep the last one; it is an error here.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key_node.value!r} is given twice", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
+
+
+# Floats YAML 1.1 reads as text: an exponent without a dot or without a sign, a signed
+# leading dot. Tried after PyYAML's own resolvers, so it only adds spellings.
+_YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+
+                                |[-+]?\.[0-9][0-9_]*)$""", re.X)
+SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+
+_EXACT_INT = 2 ** 53  # floats up to this size that are whole stand for exactly one integer
+
+
+def read_yaml(text: str | bytes) -> Any:
+    """The value of one YAML document, numbers read in every usual spelling (see ``SettingsLoader``)."""
+    return yaml.load(text, Loader=SettingsLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _read_settings_file(path: str) -> dict:
+    """The mapping of settings in the YAML file ``path``; every failure is a ConfigError naming it."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except OSError as err:  # a folder, no permission, ...
+        raise ConfigError(f"config file {path} could not be read ({err.strerror or err})") from None
+    text = utf8_text(data, path, ConfigError)
+    try:
+        tree = read_yaml(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} not valid YAML ({getattr(err, 'problem', None) or err})") from None
+    except RecursionError:  # PyYAML builds nested values recursively
+        raise ConfigError(f"{path}: values nested too deeply") from None
+    except ValueError as err:  # PyYAML's int() of a number with more than 4300 digits
+        raise ConfigError(f"{path}: a value could not be read ({err})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return tree
+
+
 def _build(cls, values: dict, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    kinds = typing.get_type_hints(cls)
+    # Keys may be any YAML scalar (1, null, true): compare and sort them as text.
+    unknown = sorted(str(k) for k in values if not isinstance(k, str) or k not in fields)
     if unknown:
         raise ConfigError(f"{where}unknown field(s) {unknown}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
-            else fields[name].default
-        if dataclasses.is_dataclass(default):
+        kind = kinds[name]
+        if dataclasses.is_dataclass(kind):
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}{name}: expected a mapping of {type(default).__name__} fields")
-            kwargs[name] = _build(type(default), value, f"{where}{name}.")
-        elif str(fields[name].type) in ("Any", "typing.Any"):
+                raise ConfigError(f"{where}{name}: expected a mapping of {kind.__name__} fields, "
+                                  f"got {short_repr(value)}")
+            kwargs[name] = _build(kind, value, f"{where}{name}.")
+        elif kind is Any:
             kwargs[name] = value  # e.g. target_modules: a name, a regex or a list
         else:
-            kwargs[name] = _coerce(value, default, f"{where}{name}")
+            kwargs[name] = _coerce(value, kind, f"{where}{name}")
     return cls(**kwargs)
 
 
-def _coerce(value, default, where: str):
-    if isinstance(default, bool):
+def _coerce(value, kind: type, where: str):
+    """``value`` as the field's declared type ``kind``, or a ConfigError naming the field."""
+    if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {short_repr(value)}")
         return value
-    if isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        # 1e3 and 2.0 are whole numbers in a float's spelling; 1e-3, 2.5 and 1e300 are not exact.
+        if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_INT:
+            return int(value)
+        if not is_number or isinstance(value, float):
+            raise ConfigError(f"{where}: expected an integer, got {short_repr(value)}")
+        if not -2 ** 63 <= value < 2 ** 63:
+            raise ConfigError(f"{where}: expected an integer of 64 bits at most, got {short_repr(value)}")
         return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected text, got {value!r}")
-    if isinstance(default, dict) and not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    if kind is float:
+        if not is_number:
+            raise ConfigError(f"{where}: expected a number, got {short_repr(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {short_repr(value)}")
+        return number
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected text, got {short_repr(value)}")
+    if kind is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {short_repr(value)}")
     return value
 
 
@@ -156,16 +235,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict[str, Any]] 
     where = ""
     if path:
         where = f"{path}: "
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{line} not valid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        tree = _read_settings_file(path)
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted.replace("-", "_"), value)
     return _build(TrainConfig, tree, where)
