@@ -22,14 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).parent
 
 
 def record(run: Path, wall_seconds: float | None) -> dict:
     summary = json.loads((run / "summary.json").read_text())
-    config = (run / "config.yaml").read_text()
-    if "path: ''" not in config and 'path: ""' not in config:
-        raise SystemExit(f"{run} is not a run of the default job (its data.path is set)")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if not str(config["data"]["path"]).endswith("datasets/velmar/train.jsonl") or config["method"] != "lora":
+        raise SystemExit(f"{run} is not a run of the default job (data {config['data']['path']}, "
+                         f"method {config['method']})")
     keep = ("trainable_parameters", "total_parameters", "steps", "seconds", "peak_memory_mib", "train_examples",
             "validation_examples", "initial_validation_loss", "final_validation_loss", "evaluation_split",
             "evaluation")

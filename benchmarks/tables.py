@@ -101,7 +101,7 @@ def default_job_table(result: dict) -> str:
            ["steps", str(result["steps"])],
            ["validation loss before → after", f"{result['initial_validation_loss']:.3f} → "
                                                f"{result['final_validation_loss']:.3f}"],
-           ["training and final evaluation (s)", f"{result['seconds']:.0f}"],
+           ["loading and training (s)", f"{result['seconds']:.0f}"],
            ["peak memory (MiB)", f"{result['peak_memory_mib']:.0f}"],
            ["machine", f"{result['machine']['cpus']} CPUs, {result['machine']['processor']}"],
            ["scores below measured on", f"the {result['evaluation_split']} split"]]
