@@ -78,8 +78,11 @@ def _tables_of(text: str) -> list[tuple[str, list[str]]]:
     """(line before the table, table lines) of every Markdown table in ``text``, code blocks skipped."""
     text = re.sub(r"```.*?```", "", text, flags=re.S)
     found = []
+    spans = [where for _, _, where in tables.marked_tables(text)]
     for match in re.finditer(r"((?:^\|.*\n)+)", text, re.M):
         before = text[:match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        if any(span.start <= match.start() < span.stop for span in spans):
+            before = "<!-- table: inside-a-marked-block -->"  # one JSON may render several tables
         found.append((before, match.group(1).splitlines()))
     return found
 
