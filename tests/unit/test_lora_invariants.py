@@ -197,6 +197,11 @@ def test_lora_bias_merges():
     q_proj = model.model.layers[0].self_attn.q_proj.base_layer
     assert not torch.equal(q_proj.bias, base.model.layers[0].self_attn.q_proj.bias)  # lora_bias went into the bias
     # unmerge must put the bias back too (the invariant test above has no merged bias)
+    _assert_unmerges_to(model, base, expected)
+
+
+def _assert_unmerges_to(model, base, expected) -> None:
+    """After ``dt.unmerge`` every base tensor is ``base``'s exactly and the logits are ``expected``."""
     dt.unmerge(model)
     plain = dt.unload(copy.deepcopy(model), merge=False).state_dict()
     assert all(torch.equal(v, plain[k]) for k, v in base.state_dict().items())
@@ -216,10 +221,7 @@ def test_merging_one_adapter_at_a_time_unmerges_to_the_base():
     dt.merge(model, ["a"], verbose=False)
     dt.merge(model, ["b"], verbose=False)
     torch.testing.assert_close(_logits(model), expected, atol=2e-5, rtol=1e-5)
-    dt.unmerge(model)
-    plain = dt.unload(copy.deepcopy(model), merge=False).state_dict()
-    assert all(torch.equal(v, plain[k]) for k, v in base.state_dict().items())
-    assert torch.equal(_logits(model), expected)
+    _assert_unmerges_to(model, base, expected)
 
 
 def test_dropout_is_used_in_training_only():
