@@ -116,6 +116,13 @@ def lr_choice_table(rows: list) -> str:
                             f"{r['chosen_lr']:g}"] for r in rows])
 
 
+def parity_table(results: dict) -> str:
+    """``parity.py``: the worst |logit difference| against PEFT per case, worst first."""
+    rows = sorted(results.items(), key=lambda item: (-item[1], item[0]))
+    return _table(["case (adapter, model: direction)", "worst |logit difference|"],
+                  [[case, f"{diff:.1e}" if diff else "0"] for case, diff in rows])
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "results-*.json": side_by_side_table,
     "compare-*.json": compare_table,
@@ -123,6 +130,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "merge-error-*.json": merge_error_table,
     "default-job-*.json": default_job_table,
     "lr-choice-*.json": lr_choice_table,
+    "parity-*.json": parity_table,
 }
 
 

@@ -1,3 +1,5 @@
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +21,9 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "PEFT parity: worst |logit difference| per case")
         for case, diff in sorted(PARITY_RESULTS.items()):
             terminalreporter.write_line(f"{case:70s} {diff:.3e}")
+        out = os.environ.get("DELTATUNE_PARITY_JSON")  # set by benchmarks/parity.py
+        if out:
+            Path(out).write_text(json.dumps(dict(sorted(PARITY_RESULTS.items())), indent=2) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_the_benchmark_tables_are_marked():
     sources = {source for _, source, _ in MARKED}
     assert {"benchmarks/results-h100.json", "benchmarks/compare-cpu-lr4e-3.json", "benchmarks/load-memory-cpu.json",
             "benchmarks/merge-error-cpu.json", "benchmarks/default-job-cpu.json",
-            "benchmarks/lr-choice-cpu.json"} <= sources
+            "benchmarks/lr-choice-cpu.json", "benchmarks/parity-cpu.json"} <= sources
 
 
 def _change_one_number(table: str) -> str:
