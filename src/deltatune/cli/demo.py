@@ -17,7 +17,7 @@ from ..adapter_ops import add_adapter, disable_adapters, print_trainable_paramet
 from ..config import LoraConfig
 from ..io import load_adapter, save_adapter
 from ..loading import load_model
-from ..quant.convert import QUANT_TYPES
+from ..quant.convert import check_quant_type
 from .options import add_config_command
 
 # Made-up facts the base model cannot know, so the gain is visible.
@@ -95,8 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name in ("steps", "rank", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be at least 1")
-    if cfg.quantize and cfg.quantize not in QUANT_TYPES:
-        raise ValueError(f"--quantize: {cfg.quantize!r} is not one of {', '.join(QUANT_TYPES)}")
+    check_quant_type(cfg.quantize)
     torch.manual_seed(0)
     start = time.perf_counter()
     quantize = cfg.quantize or None

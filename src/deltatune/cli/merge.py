@@ -34,7 +34,7 @@ def run_merge(cfg: MergeConfig) -> dict:
     from ..adapter_ops import merge, unload
     from ..io import load_adapter
     from ..loading import _parse_dtype, load_model
-    from ..quant.convert import QUANT_TYPES, dequantize_model
+    from ..quant.convert import check_quant_type, dequantize_model
     from ..quant.loading import save_model
 
     if not cfg.adapter:
@@ -43,8 +43,7 @@ def run_merge(cfg: MergeConfig) -> dict:
         raise ValueError("--requantize needs a quantized base: add --quantize nf4|fp4|int8")
     if not Path(cfg.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {cfg.adapter} is not a folder")
-    if cfg.quantize and cfg.quantize not in QUANT_TYPES:
-        raise ValueError(f"--quantize: {cfg.quantize!r} is not one of {', '.join(QUANT_TYPES)}")
+    check_quant_type(cfg.quantize)
     dtype = _parse_dtype(cfg.dtype)
     model, tokenizer = load_model(cfg.base or None, dtype=torch.float32, quantize=cfg.quantize or None)
     load_adapter(model, cfg.adapter, name="default")

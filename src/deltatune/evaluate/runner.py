@@ -17,7 +17,7 @@ from ..data import DataConfig, DataError
 from ..io import load_adapter
 from ..adapter_ops import delete_adapter, disable_adapters, set_adapter
 from ..loading import load_model
-from ..quant.convert import QUANT_TYPES
+from ..quant.convert import check_quant_type
 from . import metrics as text_metrics
 from .examples import load_eval_examples
 from .generation import choice_accuracy, generate, perplexity
@@ -91,8 +91,7 @@ def check_eval_settings(cfg: EvalConfig, loading: bool = True) -> None:
             raise DataError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} must be at least 1")
     if cfg.limit < 0:
         raise DataError(f"--limit: {cfg.limit} must be 0 (all) or more")
-    if cfg.quantize and cfg.quantize not in QUANT_TYPES:
-        raise DataError(f"--quantize: {cfg.quantize!r} is not one of {', '.join(QUANT_TYPES)}")
+    check_quant_type(cfg.quantize)
     if loading:
         for raw in cfg.adapters:
             _adapter_dir(Path(raw))  # a folder without an adapter fails now, not after loading

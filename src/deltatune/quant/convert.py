@@ -18,6 +18,12 @@ from .layers import Linear4bit, Linear8bit, QuantLinear
 QUANT_TYPES = ("nf4", "fp4", "int8")
 
 
+def check_quant_type(value: str, flag: str = "--quantize") -> None:
+    """Refuse a quantization name early (before a model loads); empty means none."""
+    if value and value not in QUANT_TYPES:
+        raise ValueError(f"{flag}: {value!r} is not one of {', '.join(QUANT_TYPES)}")
+
+
 @dataclass
 class QuantizeConfig:
     """How to store a base model's linear weights."""
