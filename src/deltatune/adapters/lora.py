@@ -201,13 +201,38 @@ class LoraLinear(LoraLayer):
         self.set_factors(name, R[:r].contiguous(), Q[:, :r].contiguous())
         self._set_residual_base(name, weight)
 
+    def dropout_p(self, name: str) -> float:
+        """Adapter ``name``'s dropout probability as the next forward pass applies it (0 in eval)."""
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+    def _single_fused_adapter(self) -> Optional[str]:
+        """The adapter the whole layer can run as one ``kernels.lora_linear`` call, if any: a dense
+        base, exactly one unmerged active LoRA adapter (not DoRA), no per-row plan."""
+        if self.disabled or self.row_plan is not None or self.quantized:
+            return None
+        names = [n for n in self.active_adapters if self.has_adapter(n) and n not in self.merged_adapters]
+        if len(names) != 1 or names[0] in self.lora_magnitude_vector:
+            return None
+        weight = self.base_layer.weight
+        same_dtype = self.lora_A[names[0]].weight.dtype == weight.dtype
+        return names[0] if same_dtype or torch.is_autocast_enabled(weight.device.type) else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = None if args or kwargs else self._single_fused_adapter()
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        A, B = self.lora_A[name], self.lora_B[name]
+        return kernels.lora_linear(x, self.base_layer.weight, self.base_layer.bias, A.weight, B.weight, B.bias,
+                                   self.scaling[name], self.dropout_p(name), transposed=self.transposed)
+
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         scale = self.scaling[name]
-        x = x.to(A.weight.dtype)
         if name not in self.lora_magnitude_vector:
-            return result + kernels.lora_delta(dropout(x), A, B, scale)
+            return kernels.lora_add(x, result, A.weight, B.weight, B.bias, scale, self.dropout_p(name))
+        x = x.to(A.weight.dtype)
         weight = self.canonical(self.base_weight()).to(x.dtype)
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)

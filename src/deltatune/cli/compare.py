@@ -43,6 +43,9 @@ class CompareConfig:
     """Examples per step for every run; 0: the train default."""
     lr: float = 0.0
     """Learning rate for every run; 0: each method's usual rate (its recipe)."""
+    eval_steps: int = 0
+    """Validation-loss evaluation every N steps in each run; 0: the train default (about ten per run).
+    The table reads only the first and last, so max_steps here saves the time of the others."""
 
 
 def _train_command(cfg: CompareConfig, method: str, out: Path) -> list[str]:
@@ -56,6 +59,8 @@ def _train_command(cfg: CompareConfig, method: str, out: Path) -> list[str]:
         cmd += ["--batch-size", str(cfg.batch_size)]
     if cfg.lr:
         cmd += ["--lr", str(cfg.lr)]
+    if cfg.eval_steps:
+        cmd += ["--eval-steps", str(cfg.eval_steps)]
     return cmd
 
 
@@ -144,7 +149,7 @@ def run_compare(cfg: CompareConfig, log=print) -> list[dict]:
         from ..train import ConfigError
 
         raise ConfigError(f"methods: {unknown} are not known; choose from {sorted(RECIPES)}")
-    for name in ("max_steps", "batch_size"):
+    for name in ("max_steps", "batch_size", "eval_steps"):
         if getattr(cfg, name) < (1 if name == "max_steps" else 0):
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} is too small")
     folder = Path(cfg.output_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")

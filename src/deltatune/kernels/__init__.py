@@ -1,8 +1,14 @@
 """Numeric ops used by adapter layers. Layers import from here; this module picks the backend.
 
-Only the PyTorch reference exists so far; fused GPU kernels will be dispatched here.
+``reference`` holds the plain PyTorch ground truth of every op. ``lora_fused`` holds the LoRA
+linear as one autograd function (sparse dropout, in-place epilogues), built from PyTorch
+matmuls, so it is the fast path on every device; ``cross_entropy`` fuses the loss with the
+output projection. The tests hold each to its plain PyTorch definition.
 """
 
+from .cross_entropy import linear_cross_entropy
+from .lora_fused import lora_add, lora_linear
 from .reference import dora_factor, embed, embed_scale_of, embedding_delta, linear_no_bias, lora_delta
 
-__all__ = ["dora_factor", "embed", "embed_scale_of", "embedding_delta", "linear_no_bias", "lora_delta"]
+__all__ = ["dora_factor", "embed", "embed_scale_of", "embedding_delta", "linear_no_bias", "linear_cross_entropy", "lora_add",
+           "lora_delta", "lora_linear"]

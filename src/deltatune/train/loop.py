@@ -33,6 +33,7 @@ from .config import ConfigError, TrainConfig, to_dict
 from .methods import adapter_config, learning_rate, recipe_for
 from .distributed import Distributed
 from .optimizers import make_optimizer
+from .loss import TrainingLoss
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .schedule import make_scheduler
 
@@ -181,7 +182,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                                weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
-    ddp_model = dist.wrap(model)
+    training_loss = TrainingLoss(model)
+    if dist.is_main:
+        log(training_loss.describe())
+    ddp_loss = dist.wrap(training_loss)
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
     step, micro, best, bad_evals, initial_eval = 0, 0, math.inf, 0, None
@@ -218,7 +222,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             rows = [train_rows[i] for i in batches[index % len(batches)]]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
             with _autocast(cfg.precision, device):
-                loss = ddp_model(**batch, use_cache=False).loss
+                loss = ddp_loss(batch)
                 penalty = method.loss_penalty(model, "default", adapter_cfg)
                 loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
             scaler.scale(loss).backward()

@@ -1,0 +1,1 @@
+"""``deltatune bench``: deltatune and HF PEFT timed on the same training step (see ``cli/bench.py``)."""

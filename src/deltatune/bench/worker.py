@@ -1,0 +1,133 @@
+"""One measurement of ``deltatune bench``, in its own process: ``python -m deltatune.bench.worker
+SPEC_JSON OUT_JSON``. It builds the model, attaches the adapter with one tool, runs warm-up
+steps, times ``steps`` training steps (forward, backward, AdamW) and writes what it measured.
+
+Tools: ``deltatune`` (its adapter layers and its training loss, as ``deltatune train`` runs
+them), ``peft`` (HF PEFT's ``get_peft_model`` and the model's own loss, as a plain loop runs
+them), ``full`` (no adapter: every weight trained, the model's own loss).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .cases import Case, load_base, sft_batch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _rss_mib() -> float:
+    """Resident memory now (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _mib(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def attach(tool: str, model: torch.nn.Module, case: Case, r: int, alpha: int):
+    """Make ``model`` trainable as ``tool`` does; returns ``loss_fn(batch) -> loss``."""
+    for p in model.parameters():
+        p.requires_grad_(tool == "full")
+    if case.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    settings = dict(r=r, lora_alpha=alpha, target_modules="all-linear", lora_dropout=case.dropout,
+                    bias=case.bias, use_dora=case.method == "dora")
+    if tool == "full":
+        return lambda batch: model(**batch, use_cache=False).loss
+    if tool == "peft":
+        import peft
+
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **settings),
+                                      autocast_adapter_dtype=False)
+        return lambda batch: wrapped(**batch, use_cache=False).loss
+    import deltatune as dt
+    from ..train.loss import TrainingLoss
+
+    dt.add_adapter(model, dt.LoraConfig(task_type="CAUSAL_LM", **settings))
+    return TrainingLoss(model)
+
+
+def measure(spec: dict) -> dict:
+    device, tool = spec["device"], spec["tool"]
+    case = Case(**spec["case"])
+    dtype = getattr(torch, spec["dtype"])
+    torch.manual_seed(spec["seed"])
+    model = load_base(spec["shape"], dtype, device, spec["seed"])
+    model.train()
+    batch = sft_batch(spec["batch"], spec["seq_len"], model.config.vocab_size, spec["labels"], device)
+    torch.manual_seed(spec["seed"])
+    loss_fn = attach(tool, model, case, spec["r"], spec["alpha"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.startswith("cuda"))
+
+    def step() -> float:
+        loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    first_loss = step()  # also creates the optimizer state, so the memory below includes it
+    for _ in range(spec["warmup"] - 1):
+        step()
+    _sync(device)
+    rss_before = _rss_mib()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(spec["steps"]):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = _peak_rss_mib()
+    flops = None
+    if spec.get("count_flops"):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+    state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    parameters = _mib(model.parameters())
+    memory = {"parameters_mib": parameters, "gradients_mib": _mib(trainable), "optimizer_mib": _mib(state),
+              "peak_mib": peak}
+    if device.startswith("cuda"):
+        memory["activations_mib"] = peak - parameters - memory["gradients_mib"] - memory["optimizer_mib"]
+    else:  # what the timed steps added on top of everything that existed before them
+        memory["activations_mib"] = max(0.0, peak - rss_before)
+    median = statistics.median(times)
+    tokens = spec["batch"] * spec["seq_len"]
+    return {"tool": tool, "case": case.name, "median_step_s": median, "step_seconds": times,
+            "tokens_per_s": tokens / median, "peak_memory_mib": peak, "memory": memory,
+            "first_loss": first_loss, "trainable_parameters": sum(p.numel() for p in trainable),
+            "flops_per_step": flops}
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    Path(argv[1]).write_text(json.dumps(measure(spec), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,39 @@
+"""``deltatune bench`` as a smoke test on a tiny shape (not a timed test: no speed is asserted)."""
+
+import json
+
+import pytest
+from transformers import LlamaConfig
+
+from deltatune.cli import main
+
+
+def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
+    shape = tmp_path / "shape"
+    LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(shape)
+    out = tmp_path / "bench"
+    code = main(["bench", "--device", "cpu", "--shape", str(shape), "--cases", "lora+dropout+bias,dora,full",
+                 "--batch-size", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1", "--output-dir", str(out),
+                 "--memory"])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert [(r["case"], r["tool"]) for r in result["rows"]] == [
+        ("lora+dropout+bias", "deltatune"), ("lora+dropout+bias", "peft"), ("dora", "deltatune"), ("dora", "peft"),
+        ("full", "full")]
+    for line in result["summary"][:2]:
+        # same weights, same batch, B = 0 at the start: both tools must see the same first loss
+        assert line["same_first_loss"] is True
+        assert line["speedup"] == line["deltatune"]["tokens_per_s"] / line["peft"]["tokens_per_s"]
+        assert line["deltatune"]["tflops"] > 0 and line["deltatune"]["memory"]["optimizer_mib"] > 0
+    table = (out / "bench.md").read_text()
+    assert "| dora |" in table and "full (transformers alone)" in table and "activations" in table
+    assert (out / "bench.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--cases", "lora,qlora"], "qlora"), (["--shape", "nowhere"], "config.json"), (["--dtype", "fp8"], "fp8"),
+    (["--r", "0", "--cases", "lora"], "--r")])
+def test_bench_refuses_bad_settings(args, message, capsys):
+    assert main(["bench", "--device", "cpu", *args]) == 2
+    assert message in capsys.readouterr().err

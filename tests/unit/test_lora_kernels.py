@@ -1,0 +1,133 @@
+"""The fused LoRA ops against the plain PyTorch reference: forward output and every gradient
+(input, base weight and bias when trainable, A, B, LoRA bias), with and without dropout."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltatune.kernels import lora_add, lora_linear
+from deltatune.kernels.sparse_dropout import SPARSE_LIMIT, dropped_positions
+
+
+def reference(x, weight, bias, A, B, lora_bias, scale, keep_mask, transposed=False):
+    """``x Wᵀ + b + scale·B A (x ⊙ mask / (1-p)) + scale·lora_bias`` with composed ops."""
+    W = weight.T if transposed else weight
+    base = F.linear(x, W, bias)
+    dropped = x if keep_mask is None else x * keep_mask
+    out = base + F.linear(F.linear(dropped, A), B) * scale
+    return out if lora_bias is None else out + lora_bias * scale
+
+
+def keep_mask_for(seed, shape, p, device="cpu"):
+    """The mask the fused op draws after ``torch.manual_seed(seed)``, scaled by 1/(1-p)."""
+    if p == 0:
+        return None
+    torch.manual_seed(seed)
+    numel, width = math.prod(shape), shape[-1]
+    if p <= SPARSE_LIMIT:
+        keep = torch.ones(numel, dtype=torch.float64)
+        keep[dropped_positions(numel, p, torch.device(device))] = 0
+        keep = keep.view(-1, width)
+    else:
+        keep = torch.empty(numel // width, width, dtype=torch.bool).bernoulli_(1 - p).double()
+    return (keep / (1 - p)).view(shape)
+
+
+def make(shape, d_in, d_out, r, dtype, bias, lora_bias, base_grad=False, transposed=False):
+    g = torch.Generator().manual_seed(1)
+
+    def t(*s, grad=True):
+        return torch.randn(*s, generator=g, dtype=dtype).requires_grad_(grad)
+
+    x = t(*shape, d_in)
+    weight = t(*((d_in, d_out) if transposed else (d_out, d_in)), grad=base_grad)
+    b = t(d_out, grad=base_grad) if bias else None
+    A, B = t(r, d_in), t(d_out, r)
+    lb = t(d_out) if lora_bias else None
+    return x, weight, b, A, B, lb
+
+
+def grads(out, tensors, seed=3):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, [t for t in tensors if t is not None and t.requires_grad], g)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.2, 0.5])
+@pytest.mark.parametrize("bias,lora_bias,transposed,base_grad", [
+    (True, False, False, False), (False, True, False, False), (True, True, True, False), (True, False, False, True)])
+def test_lora_linear_matches_reference(p, bias, lora_bias, transposed, base_grad):
+    x, weight, b, A, B, lb = make((3, 17), 24, 20, 4, torch.float64, bias, lora_bias, base_grad, transposed)
+    torch.manual_seed(7)
+    fused = lora_linear(x, weight, b, A, B, lb, 0.75, p, transposed=transposed)
+    mask = keep_mask_for(7, x.shape, p)
+    ref = reference(x, weight, b, A, B, lb, 0.75, mask, transposed)
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    tensors = (x, weight, b, A, B, lb)
+    for got, want in zip(grads(fused, tensors), grads(ref, tensors)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.6])
+def test_lora_add_matches_reference(p):
+    x, weight, b, A, B, lb = make((2, 5, 9), 16, 12, 3, torch.float64, True, True)
+    base = F.linear(x, weight, b)
+    torch.manual_seed(11)
+    fused = lora_add(x, base, A, B, lb, 2.0, p)
+    ref = reference(x, weight, b, A, B, lb, 2.0, keep_mask_for(11, x.shape, p))
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    tensors = (x, A, B, lb)
+    for got, want in zip(grads(fused, tensors), grads(ref, tensors)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_float32_and_autocast_bfloat16():
+    x, weight, b, A, B, lb = make((4, 8), 32, 48, 8, torch.float32, True, False)
+    fused = lora_linear(x, weight, b, A, B, lb, 0.5, 0.0)
+    torch.testing.assert_close(fused, reference(x, weight, b, A, B, lb, 0.5, None), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = lora_linear(x, weight, b, A, B, lb, 0.5, 0.0)
+        ref = reference(x, weight, b, A, B, lb, 0.5, None)
+    assert fast.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads(fast.float(), (x, A, B)), grads(ref.float(), (x, A, B))):
+        assert got.dtype == torch.float32  # gradients reach the float32 master weights
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+
+
+def test_lora_add_promotes_like_adding_the_outputs():
+    x, weight, b, A, B, lb = make((2, 3), 8, 8, 2, torch.float32, False, False)
+    result = F.linear(x, weight).to(torch.bfloat16)
+    out = lora_add(x, result, A, B, None, 1.0, 0.0)
+    assert out.dtype == (result + F.linear(F.linear(x, A), B)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("p", [0.01, 0.05, 0.25])
+def test_dropped_positions_are_a_bernoulli_process(p):
+    torch.manual_seed(0)
+    numel = 200_000
+    pos = dropped_positions(numel, p, torch.device("cpu"))
+    assert pos.min() >= 0 and pos.max() < numel and bool((pos[1:] > pos[:-1]).all())  # sorted, distinct
+    sd = math.sqrt(numel * p * (1 - p))
+    assert abs(len(pos) - numel * p) < 5 * sd  # the count is Binomial(numel, p)
+    # each position independently: the two halves and the even/odd positions get equal shares
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[pos] = True
+    for part in (mask[: numel // 2], mask[numel // 2:], mask[0::2], mask[1::2]):
+        assert abs(int(part.sum()) - len(part) * p) < 5 * math.sqrt(len(part) * p * (1 - p))
+    # neighbours are uncorrelated: P(both dropped) ≈ p²
+    both = int((mask[1:] & mask[:-1]).sum())
+    assert abs(both - (numel - 1) * p * p) < 5 * math.sqrt(numel * p * p) + 5
+
+
+def test_dropped_positions_follow_the_seed_and_refuse_bad_probabilities():
+    torch.manual_seed(5)
+    first = dropped_positions(1000, 0.1, torch.device("cpu"))
+    torch.manual_seed(5)
+    assert torch.equal(first, dropped_positions(1000, 0.1, torch.device("cpu")))
+    # small tensors still cover their whole range (the draw is repeated until it does)
+    torch.manual_seed(0)
+    assert len(dropped_positions(3, 0.2, torch.device("cpu"))) <= 3
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropped_positions(10, 1.0, torch.device("cpu"))
