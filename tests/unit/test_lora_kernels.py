@@ -131,3 +131,37 @@ def test_dropped_positions_follow_the_seed_and_refuse_bad_probabilities():
     assert len(dropped_positions(3, 0.2, torch.device("cpu"))) <= 3
     with pytest.raises(ValueError, match="dropout probability"):
         dropped_positions(10, 1.0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_dora_weight_norm_matches_the_formed_sum(dtype, tol):
+    from deltatune.kernels import dora_weight_norm
+
+    g = torch.Generator().manual_seed(0)
+    weight, A, B = (torch.randn(*s, generator=g, dtype=dtype) for s in ((40, 24), (6, 24), (40, 6)))
+    want = torch.linalg.norm(weight.double() + 0.7 * (B.double() @ A.double()), dim=1)
+    torch.testing.assert_close(dora_weight_norm(weight, A, B, 0.7).double(), want, rtol=tol, atol=tol)
+
+
+def test_dora_norm_is_kept_until_a_factor_changes(monkeypatch):
+    import deltatune as dt
+    from deltatune import kernels
+    from tiny_models import randomize_adapter, sample_ids, tiny_model
+
+    model = tiny_model("llama")
+    dt.add_adapter(model, dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    randomize_adapter(model)
+    calls = []
+    real = kernels.dora_weight_norm
+    monkeypatch.setattr(kernels, "dora_weight_norm", lambda *a: calls.append(1) or real(*a))
+    layers = len(model.model.layers)
+    model.train()
+    model(sample_ids()).logits.sum().backward()
+    model(sample_ids()).logits.sum().backward()  # a second micro-batch: the same factors, no new norm
+    assert len(calls) == layers
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.01)  # what an optimizer step does (in place)
+    model(sample_ids())
+    assert len(calls) == 2 * layers

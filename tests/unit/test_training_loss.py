@@ -93,3 +93,12 @@ def test_adapted_head_and_unchecked_models_and_hooks():
     prompted = tiny_model("llama")
     dt.add_adapter(prompted, dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     assert "hooks" in TrainingLoss(prompted).describe()
+
+
+def test_evaluation_without_gradients_gives_the_same_loss():
+    model = tiny_model("llama")
+    dt.add_adapter(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapter(model)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(TrainingLoss(model)(_batch()), model(**_batch()).loss)

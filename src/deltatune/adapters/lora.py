@@ -233,17 +233,37 @@ class LoraLinear(LoraLayer):
         if name not in self.lora_magnitude_vector:
             return kernels.lora_add(x, result, A.weight, B.weight, B.bias, scale, self.dropout_p(name))
         x = x.to(A.weight.dtype)
-        weight = self.canonical(self.base_weight()).to(x.dtype)
         if isinstance(dropout, nn.Identity) or not self.training:
             bias = getattr(self.base_layer, "bias", None)
             base_part = result if bias is None else result - bias
         else:
             x = dropout(x)
             # A quantized base recomputes its weight in backward instead of saving it.
-            base_part = self.base_layer.matmul(x) if self.quantized else kernels.linear_no_bias(x, weight)
-        delta = (B.weight @ A.weight) * scale
-        factor = self._dora_factor(name, weight, delta.detach())
+            base_part = (self.base_layer.matmul(x) if self.quantized
+                         else kernels.linear_no_bias(x, self.canonical(self.base_weight()).to(x.dtype)))
+        magnitude = self.lora_magnitude_vector[name].weight
+        factor = magnitude / self._dora_norm(name).to(magnitude.dtype)
         return result + (factor - 1) * base_part + factor * kernels.lora_delta(x, A, B, scale)
+
+    def _dora_norm(self, name: str) -> torch.Tensor:
+        """``||W + scale·BA||`` per output row, kept until A, B or the base weight change (once per
+        optimizer step, not per micro-batch or per recomputation under checkpointing)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        stored = self.base_layer.weight  # a quantized layer's packed bytes: re-quantizing replaces them
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), self.scaling[name],
+               (stored._version, stored.data_ptr()))
+        cache = self.__dict__.setdefault("_dora_norms", {})
+        if name in cache and cache[name][0] == key:
+            return cache[name][1]
+        weight = self.canonical(self.base_weight().detach())
+        rows_key = key[-1]
+        rows = self.__dict__.get("_weight_rows_sq")
+        if rows is None or rows[0] != rows_key:
+            rows = (rows_key, kernels.weight_row_norms_sq(weight))
+            self.__dict__["_weight_rows_sq"] = rows
+        norm = kernels.dora_weight_norm(weight, A.detach(), B.detach(), self.scaling[name], rows[1])
+        cache[name] = (key, norm)
+        return norm
 
     def merge_bias_into(self, name: str, bias: torch.Tensor) -> torch.Tensor:
         B = self.lora_B[name]

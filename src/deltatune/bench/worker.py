@@ -32,7 +32,21 @@ def _rss_mib() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def _peak_rss_mib() -> float:
+def _reset_peak_rss() -> bool:
+    """Start a new resident-memory peak (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib(reset: bool) -> float:
+    """The peak since ``_reset_peak_rss`` when it worked, else since the process started."""
+    if reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -88,6 +102,7 @@ def measure(spec: dict) -> dict:
         step()
     _sync(device)
     rss_before = _rss_mib()
+    reset = _reset_peak_rss()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -99,7 +114,7 @@ def measure(spec: dict) -> dict:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = _peak_rss_mib()
+        peak = _peak_rss_mib(reset)
     flops = None
     if spec.get("count_flops"):
         from torch.utils.flop_counter import FlopCounterMode

@@ -49,12 +49,15 @@ def loss_sums(model, rows: list, batch_size: int, pad_id: int, packed: bool = Fa
 
     Training's validation loss and evaluation's perplexity both come from these sums.
     """
+    from ..train.loss import TrainingLoss
+
     device = _device(model)
+    loss_of = TrainingLoss(model)  # the labelled positions only, where the model allows it
     total = torch.zeros(2, dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_id, packed,
                                                       seq2seq).items()}
-        loss = model(**batch, use_cache=False).loss
+        loss = loss_of(batch)
         tokens = trained_token_count(batch, seq2seq)
         total += torch.stack([loss.double().cpu() * tokens.cpu(), tokens.double().cpu()])
     return total

@@ -7,8 +7,9 @@ output projection. The tests hold each to its plain PyTorch definition.
 """
 
 from .cross_entropy import linear_cross_entropy
+from .dora import dora_weight_norm, weight_row_norms_sq
 from .lora_fused import lora_add, lora_linear
 from .reference import dora_factor, embed, embed_scale_of, embedding_delta, linear_no_bias, lora_delta
 
-__all__ = ["dora_factor", "embed", "embed_scale_of", "embedding_delta", "linear_no_bias", "linear_cross_entropy", "lora_add",
+__all__ = ["dora_factor", "dora_weight_norm", "weight_row_norms_sq", "embed", "embed_scale_of", "embedding_delta", "linear_no_bias", "linear_cross_entropy", "lora_add",
            "lora_delta", "lora_linear"]

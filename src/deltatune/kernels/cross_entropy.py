@@ -18,36 +18,41 @@ import torch
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32)
 
 
+def _loss_and_grads(hidden, weight, bias, targets, want_h: bool, want_w: bool, want_b: bool):
+    """Summed loss, and the unscaled gradients that are wanted, chunk by chunk."""
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    grad_h = torch.empty_like(hidden) if want_h else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+    grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start:start + chunk]
+        t = targets[start:start + chunk]
+        logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()
+        lse = torch.logsumexp(logits, dim=1)
+        total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
+        if not (want_h or want_w or want_b):
+            continue
+        probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
+        probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d(loss_i)/d(logits_i)
+        if want_h:
+            grad_h[start:start + chunk] = probs.to(weight.dtype) @ weight
+        if want_w:
+            grad_w.addmm_(probs.T, h.float())
+        if want_b:
+            grad_b += probs.sum(0)
+    return total, grad_h, grad_w, grad_b
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets):
-        n = hidden.shape[0]
-        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-        want_h = ctx.needs_input_grad[0]
-        want_w, want_b = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if want_b else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, n, chunk):
-            h = hidden[start:start + chunk]
-            t = targets[start:start + chunk]
-            logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()
-            lse = torch.logsumexp(logits, dim=1)
-            total += (lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
-            if not (want_h or want_w or want_b):
-                continue
-            probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0  # d(loss_i)/d(logits_i)
-            if want_h:
-                grad_h[start:start + chunk] = probs.to(weight.dtype) @ weight
-            if want_w:
-                grad_w.addmm_(probs.T, h.float())
-            if want_b:
-                grad_b += probs.sum(0)
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        total, grad_h, grad_w, grad_b = _loss_and_grads(hidden, weight, bias, targets, ctx.needs_input_grad[0],
+                                                        ctx.needs_input_grad[1], want_b)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.weight_dtype, ctx.rows = weight.dtype, n
-        return total / n
+        ctx.weight_dtype, ctx.rows = weight.dtype, hidden.shape[0]
+        return total / hidden.shape[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -71,4 +76,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias)]
     with torch.autocast(device_type, enabled=False):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in cast)):
+            return _loss_and_grads(*cast, targets, False, False, False)[0] / hidden.shape[0]  # evaluation
         return _LinearCrossEntropy.apply(*cast, targets)
