@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 # `deltatune compare` writes its compare.md with this function; the docs show the same table.
 from deltatune.cli.compare import markdown_table as compare_table
+# `deltatune bench` writes its bench.md table with this function.
+from deltatune.bench.run import markdown as bench_table
 # `deltatune eval` writes its report.md table with this function.
 from deltatune.evaluate.report import table
 
@@ -108,6 +110,20 @@ def default_job_table(result: dict) -> str:
     return _table(["figure", "value"], run) + "\n" + table(result["evaluation"]) + "\n"
 
 
+def default_job_speed_table(result: dict) -> str:
+    """``default_job_speed.py``: the default job at an earlier revision and now, one after the other."""
+    rows = []
+    for key in ("before", "after"):
+        r = result[key]
+        rows.append([f"{key} ({r['revision']})", f"{r['train_seconds']:.0f}", f"{r['wall_seconds']:.0f}",
+                     f"{r['validation_loss_before']:.3f} → {r['validation_loss_after']:.3f}",
+                     f"{r['exact_match']:.3f}", f"{r['rougeL']:.3f}"])
+    return _table(["code", "loading + training (s)", "whole command (s)", "validation loss before → after",
+                   f"{result['after']['evaluation_split']} exact match", "ROUGE-L"], rows) + (
+        f"\nLoading and training {result['speedup']:.2f}× faster; {result['machine']['cpus']} CPUs, "
+        f"{result['machine']['processor']}.\n")
+
+
 def lr_choice_table(rows: list) -> str:
     """``choose_lr.py``: validation loss at each learning rate, and the rate chosen."""
     rates = sorted({lr for r in rows for lr in r["validation_loss_after"]}, key=float)
@@ -125,10 +141,12 @@ def parity_table(results: dict) -> str:
 
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "results-*.json": side_by_side_table,
+    "bench-*.json": bench_table,
     "compare-*.json": compare_table,
     "load-memory-*.json": load_memory_table,
     "merge-error-*.json": merge_error_table,
-    "default-job-*.json": default_job_table,
+    "default-job-speed-*.json": default_job_speed_table,
+    "default-job-cpu*.json": default_job_table,
     "lr-choice-*.json": lr_choice_table,
     "parity-*.json": parity_table,
 }

@@ -55,3 +55,21 @@ def test_bench_on_cuda(tmp_path):
                  "--output-dir", str(out)]) == 0
     line = json.loads((out / "bench.json").read_text())["summary"][0]
     assert line["same_first_loss"] and line["deltatune"]["mfu"] > 0
+
+
+def test_activation_offload_gives_the_same_gradients_on_cuda():
+    import deltatune as dt
+    from deltatune.loss import TrainingLoss
+    from tiny_models import randomize_adapter, sample_ids, tiny_model
+
+    model = tiny_model("llama").cuda()
+    dt.add_adapter(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapter(model)
+    ids = sample_ids().cuda()
+    batch = {"input_ids": ids, "labels": ids}
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(TrainingLoss(model)(batch), params)
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        offloaded = torch.autograd.grad(TrainingLoss(model)(batch), params)
+    for a, b in zip(plain, offloaded):
+        torch.testing.assert_close(a, b)

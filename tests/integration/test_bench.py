@@ -33,7 +33,7 @@ def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--cases", "lora,qlora"], "qlora"), (["--shape", "nowhere"], "config.json"), (["--dtype", "fp8"], "fp8"),
-    (["--r", "0", "--cases", "lora"], "--r")])
+    (["--r", "0", "--cases", "lora"], "--r"), (["--cases", "lora+offload"], "needs --device cuda")])
 def test_bench_refuses_bad_settings(args, message, capsys):
     assert main(["bench", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err

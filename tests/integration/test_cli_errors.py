@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 import deltatune as dt
 from deltatune.cli import main
@@ -55,6 +56,7 @@ TRAIN_BAD = [
     (["--save-steps", "-1"], "save_steps"), (["--eval-steps", "-1"], "eval_steps"),
     (["--config", "/no/such.yaml"], "/no/such.yaml"), (["--data", "/no/such.jsonl"], "/no/such.jsonl"),
     (["--resume"], "--resume"), (["--resume", "--overwrite"], "--overwrite"), (["--batch-siz", "4"], "--batch-size"),
+    *([(["--activation-offload"], "activation_offload")] if not torch.cuda.is_available() else []),
 ]
 
 

@@ -11,7 +11,7 @@ from transformers import (
 import deltatune as dt
 from deltatune.kernels import cross_entropy
 from deltatune.kernels.cross_entropy import linear_cross_entropy
-from deltatune.train.loss import LABELLED_ONLY_CLASSES, TrainingLoss
+from deltatune.loss import LABELLED_ONLY_CLASSES, TrainingLoss
 from tiny_models import VOCAB, randomize_adapter, sample_ids, tiny_model
 
 

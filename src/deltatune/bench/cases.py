@@ -23,6 +23,7 @@ class Case:
     dropout: float = 0.0
     bias: str = "none"
     checkpointing: bool = False
+    offload: bool = False  # saved activations in pinned CPU memory (CUDA only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,6 +37,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     *_both("lora", "lora"),
     *_both("lora+dropout+bias", "lora", dropout=0.05, bias="lora_only"),
     *_both("dora", "dora"),
+    Case("lora+offload", "lora", offload=True),
     Case("full", "full"),
 ]}
 

@@ -71,7 +71,7 @@ def attach(tool: str, model: torch.nn.Module, case: Case, r: int, alpha: int):
                                       autocast_adapter_dtype=False)
         return lambda batch: wrapped(**batch, use_cache=False).loss
     import deltatune as dt
-    from ..train.loss import TrainingLoss
+    from ..loss import TrainingLoss
 
     dt.add_adapter(model, dt.LoraConfig(task_type="CAUSAL_LM", **settings))
     return TrainingLoss(model)
@@ -91,7 +91,11 @@ def measure(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.startswith("cuda"))
 
     def step() -> float:
-        loss = loss_fn(batch)
+        if case.offload:
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                loss = loss_fn(batch)
+        else:
+            loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

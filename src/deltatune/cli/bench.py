@@ -17,6 +17,7 @@ from .options import add_config_command
 
 CPU_CASES = ["lora", "lora+dropout+bias", "dora", "lora+checkpointing", "lora+dropout+bias+checkpointing",
              "dora+checkpointing", "full"]
+GPU_CASES = [*CPU_CASES[:-1], "lora+offload", "full"]
 
 
 @dataclass
@@ -27,8 +28,8 @@ class BenchConfig:
     """cpu or cuda; empty: cuda when available."""
     shape: str = ""
     """default (the embedded model), llama-1b (random init), or a Hugging Face config folder; empty: default on cpu, llama-1b on cuda."""
-    cases: list = field(default_factory=lambda: list(CPU_CASES))
-    """Cases to run: lora, lora+dropout+bias, dora, each also +checkpointing, and full (fine-tuning, transformers alone)."""
+    cases: list = field(default_factory=list)
+    """Cases to run: lora, lora+dropout+bias, dora, each also +checkpointing, lora+offload (saved activations in CPU memory; cuda), full (fine-tuning, transformers alone); empty: all that the device runs."""
     tools: list = field(default_factory=lambda: ["deltatune", "peft"])
     """Tools to run each adapter case with."""
     batch_size: int = 0
@@ -69,12 +70,14 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
         raise ValueError("--device cuda: this machine has no CUDA device")
     gpu = device == "cuda"
     out = BenchConfig(**{**asdict(cfg), "device": device, "shape": cfg.shape or ("llama-1b" if gpu else "default"),
-                         "batch_size": cfg.batch_size or 4, "seq_len": cfg.seq_len or (2048 if gpu else 256),
+                         "cases": cfg.cases or list(GPU_CASES if gpu else CPU_CASES), "batch_size": cfg.batch_size or 4, "seq_len": cfg.seq_len or (2048 if gpu else 256),
                          "dtype": cfg.dtype or ("bfloat16" if gpu else "float32"),
                          "steps": cfg.steps or (20 if gpu else 5), "warmup": cfg.warmup or (5 if gpu else 2)})
     unknown = [c for c in out.cases if c not in CASES]
     if unknown:
         raise ValueError(f"--cases: {unknown} are not known; choose from {list(CASES)}")
+    if not gpu and any(CASES[c].offload for c in out.cases):
+        raise ValueError("--cases: lora+offload moves activations from GPU to CPU memory; it needs --device cuda")
     bad_tools = [t for t in out.tools if t not in ("deltatune", "peft")]
     if bad_tools or not out.tools:
         raise ValueError(f"--tools: {bad_tools or out.tools} — choose from deltatune, peft")

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..data import collate, trained_token_count
+from ..loss import TrainingLoss
 from .examples import EvalExample
 
 
@@ -49,8 +50,6 @@ def loss_sums(model, rows: list, batch_size: int, pad_id: int, packed: bool = Fa
 
     Training's validation loss and evaluation's perplexity both come from these sums.
     """
-    from ..train.loss import TrainingLoss
-
     device = _device(model)
     loss_of = TrainingLoss(model)  # the labelled positions only, where the model allows it
     total = torch.zeros(2, dtype=torch.float64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..data.formats import FORMATS
 from ..quant.convert import QUANT_TYPES
 from .config import ConfigError, TrainConfig
@@ -57,5 +59,8 @@ def check_settings(cfg: TrainConfig) -> None:
     # The method's config checks its own fields; the run's length is not known yet, so AdaLoRA's
     # schedule is checked against a long nominal run here and against the real one later.
     adapter_config(cfg, "CAUSAL_LM", total_steps=10**6)
+    if cfg.activation_offload and not torch.cuda.is_available():
+        raise ConfigError("activation_offload moves saved activations from GPU to CPU memory; this machine has no "
+                          "CUDA device (use gradient_checkpointing to save memory on a CPU)")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")

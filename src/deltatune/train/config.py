@@ -81,6 +81,8 @@ class TrainConfig:
     """fp32, bf16 or fp16 autocast (fp16 uses loss scaling)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    activation_offload: bool = False
+    """Keep the activations saved for the backward pass in pinned CPU memory instead of GPU memory (CUDA only): GPU memory like checkpointing's without recomputing, at the cost of transfers; deltatune bench measures which is faster."""
     eval_steps: int = 0
     """Evaluate the validation loss every N steps (0: about ten times over the run; always at step 0 and at the end)."""
     save_steps: int = 0

@@ -27,13 +27,13 @@ from ..files import write_text_atomically
 from ..io import save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
+from ..loss import TrainingLoss
 from .checks import check_settings
 from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, to_dict
 from .methods import adapter_config, learning_rate, recipe_for
 from .distributed import Distributed
 from .optimizers import make_optimizer
-from .loss import TrainingLoss
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .schedule import make_scheduler
 
@@ -113,6 +113,13 @@ def _batches_for_epoch(n_rows: int, batch_size: int, seed: int, epoch: int, rank
         if mine:
             batches.append(mine)
     return batches
+
+
+def _saved_activations(cfg: TrainConfig, device: torch.device):
+    """Where autograd keeps what backward needs: pinned CPU memory with ``activation_offload``."""
+    if cfg.activation_offload:
+        return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    return contextlib.nullcontext()
 
 
 def _autocast(precision: str, device: torch.device):
@@ -221,7 +228,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             batches = _batches_for_epoch(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
             rows = [train_rows[i] for i in batches[index % len(batches)]]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
-            with _autocast(cfg.precision, device):
+            with _autocast(cfg.precision, device), _saved_activations(cfg, device):
                 loss = ddp_loss(batch)
                 penalty = method.loss_penalty(model, "default", adapter_cfg)
                 loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum

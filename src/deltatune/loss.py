@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import linear_cross_entropy
+from .kernels import linear_cross_entropy
 
 IGNORE_INDEX = -100
 

@@ -1,0 +1,70 @@
+"""The default job's wall time now against an earlier revision, on the same machine, one after
+the other: `deltatune train` with no arguments, run from this checkout and from a git revision
+(checked out into a temporary worktree and run with its own sources, with this checkout's
+installed dependencies). Writes `benchmarks/default-job-speed-cpu.json` with, for each: the
+run's loading + training seconds, validation loss before and after, and the test split's
+exact match and ROUGE-L; prints the ratio.
+
+    python benchmarks/default_job_speed.py --before f424d24      # about ten minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+
+
+def run_job(src: Path, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "deltatune", "train", "--output-dir", str(out)], check=True, env=env,
+                   cwd=src.parent, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - started
+    summary = json.loads((out / "summary.json").read_text())
+    tuned = summary["evaluation"]["default"]
+    return {"wall_seconds": wall, "train_seconds": summary["seconds"],
+            "validation_loss_before": summary["initial_validation_loss"],
+            "validation_loss_after": summary["final_validation_loss"], "evaluation_split": summary["evaluation_split"],
+            "exact_match": tuned["exact_match"], "rougeL": tuned["rougeL"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", required=True, help="the earlier git revision")
+    parser.add_argument("--out", type=Path, default=HERE / "default-job-speed-cpu.json")
+    args = parser.parse_args()
+    revision = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True, capture_output=True,
+                              text=True).stdout.strip()
+    now = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), revision], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            before = run_job(tree / "src", Path(tmp) / "run-before")
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
+        after = run_job(ROOT / "src", Path(tmp) / "run-after")
+    result = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+              "before": {"revision": revision, **before}, "after": {"revision": now, **after},
+              "speedup": before["train_seconds"] / after["train_seconds"]}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    sys.path.insert(0, str(HERE))
+    from tables import default_job_speed_table
+
+    print(default_job_speed_table(result))
+
+
+if __name__ == "__main__":
+    main()
