@@ -3,7 +3,9 @@ the other: `deltatune train` with no arguments, run from this checkout and from 
 (checked out into a temporary worktree and run with its own sources, with this checkout's
 installed dependencies). Writes `benchmarks/default-job-speed-cpu.json` with, for each: the
 run's loading + training seconds, validation loss before and after, and the test split's
-exact match and ROUGE-L; prints the ratio.
+exact match and ROUGE-L; prints the ratio. The run folders stay in `runs/default-job-speed/`
+(`python benchmarks/default_job.py --run runs/default-job-speed/after` records the new run
+as the default job's figures).
 
     python benchmarks/default_job_speed.py --before f424d24      # about ten minutes on 2 cores
 """
@@ -27,8 +29,8 @@ ROOT = HERE.parent
 def run_job(src: Path, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "deltatune", "train", "--output-dir", str(out)], check=True, env=env,
-                   cwd=src.parent, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "deltatune", "train", "--output-dir", str(out), "--overwrite"],
+                   check=True, env=env, cwd=src.parent, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
     tuned = summary["evaluation"]["default"]
@@ -47,15 +49,16 @@ def main() -> None:
                               text=True).stdout.strip()
     now = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout.strip()
+    runs = (ROOT / "runs" / "default-job-speed").resolve()
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), revision], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            before = run_job(tree / "src", Path(tmp) / "run-before")
+            before = run_job(tree / "src", runs / "before")
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
-        after = run_job(ROOT / "src", Path(tmp) / "run-after")
+        after = run_job(ROOT / "src", runs / "after")
     result = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
               "before": {"revision": revision, **before}, "after": {"revision": now, **after},
               "speedup": before["train_seconds"] / after["train_seconds"]}

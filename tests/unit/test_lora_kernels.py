@@ -165,3 +165,25 @@ def test_dora_norm_is_kept_until_a_factor_changes(monkeypatch):
                 p.add_(0.01)  # what an optimizer step does (in place)
     model(sample_ids())
     assert len(calls) == 2 * layers
+
+
+def test_dropout_draws_repeat_under_gradient_checkpointing():
+    """Checkpointing recomputes the forward in backward: the dropped positions must be drawn again
+    identically, or the gradients would belong to another mask."""
+    import deltatune as dt
+    from tiny_models import randomize_adapter, sample_ids, tiny_model
+
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model("llama")
+        dt.add_adapter(model, dt.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+        randomize_adapter(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(123)
+        ids = sample_ids()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed)

@@ -91,6 +91,7 @@ def summarise(rows: list[dict], device: str) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
+    """The table ``deltatune bench`` prints and the docs show, with the settings under it."""
     def cell(entry: Optional[dict], key: str, fmt: str) -> str:
         if entry is None:
             return "–"
@@ -99,21 +100,26 @@ def markdown(result: dict) -> str:
         value = entry.get(key)
         return "–" if value is None else format(value, fmt)
 
-    head = ("| case | deltatune tokens/s | PEFT tokens/s | speedup | deltatune peak MiB | PEFT peak MiB "
+    def work(entry: Optional[dict]) -> str:
+        text = cell(entry, "tflops", ".2f")
+        return text + f" ({entry['mfu']:.0%} MFU)" if entry and entry.get("mfu") else text
+
+    head = ("| case | deltatune tokens/s | PEFT tokens/s | deltatune / PEFT | deltatune peak MiB | PEFT peak MiB "
             "| deltatune TFLOP/s |\n|---|---|---|---|---|---|---|\n")
     body = []
     for line in result["summary"]:
-        ours = line.get("deltatune") or line.get("full")
+        ours, theirs = line.get("deltatune") or line.get("full"), line.get("peft")
         name = line["case"] + (" (transformers alone)" if "full" in line else "")
-        speed = f"{line['speedup']:.2f}x" if "speedup" in line else "–"
-        body.append(f"| {name} | {cell(ours, 'tokens_per_s', ',.0f')} | {cell(line.get('peft'), 'tokens_per_s', ',.0f')} "
-                    f"| {speed} | {cell(ours, 'peak_memory_mib', ',.0f')} | {cell(line.get('peft'), 'peak_memory_mib', ',.0f')} "
-                    f"| {cell(ours, 'tflops', '.2f')} |")
+        speed = f"{line['speedup']:.2f}×" if "speedup" in line else "–"
+        body.append(f"| {name} | {cell(ours, 'tokens_per_s', ',.0f')} | {cell(theirs, 'tokens_per_s', ',.0f')} "
+                    f"| {speed} | {cell(ours, 'peak_memory_mib', ',.0f')} | {cell(theirs, 'peak_memory_mib', ',.0f')} "
+                    f"| {work(ours)} |")
     s = result["settings"]
-    foot = (f"\n{result['device']}; {s['shape']} shape, batch {s['batch_size']} x {s['seq_len']}, {s['dtype']}, LoRA r={s['r']} "
-            f"alpha={s['alpha']} on all linear layers, AdamW, median of {s['steps']} steps after {s['warmup']} warm-up; "
-            f"labels: {s['labels']} ({result['labelled_share']:.0%} of positions trained). Versions: "
-            + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v) + f". Command: `{result['command']}`\n")
+    used = ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v)
+    foot = (f"\n{result['device']}; {s['shape']} shape, batch {s['batch_size']} x {s['seq_len']}, {s['dtype']}, "
+            f"LoRA r={s['r']} alpha={s['alpha']} on all linear layers, AdamW, median of {s['steps']} steps after "
+            f"{s['warmup']} warm-up; labels: {s['labels']} ({result['labelled_share']:.0%} of positions trained). "
+            f"Versions: {used}. Command: `{result['command']}`\n")
     return head + "\n".join(body) + "\n" + foot
 
 

@@ -69,10 +69,11 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this machine has no CUDA device")
     gpu = device == "cuda"
-    out = BenchConfig(**{**asdict(cfg), "device": device, "shape": cfg.shape or ("llama-1b" if gpu else "default"),
-                         "cases": cfg.cases or list(GPU_CASES if gpu else CPU_CASES), "batch_size": cfg.batch_size or 4, "seq_len": cfg.seq_len or (2048 if gpu else 256),
-                         "dtype": cfg.dtype or ("bfloat16" if gpu else "float32"),
-                         "steps": cfg.steps or (20 if gpu else 5), "warmup": cfg.warmup or (5 if gpu else 2)})
+    defaults = {"device": device, "shape": cfg.shape or ("llama-1b" if gpu else "default"),
+                "cases": cfg.cases or list(GPU_CASES if gpu else CPU_CASES), "batch_size": cfg.batch_size or 4,
+                "seq_len": cfg.seq_len or (2048 if gpu else 256), "dtype": cfg.dtype or ("bfloat16" if gpu else "float32"),
+                "steps": cfg.steps or (20 if gpu else 5), "warmup": cfg.warmup or (5 if gpu else 2)}
+    out = BenchConfig(**{**asdict(cfg), **defaults})
     unknown = [c for c in out.cases if c not in CASES]
     if unknown:
         raise ValueError(f"--cases: {unknown} are not known; choose from {list(CASES)}")
@@ -102,7 +103,8 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     """Run the benchmark; writes bench.json, bench.md and bench.png and returns the result."""
     from ..bench.cases import CASES, labelled_share, sft_batch
-    from ..bench.run import device_name, memory_markdown, markdown, run_one, summarise, tools_for, versions, write_outputs
+    from ..bench.run import (device_name, markdown, memory_markdown, run_one, summarise, tools_for, versions,
+                             write_outputs)
 
     cfg = _resolved(cfg)
     folder = Path(cfg.output_dir or f"runs/bench-{time.strftime('%Y%m%d-%H%M%S')}")
