@@ -187,3 +187,25 @@ def test_dropout_draws_repeat_under_gradient_checkpointing():
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed)
+
+
+@pytest.mark.parametrize("bias,zero_magnitude", [(False, False), (True, False), (True, True)])
+def test_dora_add_matches_the_composed_form(bias, zero_magnitude):
+    from deltatune.kernels import dora_add
+
+    x, weight, b, A, B, _ = make((3, 7), 12, 10, 3, torch.float64, bias, False, base_grad=bias)
+    magnitude = torch.rand(10, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) + 0.5
+    if zero_magnitude:
+        magnitude[3] = 0.0
+    magnitude.requires_grad_(True)
+    norm = torch.linalg.norm(weight + 0.8 * B @ A, dim=1).detach()  # a constant, as DoRA treats it
+    result = F.linear(x, weight, b)
+    fused = dora_add(x, result, b, A, B, magnitude, norm, 0.8)
+    factor = magnitude / norm
+    result = F.linear(x, weight, b)  # a graph of its own for the reference
+    base_part = result if b is None else result - b
+    ref = result + (factor - 1) * base_part + factor * (F.linear(F.linear(x, A), B) * 0.8)
+    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
+    tensors = (x, weight, b, A, B, magnitude)
+    for got, want in zip(grads(fused, tensors), grads(ref, tensors)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -232,17 +232,17 @@ class LoraLinear(LoraLayer):
         scale = self.scaling[name]
         if name not in self.lora_magnitude_vector:
             return kernels.lora_add(x, result, A.weight, B.weight, B.bias, scale, self.dropout_p(name))
-        x = x.to(A.weight.dtype)
-        if isinstance(dropout, nn.Identity) or not self.training:
-            bias = getattr(self.base_layer, "bias", None)
-            base_part = result if bias is None else result - bias
-        else:
-            x = dropout(x)
-            # A quantized base recomputes its weight in backward instead of saving it.
-            base_part = (self.base_layer.matmul(x) if self.quantized
-                         else kernels.linear_no_bias(x, self.canonical(self.base_weight()).to(x.dtype)))
         magnitude = self.lora_magnitude_vector[name].weight
-        factor = magnitude / self._dora_norm(name).to(magnitude.dtype)
+        norm = self._dora_norm(name)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            return kernels.dora_add(x, result, getattr(self.base_layer, "bias", None), A.weight, B.weight,
+                                    magnitude, norm, scale)
+        # With dropout DoRA's base term reads the dropped-out input: a second base matmul (a
+        # quantized base recomputes its weight in backward instead of saving it).
+        x = dropout(x.to(A.weight.dtype))
+        base_part = (self.base_layer.matmul(x) if self.quantized
+                     else kernels.linear_no_bias(x, self.canonical(self.base_weight()).to(x.dtype)))
+        factor = magnitude / norm.to(magnitude.dtype)
         return result + (factor - 1) * base_part + factor * kernels.lora_delta(x, A, B, scale)
 
     def _dora_norm(self, name: str) -> torch.Tensor:
