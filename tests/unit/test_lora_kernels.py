@@ -209,3 +209,28 @@ def test_dora_add_matches_the_composed_form(bias, zero_magnitude):
     tensors = (x, weight, b, A, B, magnitude)
     for got, want in zip(grads(fused, tensors), grads(ref, tensors)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_a_base_that_does_more_than_a_linear_keeps_its_own_forward():
+    """A subclass of nn.Linear with its own forward, or a hook on the base, is never replaced by
+    the fused op: the layer calls the base and adds the adapter after it."""
+    import deltatune as dt
+    from deltatune.adapters.lora import LoraLinear
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = torch.nn.Sequential(Doubled(8, 8, bias=False))
+    dt.add_adapter(model, dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    layer = model[0]
+    assert isinstance(layer, LoraLinear) and layer._single_fused_adapter() is None
+    x = torch.randn(3, 8)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    expected = layer.base_layer(x) + F.linear(F.linear(x, A), B) * layer.scaling["default"]
+    torch.testing.assert_close(model(x), expected)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    dt.add_adapter(plain, dt.LoraConfig(r=2, target_modules=["0"]))
+    assert plain[0]._single_fused_adapter() == "default"
+    plain[0].base_layer.register_forward_hook(lambda *args: None)
+    assert plain[0]._single_fused_adapter() is None

@@ -209,7 +209,7 @@ class LoraLinear(LoraLayer):
     def _single_fused_adapter(self) -> Optional[str]:
         """The adapter the whole layer can run as one ``kernels.lora_linear`` call, if any: a dense
         base, exactly one unmerged active LoRA adapter (not DoRA), no per-row plan."""
-        if self.disabled or self.row_plan is not None or self.quantized:
+        if self.disabled or self.row_plan is not None or not self._plain_base():
             return None
         names = [n for n in self.active_adapters if self.has_adapter(n) and n not in self.merged_adapters]
         if len(names) != 1 or names[0] in self.lora_magnitude_vector:
@@ -217,6 +217,13 @@ class LoraLinear(LoraLayer):
         weight = self.base_layer.weight
         same_dtype = self.lora_A[names[0]].weight.dtype == weight.dtype
         return names[0] if same_dtype or torch.is_autocast_enabled(weight.device.type) else None
+
+    def _plain_base(self) -> bool:
+        """The base computes exactly ``x Wᵀ + b`` (a subclass may do more in its forward, and a hook
+        on it expects to run), so one op may stand in for it."""
+        base = self.base_layer
+        plain = type(base) is nn.Linear or type(base).__name__ == "Conv1D"
+        return plain and not (base._forward_hooks or base._forward_pre_hooks)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = None if args or kwargs else self._single_fused_adapter()
