@@ -36,8 +36,12 @@ def record(run: Path, wall_seconds: float | None) -> dict:
     keep = ("trainable_parameters", "total_parameters", "steps", "seconds", "peak_memory_mib", "train_examples",
             "validation_examples", "initial_validation_loss", "final_validation_loss", "evaluation_split",
             "evaluation")
-    return {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
-            "wall_seconds": wall_seconds, **{k: summary.get(k) for k in keep}}
+    return {"machine": machine(), "wall_seconds": wall_seconds, **{k: summary.get(k) for k in keep}}
+
+
+def machine() -> dict:
+    """The processor and CPU count a figure was measured on."""
+    return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
 
 
 def main() -> None:

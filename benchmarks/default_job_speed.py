@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -59,13 +58,14 @@ def main() -> None:
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
         after = run_job(ROOT / "src", runs / "after")
-    result = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
+    sys.path.insert(0, str(HERE))
+    from default_job import machine
+    from tables import default_job_speed_table
+
+    result = {"machine": machine(),
               "before": {"revision": revision, **before}, "after": {"revision": now, **after},
               "speedup": before["train_seconds"] / after["train_seconds"]}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    sys.path.insert(0, str(HERE))
-    from tables import default_job_speed_table
-
     print(default_job_speed_table(result))
 
 

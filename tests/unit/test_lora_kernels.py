@@ -165,6 +165,9 @@ def test_dora_norm_is_kept_until_a_factor_changes(monkeypatch):
                 p.add_(0.01)  # what an optimizer step does (in place)
     model(sample_ids())
     assert len(calls) == 2 * layers
+    layer = model.model.layers[0].self_attn.q_proj
+    dt.delete_adapter(model, "default")  # a later adapter of the same name never meets an old norm
+    assert "default" not in layer._dora_norms
 
 
 def test_dropout_draws_repeat_under_gradient_checkpointing():

@@ -47,10 +47,13 @@ class LoraLayer(LinearAdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
+        # DoRA norms per adapter, and the base weight's squared row norms: (what they were computed from, value)
+        self._dora_norms: dict[str, tuple] = {}
+        self._weight_rows_sq: Optional[tuple] = None
 
     def _forget(self, name: str) -> None:
         super()._forget(name)
-        for table in (self.r, self.lora_alpha):
+        for table in (self.r, self.lora_alpha, self._dora_norms):
             table.pop(name, None)
         if name in self.lora_dropout:
             del self.lora_dropout[name]
@@ -259,17 +262,13 @@ class LoraLinear(LoraLayer):
         stored = self.base_layer.weight  # a quantized layer's packed bytes: re-quantizing replaces them
         key = (A._version, B._version, A.data_ptr(), B.data_ptr(), self.scaling[name],
                (stored._version, stored.data_ptr()))
-        cache = self.__dict__.setdefault("_dora_norms", {})
-        if name in cache and cache[name][0] == key:
-            return cache[name][1]
+        if name in self._dora_norms and self._dora_norms[name][0] == key:
+            return self._dora_norms[name][1]
         weight = self.canonical(self.base_weight().detach())
-        rows_key = key[-1]
-        rows = self.__dict__.get("_weight_rows_sq")
-        if rows is None or rows[0] != rows_key:
-            rows = (rows_key, kernels.weight_row_norms_sq(weight))
-            self.__dict__["_weight_rows_sq"] = rows
-        norm = kernels.dora_weight_norm(weight, A.detach(), B.detach(), self.scaling[name], rows[1])
-        cache[name] = (key, norm)
+        if self._weight_rows_sq is None or self._weight_rows_sq[0] != key[-1]:
+            self._weight_rows_sq = (key[-1], kernels.weight_row_norms_sq(weight))
+        norm = kernels.dora_weight_norm(weight, A.detach(), B.detach(), self.scaling[name], self._weight_rows_sq[1])
+        self._dora_norms[name] = (key, norm)
         return norm
 
     def merge_bias_into(self, name: str, bias: torch.Tensor) -> torch.Tensor:

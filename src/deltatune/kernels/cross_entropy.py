@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from .dtypes import cast_all, compute_dtype
+
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in float32)
 
 
@@ -72,10 +74,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     ``F.cross_entropy``."""
     if hidden.shape[0] == 0:
         return hidden.new_full((), float("nan"), dtype=torch.float32)
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (hidden, weight, bias)]
-    with torch.autocast(device_type, enabled=False):
+    cast = cast_all(compute_dtype(weight), hidden, weight, bias)
+    with torch.autocast(hidden.device.type, enabled=False):
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in cast)):
             return _loss_and_grads(*cast, targets, False, False, False)[0] / hidden.shape[0]  # evaluation
         return _LinearCrossEntropy.apply(*cast, targets)

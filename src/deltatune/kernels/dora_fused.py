@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from .dtypes import cast_all, compute_dtype
+
 
 class _DoraAdd(torch.autograd.Function):
     @staticmethod
@@ -68,10 +70,7 @@ def dora_add(x: torch.Tensor, result: torch.Tensor, bias: Optional[torch.Tensor]
 
     It runs in the adapter's dtype (autocast's under autocast) promoted with ``result``'s.
     """
-    device_type = x.device.type
-    compute = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else A.dtype
-    dtype = torch.promote_types(result.dtype, compute)
-    cast = [t if t is None or t.dtype == dtype else t.to(dtype)
-            for t in (x, result, bias, A, B, magnitude, norm.detach())]
-    with torch.autocast(device_type, enabled=False):
+    dtype = torch.promote_types(result.dtype, compute_dtype(A))
+    cast = cast_all(dtype, x, result, bias, A, B, magnitude, norm.detach())
+    with torch.autocast(x.device.type, enabled=False):
         return _DoraAdd.apply(*cast, float(scale))

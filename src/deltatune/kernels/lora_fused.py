@@ -23,29 +23,29 @@ from typing import Optional
 
 import torch
 
+from .dtypes import cast_all, compute_dtype
 from .sparse_dropout import SPARSE_LIMIT, dropped_positions
 
 
 class _Dropout:
     """The dropout draw of one call: sparse positions, a dense mask, or nothing."""
 
-    def __init__(self, x2: torch.Tensor, p: float):
-        self.p, self.keep = p, 1.0 / (1.0 - p) if p > 0 else 1.0
-        self.flat = self.mask = None
-        if 0 < p <= SPARSE_LIMIT:
-            self.flat = dropped_positions(x2.numel(), p, x2.device)
-        elif p > SPARSE_LIMIT:
-            self.mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - p)
-
-    def tensors(self) -> list:
-        return [self.flat, self.mask]
+    def __init__(self, p: float, flat: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        self.p, self.flat, self.mask = p, flat, mask
+        self.keep = 1.0 / (1.0 - p) if p > 0 else 1.0
 
     @classmethod
-    def restore(cls, p: float, saved) -> "_Dropout":
-        self = cls.__new__(cls)
-        self.p, self.keep = p, 1.0 / (1.0 - p) if p > 0 else 1.0
-        self.flat, self.mask = saved
-        return self
+    def draw(cls, x2: torch.Tensor, p: float) -> "_Dropout":
+        """A new draw for the input ``x2``: sparse positions up to ``SPARSE_LIMIT``, a dense mask above."""
+        if 0 < p <= SPARSE_LIMIT:
+            return cls(p, flat=dropped_positions(x2.numel(), p, x2.device))
+        if p > SPARSE_LIMIT:
+            return cls(p, mask=torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - p))
+        return cls(p)
+
+    def tensors(self) -> list:
+        """What backward needs to rebuild this draw (``_Dropout(p, *tensors)``)."""
+        return [self.flat, self.mask]
 
     def zeroed(self, t: torch.Tensor, copy: bool) -> torch.Tensor:
         """``t`` with the dropped elements set to zero (unscaled), a copy when ``copy``."""
@@ -92,7 +92,7 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         W_t = weight if transposed else weight.T  # (in, out)
         out = torch.addmm(bias, x2, W_t) if bias is not None else x2 @ W_t
-        drop = _Dropout(x2, p)
+        drop = _Dropout.draw(x2, p)
         h = drop.low_rank_input(x2, A)
         out.addmm_(h, B.T, alpha=scale * drop.keep)
         if lora_bias is not None:
@@ -107,7 +107,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, weight, A, B, h, *saved = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        drop = _Dropout.restore(ctx.p, saved)
+        drop = _Dropout(ctx.p, *saved)
         W_t = weight if ctx.transposed else weight.T  # (in, out)
         base_grad_x = g2 @ W_t.T if ctx.needs_input_grad[0] else None
         grad_x, grad_A, grad_B, grad_lb = _lora_backward(ctx, g2, x2, A, B, h, drop, base_grad_x)
@@ -124,7 +124,7 @@ class _LoraAdd(torch.autograd.Function):
     def forward(ctx, x, result, A, B, lora_bias, scale: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
         r2 = result.reshape(-1, result.shape[-1])
-        drop = _Dropout(x2, p)
+        drop = _Dropout.draw(x2, p)
         h = drop.low_rank_input(x2, A)
         out = torch.addmm(r2, h, B.T, alpha=scale * drop.keep)
         if lora_bias is not None:
@@ -139,18 +139,10 @@ class _LoraAdd(torch.autograd.Function):
     def backward(ctx, grad_out):
         x2, A, B, h, *saved = ctx.saved_tensors
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x, grad_A, grad_B, grad_lb = _lora_backward(ctx, g2, x2, A, B, h, _Dropout.restore(ctx.p, saved), None)
+        grad_x, grad_A, grad_B, grad_lb = _lora_backward(ctx, g2, x2, A, B, h, _Dropout(ctx.p, *saved), None)
         grad_x = None if grad_x is None else grad_x.view(ctx.x_shape)
         grad_result = grad_out if ctx.needs_input_grad[1] else None
         return grad_x, grad_result, grad_A, grad_B, grad_lb, None, None
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype the op runs in: autocast's when autocast is on, else the inputs' common dtype."""
-    device_type = tensors[0].device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return tensors[0].dtype
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
@@ -162,8 +154,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     B is (out, r). ``dropout_p`` is 0 outside training. Under autocast every operand is cast
     to autocast's dtype, as ``F.linear`` would be; gradients flow back to the stored dtypes.
     """
-    dtype = _compute_dtype(x, weight)
-    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, weight, bias, A, B, lora_bias)]
+    cast = cast_all(compute_dtype(x), x, weight, bias, A, B, lora_bias)
     with torch.autocast(x.device.type, enabled=False):
         return _LoraLinear.apply(*cast, float(scale), float(dropout_p), transposed)
 
@@ -174,7 +165,6 @@ def lora_add(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor, B: torch.Te
 
     It runs in the adapter's dtype (autocast's under autocast) promoted with ``result``'s, the
     dtype that adding the composed ops' low-rank output to ``result`` would give."""
-    dtype = torch.promote_types(result.dtype, _compute_dtype(A))
-    cast = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (x, result, A, B, lora_bias)]
+    cast = cast_all(torch.promote_types(result.dtype, compute_dtype(A)), x, result, A, B, lora_bias)
     with torch.autocast(x.device.type, enabled=False):
         return _LoraAdd.apply(*cast, float(scale), float(dropout_p))
