@@ -34,7 +34,7 @@ def test_marked_table_is_what_its_json_renders(page, source, table):
 
 def test_the_benchmark_tables_are_marked():
     sources = {source for _, source, _ in MARKED}
-    assert {"benchmarks/results-h100.json", "benchmarks/compare-cpu-lr4e-3.json", "benchmarks/load-memory-cpu.json",
+    assert {"benchmarks/results-h100.json", "benchmarks/compare-cpu.json", "benchmarks/load-memory-cpu.json",
             "benchmarks/merge-error-cpu.json", "benchmarks/default-job-cpu.json", "benchmarks/default-job-speed-cpu.json",
             "benchmarks/lr-choice-cpu.json", "benchmarks/parity-cpu.json", "benchmarks/bench-cpu.json",
             "benchmarks/bench-cpu-all-labels.json"} <= sources
