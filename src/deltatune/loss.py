@@ -12,6 +12,7 @@ hooks (soft prompts) use the model's forward, and the log says which path a run 
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -39,6 +40,14 @@ def why_model_loss(model: nn.Module) -> Optional[str]:
     return None
 
 
+def cache_argument(module: nn.Module) -> Optional[str]:
+    """The name under which ``module.forward`` takes a key/value cache (transformers renamed
+    ``past_key_values`` to ``cache``), or None. Passing the wrong name would be swallowed by
+    ``**kwargs`` and silently ignored, so it is read from the signature."""
+    parameters = inspect.signature(module.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
 class TrainingLoss(nn.Module):
     """``forward(batch) -> loss`` for one micro-batch (``input_ids``, ``labels``, masks)."""
 
@@ -55,11 +64,24 @@ class TrainingLoss(nn.Module):
         fused = "fused with the output projection" if type(head) is nn.Linear else "through the adapted head"
         return f"loss: labelled positions only, {fused}"
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def hidden_states(self, inputs: dict[str, torch.Tensor], cache=None) -> torch.Tensor:
+        """The decoder stack's last hidden states for ``inputs``; with ``cache`` (a transformers
+        ``Cache`` of tokens preceding every row), continuing from it and adding to it."""
+        if cache is None:
+            return self.model.base_model(**inputs, use_cache=False)[0]
+        name = cache_argument(self.model.base_model)
+        if name is None:
+            raise ValueError(f"{type(self.model.base_model).__name__}.forward takes no key/value cache")
+        return self.model.base_model(**inputs, **{name: cache}, use_cache=True)[0]
+
+    def forward(self, batch: dict[str, torch.Tensor], cache=None) -> torch.Tensor:
+        """The mean loss over ``batch``'s labelled positions; ``cache``: see ``hidden_states``
+        (``batch["attention_mask"]`` then covers the cached tokens too)."""
         if self.reason is not None:
+            if cache is not None:
+                raise ValueError(f"a cached prefix needs the labelled-positions loss, and {self.reason}")
             return self.model(**batch, use_cache=False).loss
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        hidden = self.model.base_model(**inputs, use_cache=False)[0]
+        hidden = self.hidden_states({k: v for k, v in batch.items() if k != "labels"}, cache)
         labels = batch["labels"]
         # position t predicts token t + 1; the last position predicts nothing
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)

@@ -165,7 +165,18 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, setup):
 
 def test_bf16_autocast_and_packing_run(tmp_path, setup):
     summary = _run(tmp_path, "bf16", precision="bf16", **{**setup, "max_steps": 2, "data.packing": True})
-    assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"])
+    assert summary["steps"] == 2 and math.isfinite(summary["final_train_loss"]) and summary["precision"] == "bf16"
+    saved = load_file(tmp_path / "bf16" / "adapter" / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}  # the master weights stay float32
+
+
+def test_precision_auto_resolves_for_this_machine_and_is_recorded(tmp_path, setup):
+    from deltatune.hardware import auto_precision
+
+    summary = _run(tmp_path, "auto", **{**setup, "max_steps": 1})
+    expected = auto_precision(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    assert summary["precision"] == expected
+    assert f"precision: {expected}" in (tmp_path / "auto" / "config.yaml").read_text()
 
 
 def test_early_stopping(tmp_path, setup):

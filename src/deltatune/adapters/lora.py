@@ -244,16 +244,30 @@ class LoraLinear(LoraLayer):
             return kernels.lora_add(x, result, A.weight, B.weight, B.bias, scale, self.dropout_p(name))
         magnitude = self.lora_magnitude_vector[name].weight
         norm = self._dora_norm(name)
-        if isinstance(dropout, nn.Identity) or not self.training:
+        p = self.dropout_p(name)
+        if p == 0:
             return kernels.dora_add(x, result, getattr(self.base_layer, "bias", None), A.weight, B.weight,
                                     magnitude, norm, scale)
-        # With dropout DoRA's base term reads the dropped-out input: a second base matmul (a
-        # quantized base recomputes its weight in backward instead of saving it).
+        if self._result_is_base_output(name) and not self.base_layer.weight.requires_grad:
+            return kernels.dora_dropout_add(x, result, self.base_layer.bias, self.canonical(self.base_layer.weight),
+                                            A.weight, B.weight, magnitude, norm, scale, p)
+        # DoRA's base term reads the dropped-out input: a second base matmul (a quantized base
+        # recomputes its weight in backward instead of saving it).
         x = dropout(x.to(A.weight.dtype))
         base_part = (self.base_layer.matmul(x) if self.quantized
                      else kernels.linear_no_bias(x, self.canonical(self.base_weight()).to(x.dtype)))
         factor = magnitude / norm.to(magnitude.dtype)
         return result + (factor - 1) * base_part + factor * kernels.lora_delta(x, A, B, scale)
+
+    def _result_is_base_output(self, name: str) -> bool:
+        """Whether the ``result`` adapter ``name`` is applied to is exactly ``x Wᵀ + b``: a plain
+        dense base, and no other unmerged adapter applied to these rows before this one."""
+        if not self._plain_base():
+            return False
+        if self.row_plan is not None:
+            return True  # each routed row group gets one adapter
+        first = next((n for n in self.active_adapters if self.has_adapter(n) and n not in self.merged_adapters), None)
+        return first == name
 
     def _dora_norm(self, name: str) -> torch.Tensor:
         """``||W + scale·BA||`` per output row, kept until A, B or the base weight change (once per

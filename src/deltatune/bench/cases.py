@@ -37,6 +37,7 @@ CASES: dict[str, Case] = {c.name: c for c in [
     *_both("lora", "lora"),
     *_both("lora+dropout+bias", "lora", dropout=0.05, bias="lora_only"),
     *_both("dora", "dora"),
+    Case("dora+dropout", "dora", dropout=0.05),
     Case("lora+offload", "lora", offload=True),
     Case("full", "full"),
 ]}

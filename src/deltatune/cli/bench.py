@@ -15,8 +15,8 @@ from pathlib import Path
 
 from .options import add_config_command
 
-CPU_CASES = ["lora", "lora+dropout+bias", "dora", "lora+checkpointing", "lora+dropout+bias+checkpointing",
-             "dora+checkpointing", "full"]
+CPU_CASES = ["lora", "lora+dropout+bias", "dora", "dora+dropout", "lora+checkpointing",
+             "lora+dropout+bias+checkpointing", "dora+checkpointing", "full"]
 GPU_CASES = [*CPU_CASES[:-1], "lora+offload", "full"]
 
 
@@ -29,7 +29,7 @@ class BenchConfig:
     shape: str = ""
     """default (the embedded model), llama-1b (random init), or a Hugging Face config folder; empty: default on cpu, llama-1b on cuda."""
     cases: list = field(default_factory=list)
-    """Cases to run: lora, lora+dropout+bias, dora, each also +checkpointing, lora+offload (saved activations in CPU memory; cuda), full (fine-tuning, transformers alone); empty: all that the device runs."""
+    """Cases to run: lora, lora+dropout+bias, dora, each also +checkpointing, dora+dropout, lora+offload (saved activations in CPU memory; cuda), full (fine-tuning, transformers alone); empty: all that the device runs."""
     tools: list = field(default_factory=lambda: ["deltatune", "peft"])
     """Tools to run each adapter case with."""
     batch_size: int = 0

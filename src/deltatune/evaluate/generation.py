@@ -10,21 +10,31 @@ import torch
 from ..data import collate, trained_token_count
 from ..loss import TrainingLoss
 from .examples import EvalExample
+from .shared_prefix import lexicographic, prefix_loss_sum
 
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _shortest_first(lengths: list[int]) -> list[int]:
+    """Indices ordered by length, so each batch pads its rows to similar lengths (less
+    padding computed); results are put back in the original order."""
+    return sorted(range(len(lengths)), key=lengths.__getitem__)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, examples: list[EvalExample], batch_size: int, max_new_tokens: int,
              seq2seq: bool, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
-    """Greedy (or sampled) continuations, batched with the KV cache, stopping at EOS."""
+    """Greedy (or sampled) continuations, batched with the KV cache, stopping at EOS; in the
+    order of ``examples`` (batched by prompt length)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
-    outputs: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = [e.input_ids for e in examples[start:start + batch_size]]
+    order = _shortest_first([len(e.input_ids) for e in examples])
+    outputs: list[str] = [""] * len(examples)
+    for start in range(0, len(order), batch_size):
+        picked = order[start:start + batch_size]
+        chunk = [examples[i].input_ids for i in picked]
         width = max(len(ids) for ids in chunk)
         if seq2seq:  # the encoder reads right-padded inputs
             ids = [x + [pad] * (width - len(x)) for x in chunk]
@@ -39,7 +49,8 @@ def generate(model, tokenizer, examples: list[EvalExample], batch_size: int, max
                              max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
                              use_cache=True, **sampling)
         new = out if seq2seq else out[:, width:]
-        outputs += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+        for i, row in zip(picked, new):
+            outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return outputs
 
 
@@ -48,16 +59,27 @@ def loss_sums(model, rows: list, batch_size: int, pad_id: int, packed: bool = Fa
               seq2seq: bool = False) -> torch.Tensor:
     """float64 ``[sum of per-token losses, number of trained tokens]`` over ``rows``.
 
-    Training's validation loss and evaluation's perplexity both come from these sums.
+    Training's validation loss and evaluation's perplexity both come from these sums. Rows are
+    batched in token order, and the tokens a batch's rows all begin with run once
+    (``shared_prefix``) where the model's loss allows it.
     """
     device = _device(model)
     loss_of = TrainingLoss(model)  # the labelled positions only, where the model allows it
     total = torch.zeros(2, dtype=torch.float64)
+    sharing = not packed and not seq2seq and loss_of.reason is None
+    if sharing:
+        rows = lexicographic(rows)
+    else:
+        rows = [rows[i] for i in _shortest_first([len(r["input_ids"] if isinstance(r, dict) else r.input_ids)
+                                                   for r in rows])]
     for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_id, packed,
-                                                      seq2seq).items()}
-        loss = loss_of(batch)
-        tokens = trained_token_count(batch, seq2seq)
+        chunk = rows[start:start + batch_size]
+        shared = prefix_loss_sum(loss_of, chunk, pad_id, device) if sharing else None
+        if shared is not None:
+            loss, tokens = shared
+        else:
+            batch = {k: v.to(device) for k, v in collate(chunk, pad_id, packed, seq2seq).items()}
+            loss, tokens = loss_of(batch), trained_token_count(batch, seq2seq)
         total += torch.stack([loss.double().cpu() * tokens.cpu(), tokens.double().cpu()])
     return total
 

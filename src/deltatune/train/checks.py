@@ -14,7 +14,7 @@ from .methods import adapter_config
 from .optimizers import OPTIMIZERS
 from .schedule import SCHEDULES
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FINAL_EVAL = ("auto", "on", "off")
 
 
@@ -45,8 +45,8 @@ def check_settings(cfg: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "logging_steps", "data.max_seq_len", "lora.r"):
         group, _, field = name.rpartition(".")
         _at_least(name, getattr(getattr(cfg, group) if group else cfg, field), 1)
-    for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps", "early_stopping_patience", "lr",
-                 "weight_decay", "max_grad_norm", "eval_max_new_tokens"):
+    for name in ("max_steps", "eval_batch_size", "warmup_steps", "eval_steps", "save_steps",
+                 "early_stopping_patience", "lr", "weight_decay", "max_grad_norm", "eval_max_new_tokens"):
         _at_least(name, getattr(cfg, name), 0)
     if cfg.epochs <= 0:
         raise ConfigError(f"epochs: {cfg.epochs!r} must be above 0")

@@ -63,6 +63,8 @@ class TrainConfig:
     """Optimizer steps to run; 0: from epochs."""
     batch_size: int = 8
     """Examples (or packed rows) per micro-batch."""
+    eval_batch_size: int = 0
+    """Rows per batch in validation passes and the final evaluation's generation; 0: 4 x batch_size (no gradients or saved activations there, so a larger batch fits in the memory a training batch takes, and on a CPU generating more rows at once reads the weights fewer times)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 0.0
@@ -77,8 +79,8 @@ class TrainConfig:
     """adamw, adamw_8bit, paged_adamw_8bit or paged_adamw."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
-    precision: str = "fp32"
-    """fp32, bf16 or fp16 autocast (fp16 uses loss scaling)."""
+    precision: str = "auto"
+    """fp32, bf16 or fp16 autocast (fp16 uses loss scaling); auto: bf16 where the device multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32. Adapter weights and optimizer states stay float32 either way."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     activation_offload: bool = False

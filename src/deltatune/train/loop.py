@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import resource
 import time
@@ -24,6 +25,7 @@ from ..adapters.method import method_for
 from ..data import collate, pack, prepare_data
 from ..evaluate.generation import loss_sums
 from ..files import write_text_atomically
+from ..hardware import auto_precision, set_cpu_threads
 from ..io import save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
@@ -54,7 +56,7 @@ def _final_eval(model, tokenizer, cfg: TrainConfig, data, output_dir: Path, log)
     else:
         records = output_dir / "validation.jsonl"
         write_text_atomically(records, "".join(json.dumps(r) + "\n" for r in data.validation_records))
-    eval_cfg = EvalConfig(data=str(records), output_dir=str(output_dir / "eval"), batch_size=cfg.batch_size,
+    eval_cfg = EvalConfig(data=str(records), output_dir=str(output_dir / "eval"), batch_size=eval_batch_size(cfg),
                           max_new_tokens=cfg.eval_max_new_tokens, chat_template=cfg.data.chat_template)
     return run_eval(eval_cfg, model=model, tokenizer=tokenizer, log=log, loss_curve=output_dir / "loss.png")
 
@@ -89,6 +91,11 @@ def planned_steps(n_train_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[
     """(optimizer steps per epoch, optimizer steps in the run) for ``n_train_rows`` rows."""
     per_epoch = max(1, len(_batches_for_epoch(n_train_rows, cfg.batch_size, cfg.seed, 0, 0, world)) // cfg.grad_accum)
     return per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def eval_batch_size(cfg: TrainConfig) -> int:
+    """Rows per batch where nothing is kept for backward (validation, final generation)."""
+    return cfg.eval_batch_size or 4 * cfg.batch_size
 
 
 def auto_eval_steps(total_steps: int) -> int:
@@ -139,7 +146,7 @@ def evaluate(model, rows, cfg: TrainConfig, pad_id: int, dist: Distributed, seq2
     was_training = model.training
     model.eval()
     with _autocast(cfg.precision, next(model.parameters()).device):
-        total = loss_sums(model, rows[dist.rank::dist.world], cfg.batch_size, pad_id, cfg.data.packing, seq2seq)
+        total = loss_sums(model, rows[dist.rank::dist.world], eval_batch_size(cfg), pad_id, cfg.data.packing, seq2seq)
     total = dist.all_reduce_sum(total)
     model.train(was_training)
     return (total[0] / total[1]).item() if total[1] > 0 else None
@@ -159,6 +166,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if resume_from is None:
             raise ConfigError(f"--resume: no valid checkpoint to resume in {output_dir}")
 
+    if dist.device.type == "cpu":
+        set_cpu_threads(processes_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if cfg.precision == "auto":  # config.yaml records what ran
+        cfg.precision = auto_precision(dist.device)
     _seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -184,7 +195,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     method = method_for(adapter_cfg)
     if dist.is_main:
         trainable, total = trainable_parameters(model)
-        log(f"method {cfg.method}: {trainable:,d} trainable of {total:,d} parameters; lr {learning_rate(cfg):g}")
+        log(f"method {cfg.method}: {trainable:,d} trainable of {total:,d} parameters; lr {learning_rate(cfg):g}; "
+            f"precision {cfg.precision} on {dist.device}"
+            + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
     optimizer = make_optimizer(_param_groups(model, cfg.weight_decay), cfg.optimizer, lr=learning_rate(cfg),
                                weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, total_steps)
@@ -295,7 +308,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "final_validation_loss": eval_loss,
                    "best_validation_loss": None if best == math.inf else best,
                    "adapter": str(adapter_dir), "output_dir": str(output_dir),
-                   "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples}
+                   "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples,
+                   "precision": cfg.precision}
         if _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
             summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
             summary["evaluation_split"] = "test" if cfg.data.test_path else "validation"

@@ -1,0 +1,76 @@
+"""What the machine computes fast: the training precision ``auto`` resolves to, and CPU threads.
+
+bf16 halves the bytes every matmul reads, but only pays where the hardware multiplies bf16
+natively: CUDA devices that support it, and CPUs with AVX512-BF16 or AMX. Elsewhere (an AVX2
+CPU, say) PyTorch converts bf16 to float32 around each matmul and a bf16 step is slower than
+a float32 one, so ``auto`` keeps float32 there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bf16 arithmetic
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The feature flags of the first CPU in ``cpuinfo`` (empty where the file does not exist)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_has_fast_bf16(flags: Optional[set[str]] = None) -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    return bool(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+
+
+def auto_precision(device: torch.device, flags: Optional[set[str]] = None) -> str:
+    """``bf16`` where ``device`` computes it natively, else ``fp32``.
+
+    Under bf16 autocast the adapter's weights, gradients and optimizer states stay float32
+    (the master copy); only the matmuls read bf16.
+    """
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_fast_bf16(flags) else "fp32"
+    return "fp32"
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads of one core count once)."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology.joinpath("physical_package_id").read_text().strip(),
+                       topology.joinpath("core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))
+    return max(1, len(cores))
+
+
+def set_cpu_threads(processes_on_this_machine: int = 1) -> Optional[int]:
+    """One matmul thread per physical core, shared among this machine's processes.
+
+    Two threads on the hyper-threads of one core compete for its vector units, so PyTorch's
+    default of one thread per logical CPU is slower for dense matmuls. An explicit
+    ``OMP_NUM_THREADS`` (torchrun sets one) always wins; returns the count set, or None.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    threads = max(1, physical_cores() // max(1, processes_on_this_machine))
+    torch.set_num_threads(threads)
+    return threads
