@@ -132,6 +132,19 @@ def lr_choice_table(rows: list) -> str:
                             f"{r['chosen_lr']:g}"] for r in rows])
 
 
+def compile_step_table(result: dict) -> str:
+    """``compile_step.py``: a LoRA step eager and with compiled blocks, the compile time, break-even."""
+    eager, compiled = result["eager"], result["compiled"]
+    even = result["steps_to_break_even"]
+    table = _table(["mode", "median step (s)", "first step (s)"],
+                   [["eager", f"{eager['median_step_s']:.2f}", f"{eager['first_step_s']:.1f}"],
+                    ["compiled blocks", f"{compiled['median_step_s']:.2f}", f"{compiled['first_step_s']:.1f}"]])
+    return table + (f"\nCompiling took {result['compile_seconds']:.0f} s; steps {result['speedup']:.2f}× faster; "
+                    f"{'pays after about ' + format(even, '.0f') + ' steps' if even else 'never pays'}; losses "
+                    f"{'agree' if result['losses_agree'] else 'differ'}. {result['machine']['cpus']} CPUs, "
+                    f"torch {result['torch']}. Command: `{result['command']}`\n")
+
+
 def parity_table(results: dict) -> str:
     """``parity.py``: the worst |logit difference| against PEFT per case, worst first."""
     rows = sorted(results.items(), key=lambda item: (-item[1], item[0]))
@@ -149,6 +162,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "default-job-cpu*.json": default_job_table,
     "lr-choice-*.json": lr_choice_table,
     "parity-*.json": parity_table,
+    "compile-step-*.json": compile_step_table,
 }
 
 

@@ -179,6 +179,20 @@ def test_precision_auto_resolves_for_this_machine_and_is_recorded(tmp_path, setu
     assert f"precision: {expected}" in (tmp_path / "auto" / "config.yaml").read_text()
 
 
+def test_compiled_blocks_train_to_the_eager_result(tmp_path, setup):
+    """``compile: true`` compiles each transformer block, says so, and trains what eager does."""
+    messages = []
+    same = {**setup, "max_steps": 2, "eval_steps": 2, "final_eval": "off"}
+    cfg = load_config(None, {**same, "output_dir": str(tmp_path / "compiled"), "compile": True})
+    train(cfg, log=messages.append)
+    _run(tmp_path, "eager", **same)
+    assert any("compile: 2 transformer blocks" in m for m in messages)
+    assert any(m.startswith("compile: the first step took") for m in messages)
+    a = load_file(tmp_path / "eager" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "compiled" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
 def test_early_stopping(tmp_path, setup):
     messages = []
     cfg = load_config(None, {**setup, "output_dir": str(tmp_path / "early"), "lr": 1e-30, "eval_steps": 1,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from deltatune.kernels import dora_dropout_add
-from test_lora_kernels import grads, keep_mask_for, make
+from test_lora_kernels import assert_matches, keep_mask_for, make
 
 
 def composed(x, weight, bias, A, B, magnitude, norm, scale, keep_mask):
@@ -37,10 +37,7 @@ def test_dora_dropout_add_matches_the_composed_form(p, bias, sparse, monkeypatch
     torch.manual_seed(21)
     fused = dora_dropout_add(x, F.linear(x, weight, b), b, weight, A, B, magnitude, norm, 0.8, p)
     ref = composed(x, weight, b, A, B, magnitude, norm, 0.8, keep_mask_for(21, x.shape, p))
-    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
-    tensors = (x, b, A, B, magnitude)
-    for got, want in zip(grads(fused, tensors), grads(ref, tensors)):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert_matches(fused, ref, (x, b, A, B, magnitude), 1e-12, 1e-10)
 
 
 def test_dora_dropout_add_refuses_what_it_cannot_do():
@@ -76,10 +73,7 @@ def test_a_dora_layer_in_training_uses_the_fused_op_and_keeps_the_composed_resul
     norm = torch.linalg.norm(base.weight + layer.scaling["default"] * B @ A, dim=1).detach()
     ref = composed(x, base.weight, base.bias, A, B, magnitude, norm, layer.scaling["default"],
                    keep_mask_for(9, x.shape, 0.1).float())
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    tensors = (x, A, B, magnitude)
-    for got, want in zip(grads(out, tensors), grads(ref, tensors)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_matches(out, ref, (x, A, B, magnitude), 1e-5, 1e-4)
 
 
 def test_under_bfloat16_autocast_it_runs_in_bfloat16_near_the_float32_result():

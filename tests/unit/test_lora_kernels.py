@@ -54,6 +54,13 @@ def grads(out, tensors, seed=3):
     return torch.autograd.grad(out, [t for t in tensors if t is not None and t.requires_grad], g)
 
 
+def assert_matches(fused, ref, tensors, tol: float, grad_tol: float) -> None:
+    """``fused`` equals ``ref``, and so do their gradients with respect to ``tensors``."""
+    torch.testing.assert_close(fused, ref, rtol=tol, atol=tol)
+    for got, want in zip(grads(fused, tensors), grads(ref, tensors)):
+        torch.testing.assert_close(got, want, rtol=grad_tol, atol=grad_tol)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.2, 0.5])
 @pytest.mark.parametrize("bias,lora_bias,transposed,base_grad", [
     (True, False, False, False), (False, True, False, False), (True, True, True, False), (True, False, False, True)])
@@ -76,10 +83,7 @@ def test_lora_add_matches_reference(p):
     torch.manual_seed(11)
     fused = lora_add(x, base, A, B, lb, 2.0, p)
     ref = reference(x, weight, b, A, B, lb, 2.0, keep_mask_for(11, x.shape, p))
-    torch.testing.assert_close(fused, ref, rtol=1e-12, atol=1e-12)
-    tensors = (x, A, B, lb)
-    for got, want in zip(grads(fused, tensors), grads(ref, tensors)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert_matches(fused, ref, (x, A, B, lb), 1e-12, 1e-12)
 
 
 def test_float32_and_autocast_bfloat16():

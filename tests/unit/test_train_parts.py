@@ -49,3 +49,15 @@ def test_data_order_is_seeded_and_ranks_split_each_global_batch():
     r0 = _batches_for_epoch(10, 2, seed=1, epoch=0, rank=0, world=2)
     r1 = _batches_for_epoch(10, 2, seed=1, epoch=0, rank=1, world=2)
     assert [a + b for a, b in zip(r0, r1)] == one  # together the ranks take the single-process batches
+
+
+def test_evaluation_batches_are_four_training_batches_unless_set():
+    from deltatune.train import ConfigError
+    from deltatune.train.checks import check_settings
+    from deltatune.train.config import TrainConfig
+    from deltatune.train.loop import eval_batch_size
+
+    assert eval_batch_size(TrainConfig(batch_size=3)) == 12
+    assert eval_batch_size(TrainConfig(batch_size=3, eval_batch_size=5)) == 5
+    with pytest.raises(ConfigError, match="eval_batch_size"):
+        check_settings(TrainConfig(eval_batch_size=-1))

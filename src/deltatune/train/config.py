@@ -81,6 +81,8 @@ class TrainConfig:
     """Clip the gradient norm to this (0: no clipping)."""
     precision: str = "auto"
     """fp32, bf16 or fp16 autocast (fp16 uses loss scaling); auto: bf16 where the device multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32. Adapter weights and optimizer states stay float32 either way."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile: faster steps after a compile time up front (the log reports it), so it pays in long runs only; benchmarks/compile_step.py measures when on a machine."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     activation_offload: bool = False

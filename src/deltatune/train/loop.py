@@ -31,6 +31,7 @@ from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
 from ..loss import TrainingLoss
 from .checks import check_settings
+from .compiling import compile_blocks
 from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, to_dict
 from .methods import adapter_config, learning_rate, recipe_for
@@ -192,6 +193,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     adapter_cfg = adapter_config(cfg, task_type, total_steps)
     add_adapter(model, adapter_cfg, "default")
     adapter_cfg = get_state(model).configs["default"]  # the live copy (AdaLoRA records its ranks in it)
+    if cfg.compile:  # after the adapter is in, so its layers are compiled with the blocks
+        compiled = compile_blocks(model)
+        if dist.is_main:
+            log(f"compile: {compiled} transformer blocks; the first step's time includes compiling")
     method = method_for(adapter_cfg)
     if dist.is_main:
         trainable, total = trainable_parameters(model)
@@ -273,6 +278,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                 else:
                     bad_evals += 1
         elapsed = time.perf_counter() - window_start
+        if cfg.compile and step == 1 and dist.is_main:
+            log(f"compile: the first step took {elapsed:.1f} s")
         record["tokens_per_s"] = tokens_seen * dist.world / elapsed if elapsed > 0 else 0.0
         if step % cfg.logging_steps == 0 or "eval_loss" in record or step == total_steps:
             metrics.write(record)
