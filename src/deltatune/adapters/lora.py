@@ -238,7 +238,6 @@ class LoraLinear(LoraLayer):
 
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
-        dropout = self.lora_dropout[name]
         scale = self.scaling[name]
         if name not in self.lora_magnitude_vector:
             return kernels.lora_add(x, result, A.weight, B.weight, B.bias, scale, self.dropout_p(name))
@@ -253,7 +252,7 @@ class LoraLinear(LoraLayer):
                                             A.weight, B.weight, magnitude, norm, scale, p)
         # DoRA's base term reads the dropped-out input: a second base matmul (a quantized base
         # recomputes its weight in backward instead of saving it).
-        x = dropout(x.to(A.weight.dtype))
+        x = kernels.dropout(x.to(A.weight.dtype), p)  # drawn as the fused ops draw it
         base_part = (self.base_layer.matmul(x) if self.quantized
                      else kernels.linear_no_bias(x, self.canonical(self.base_weight()).to(x.dtype)))
         factor = magnitude / norm.to(magnitude.dtype)

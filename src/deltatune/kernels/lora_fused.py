@@ -75,6 +75,15 @@ class _Dropout:
         return lora.mul_(self.keep) if grad_x is None else grad_x.add_(lora, alpha=self.keep)
 
 
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``x`` with dropout ``p`` drawn as the fused ops draw it (the same positions for the same
+    seed), for paths that compose their own ops."""
+    x2 = x.reshape(-1, x.shape[-1])
+    drop = _Dropout.draw(x2, p)
+    dropped = drop.zeroed(x2, copy=True)
+    return (dropped * drop.keep if p > 0 else dropped).view(x.shape)
+
+
 def _lora_backward(ctx, g2, x2, A, B, h, drop: _Dropout, base_grad_x):
     """Gradients of the low-rank part; returns (grad_x, grad_A, grad_B, grad_lora_bias)."""
     scale = ctx.scale
