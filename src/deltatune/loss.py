@@ -55,6 +55,8 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.model = model
         self.reason = why_model_loss(model)
+        # where the decoder stack may take a key/value cache (read once: it inspects a signature)
+        self.cache_name = cache_argument(model.base_model) if self.reason is None else None
 
     def describe(self) -> str:
         """One line for the run log."""
@@ -69,10 +71,9 @@ class TrainingLoss(nn.Module):
         ``Cache`` of tokens preceding every row), continuing from it and adding to it."""
         if cache is None:
             return self.model.base_model(**inputs, use_cache=False)[0]
-        name = cache_argument(self.model.base_model)
-        if name is None:
+        if self.cache_name is None:
             raise ValueError(f"{type(self.model.base_model).__name__}.forward takes no key/value cache")
-        return self.model.base_model(**inputs, **{name: cache}, use_cache=True)[0]
+        return self.model.base_model(**inputs, **{self.cache_name: cache}, use_cache=True)[0]
 
     def forward(self, batch: dict[str, torch.Tensor], cache=None) -> torch.Tensor:
         """The mean loss over ``batch``'s labelled positions; ``cache``: see ``hidden_states``

@@ -16,7 +16,7 @@ import torch
 
 from ..data import Example, collate
 from ..data.tokenize import IGNORE
-from ..loss import TrainingLoss, cache_argument
+from ..loss import TrainingLoss
 
 MIN_SHARED_TOKENS = 8  # a shorter shared beginning is not worth the extra forward call
 
@@ -43,7 +43,7 @@ def prefix_loss_sum(loss_of: TrainingLoss, rows: list[Example], pad_id: int,
                     device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(mean loss, scored tokens) of ``rows`` with their shared beginning run once, or None when
     they share fewer than ``MIN_SHARED_TOKENS`` tokens or the model's loss cannot take a cache."""
-    if loss_of.reason is not None or cache_argument(loss_of.model.base_model) is None:
+    if loss_of.reason is not None or loss_of.cache_name is None:
         return None
     shared = shared_prefix_length(rows)
     if shared < MIN_SHARED_TOKENS:

@@ -16,6 +16,7 @@ from .lora_fused import dropout, lora_add, lora_linear
 from .reference import dora_factor, embed, embed_scale_of, embedding_delta, linear_no_bias, lora_delta
 
 __all__ = [
-    "dora_add", "dora_dropout_add", "dora_factor", "dropout", "dora_weight_norm", "embed", "embed_scale_of", "embedding_delta", "linear_cross_entropy",
-    "linear_no_bias", "lora_add", "lora_delta", "lora_linear", "weight_row_norms_sq",
+    "dora_add", "dora_dropout_add", "dora_factor", "dora_weight_norm", "dropout", "embed", "embed_scale_of",
+    "embedding_delta", "linear_cross_entropy", "linear_no_bias", "lora_add", "lora_delta", "lora_linear",
+    "weight_row_norms_sq",
 ]
