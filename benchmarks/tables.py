@@ -27,6 +27,7 @@ from typing import Any, Callable
 from deltatune.cli.compare import markdown_table as compare_table
 # `deltatune bench` writes its bench.md table with this function.
 from deltatune.bench.run import markdown as bench_table
+from deltatune.bench.run import memory_markdown as bench_memory_table
 # `deltatune eval` writes its report.md table with this function.
 from deltatune.evaluate.report import table
 
@@ -145,6 +146,20 @@ def compile_step_table(result: dict) -> str:
                     f"torch {result['torch']}. Command: `{result['command']}`\n")
 
 
+def dequant_speed_table(result: dict) -> str:
+    """``dequant_speed.py``: 4-bit dequantization, bitsandbytes against deltatune, per case."""
+    rows = []
+    for r in result["cases"]:
+        kind = r["quant_type"] + (" + double quant" if r["double_quant"] else "")
+        rows.append([f"{r['shape'][0]} x {r['shape'][1]}", kind, str(r["blocksize"]), r["dtype"],
+                     f"{r['bitsandbytes_ms']:.2f}", f"{r['deltatune_layer_ms']:.2f}", f"{r['layer_speedup']:.2f}×",
+                     f"{r['deltatune_fresh_ms']:.2f}", f"{r['fresh_speedup']:.2f}×"])
+    table = _table(["weight (out x in)", "type", "block", "dtype", "bitsandbytes (ms)", "deltatune, layer (ms)",
+                    "ratio", "deltatune, new tensor (ms)", "ratio"], rows)
+    return table + (f"\n{result['device']}; torch {result['torch']}, bitsandbytes {result['bitsandbytes']}; median "
+                    f"of {result['repeats']} calls; every case gave identical values. Command: `{result['command']}`\n")
+
+
 def parity_table(results: dict) -> str:
     """``parity.py``: the worst |logit difference| against PEFT per case, worst first."""
     rows = sorted(results.items(), key=lambda item: (-item[1], item[0]))
@@ -163,12 +178,21 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "lr-choice-*.json": lr_choice_table,
     "parity-*.json": parity_table,
     "compile-step-*.json": compile_step_table,
+    "dequant-speed-*.json": dequant_speed_table,
 }
+# A second table of the same file: "<path>#<view>".
+VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table}
 
 
 def render(source: str) -> str:
-    """The table of ``source`` (a JSON path relative to the repository root)."""
+    """The table of ``source`` (a JSON path relative to the repository root, ``#view`` for another
+    table of the same file)."""
+    source, _, view = source.partition("#")
     path = ROOT / source
+    if view:
+        if view not in VIEWS:
+            raise ValueError(f"{source}#{view}: no view {view!r}; views: {', '.join(VIEWS)}")
+        return VIEWS[view](json.loads(path.read_text()))
     for pattern, fn in RENDERERS.items():
         if fnmatch.fnmatch(path.name, pattern):
             return fn(json.loads(path.read_text()))

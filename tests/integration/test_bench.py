@@ -32,8 +32,30 @@ def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--cases", "lora,qlora"], "qlora"), (["--shape", "nowhere"], "config.json"), (["--dtype", "fp8"], "fp8"),
+    (["--cases", "lora,qlora8"], "qlora8"), (["--shape", "nowhere"], "config.json"), (["--dtype", "fp8"], "fp8"),
     (["--r", "0", "--cases", "lora"], "--r"), (["--cases", "lora+offload"], "needs --device cuda")])
 def test_bench_refuses_bad_settings(args, message, capsys):
     assert main(["bench", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_4bit_cases_run_against_bitsandbytes(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    shape = tmp_path / "shape"
+    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(shape)
+    out = tmp_path / "bench"
+    code = main(["bench", "--device", "cpu", "--shape", str(shape), "--cases", "qlora+recipe,qdora",
+                 "--batch-size", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1", "--output-dir", str(out),
+                 "--no-flops"])
+    assert code == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert [(r["case"], r["tool"]) for r in result["rows"]] == [
+        ("qlora+recipe", "deltatune"), ("qlora+recipe", "peft"), ("qdora", "deltatune"), ("qdora", "peft")]
+    for line in result["summary"]:
+        # the same NF4 bytes on both sides (bitsandbytes' quantizer and deltatune's agree byte for
+        # byte), the same batch and B = 0: the first losses agree
+        assert line["same_first_loss"] is True, line
+        # both keep the same packed bytes: the weights figure counts deltatune's, which are no parameters
+        ours, theirs = line["deltatune"]["memory"]["parameters_mib"], line["peft"]["memory"]["parameters_mib"]
+        assert abs(ours - theirs) < 0.1 * theirs, (ours, theirs)

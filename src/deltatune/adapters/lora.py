@@ -277,10 +277,22 @@ class LoraLinear(LoraLayer):
                (stored._version, stored.data_ptr()))
         if name in self._dora_norms and self._dora_norms[name][0] == key:
             return self._dora_norms[name][1]
-        weight = self.canonical(self.base_weight().detach())
-        if self._weight_rows_sq is None or self._weight_rows_sq[0] != key[-1]:
-            self._weight_rows_sq = (key[-1], kernels.weight_row_norms_sq(weight))
-        norm = kernels.dora_weight_norm(weight, A.detach(), B.detach(), self.scaling[name], self._weight_rows_sq[1])
+        stale = self._weight_rows_sq is None or self._weight_rows_sq[0] != key[-1]
+        if self.quantized:
+            # A 4-bit or 8-bit base: ``W Aᵀ`` is the layer's own matmul of A (on a GPU the weight is
+            # decoded inside the kernel's tiles), and the weight is formed once for ``||W_i||²``.
+            if stale:
+                self._weight_rows_sq = (key[-1], kernels.weight_row_norms_sq(self.base_layer.dequantize()))
+            with torch.no_grad():
+                weight_a = self.base_layer.matmul(A.detach().to(self.base_layer.compute_dtype)).T
+            norm = kernels.dora_norm_from_product(weight_a, A.detach(), B.detach(), self.scaling[name],
+                                                  self._weight_rows_sq[1])
+        else:
+            weight = self.canonical(self.base_weight().detach())
+            if stale:
+                self._weight_rows_sq = (key[-1], kernels.weight_row_norms_sq(weight))
+            norm = kernels.dora_weight_norm(weight, A.detach(), B.detach(), self.scaling[name],
+                                            self._weight_rows_sq[1])
         self._dora_norms[name] = (key, norm)
         return norm
 

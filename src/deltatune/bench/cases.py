@@ -24,6 +24,8 @@ class Case:
     bias: str = "none"
     checkpointing: bool = False
     offload: bool = False  # saved activations in pinned CPU memory (CUDA only)
+    quantize: str = ""  # "nf4": the base's linear layers in NF4 with double quantization (QLoRA)
+    recipe: bool = False  # PEFT side only: prepare_model_for_kbit_training (float32 non-quantized parameters)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +42,12 @@ CASES: dict[str, Case] = {c.name: c for c in [
     Case("dora+dropout", "dora", dropout=0.05),
     Case("lora+offload", "lora", offload=True),
     Case("full", "full"),
+    # 4-bit bases: deltatune's NF4 layers against transformers + bitsandbytes + PEFT. "+recipe" gives
+    # PEFT its usual QLoRA recipe (prepare_model_for_kbit_training, with checkpointing); the
+    # others leave it out, so the table separates what the recipe costs from what the kernels do.
+    *[c for m in ("lora", "dora") for c in (
+        *_both(f"q{m}", m, quantize="nf4"),
+        Case(f"q{m}+recipe", m, checkpointing=True, quantize="nf4", recipe=True))],
 ]}
 
 # Random-init shapes by name; anything else is a Hugging Face config folder (or "default").
@@ -64,6 +72,16 @@ def load_base(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> tor
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+
+
+def quantized_folder(shape: str, model: torch.nn.Module, scratch: str) -> str:
+    """A folder transformers can load ``model``'s weights from (bitsandbytes quantizes while loading)."""
+    if shape == "default":
+        from ..loading import default_model_dir
+
+        return str(default_model_dir())
+    model.save_pretrained(scratch)
+    return scratch
 
 
 def sft_batch(batch: int, seq_len: int, vocab_size: int, labels: str = "answers",

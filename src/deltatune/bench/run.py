@@ -125,7 +125,7 @@ def markdown(result: dict) -> str:
 
 def memory_markdown(result: dict) -> str:
     """Where each run's peak memory comes from."""
-    out = ["| case | tool | parameters | gradients | optimizer | activations and temporaries | peak (MiB) |",
+    out = ["| case | tool | weights | gradients | optimizer | activations and temporaries | peak (MiB) |",
            "|---|---|---|---|---|---|---|"]
     for line in result["summary"]:
         for tool in ("deltatune", "full", "peft"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .cases import Case, load_base, sft_batch
+from .cases import Case, load_base, quantized_folder, sft_batch
 
 
 def _sync(device: str) -> None:
@@ -54,11 +54,46 @@ def _mib(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
+def quantized(tool: str, model: torch.nn.Module, spec: dict, case: Case) -> torch.nn.Module:
+    """``model`` with its linear layers in 4 bits, as ``tool`` stores them (the head stays dense)."""
+    dtype = getattr(torch, spec["dtype"])
+    if tool == "deltatune":
+        from ..quant.convert import QuantizeConfig, quantize_model
+
+        return quantize_model(model, QuantizeConfig(case.quantize, 64, True, dtype))
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=case.quantize,
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = quantized_folder(spec["shape"], model, scratch)
+        del model
+        theirs = AutoModelForCausalLM.from_pretrained(folder, quantization_config=settings, dtype=dtype,
+                                                      device_map=spec["device"], attn_implementation="sdpa")
+    if case.recipe:
+        import peft
+
+        theirs = peft.prepare_model_for_kbit_training(
+            theirs, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    return theirs
+
+
+def _weights_mib(model: torch.nn.Module) -> float:
+    """Parameters and buffers, plus the packed weights and scales deltatune's quantized layers keep
+    as plain attributes (bitsandbytes keeps its packed bytes as parameters)."""
+    from ..quant.layers import QuantLinear
+
+    stored = sum(m.storage_bytes() for m in model.modules() if isinstance(m, QuantLinear)) / 2**20
+    return _mib(model.parameters()) + _mib(model.buffers()) + stored
+
+
 def attach(tool: str, model: torch.nn.Module, case: Case, r: int, alpha: int):
     """Make ``model`` trainable as ``tool`` does; returns ``loss_fn(batch) -> loss``."""
     for p in model.parameters():
         p.requires_grad_(tool == "full")
-    if case.checkpointing:
+    if case.checkpointing and not (case.recipe and tool == "peft"):  # the recipe turns it on itself
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     settings = dict(r=r, lora_alpha=alpha, target_modules="all-linear", lora_dropout=case.dropout,
                     bias=case.bias, use_dora=case.method == "dora")
@@ -83,6 +118,8 @@ def measure(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     torch.manual_seed(spec["seed"])
     model = load_base(spec["shape"], dtype, device, spec["seed"])
+    if case.quantize:
+        model = quantized(tool, model, spec, case)
     model.train()
     batch = sft_batch(spec["batch"], spec["seq_len"], model.config.vocab_size, spec["labels"], device)
     torch.manual_seed(spec["seed"])
@@ -127,7 +164,7 @@ def measure(spec: dict) -> dict:
             step()
         flops = counter.get_total_flops()
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    parameters = _mib(model.parameters())
+    parameters = _weights_mib(model)
     memory = {"parameters_mib": parameters, "gradients_mib": _mib(trainable), "optimizer_mib": _mib(state),
               "peak_mib": peak}
     if device.startswith("cuda"):

@@ -17,7 +17,8 @@ from .options import add_config_command
 
 CPU_CASES = ["lora", "lora+dropout+bias", "dora", "dora+dropout", "lora+checkpointing",
              "lora+dropout+bias+checkpointing", "dora+checkpointing", "full"]
-GPU_CASES = [*CPU_CASES[:-1], "lora+offload", "full"]
+QUANT_CASES = ["qlora", "qlora+checkpointing", "qlora+recipe", "qdora", "qdora+checkpointing", "qdora+recipe"]
+GPU_CASES = [*CPU_CASES[:-1], "lora+offload", *QUANT_CASES, "full"]
 
 
 @dataclass
@@ -29,7 +30,7 @@ class BenchConfig:
     shape: str = ""
     """default (the embedded model), llama-1b (random init), or a Hugging Face config folder; empty: default on cpu, llama-1b on cuda."""
     cases: list = field(default_factory=list)
-    """Cases to run: lora, lora+dropout+bias, dora, each also +checkpointing, dora+dropout, lora+offload (saved activations in CPU memory; cuda), full (fine-tuning, transformers alone); empty: all that the device runs."""
+    """Cases to run: lora, lora+dropout+bias, dora, each also +checkpointing, dora+dropout, lora+offload (saved activations in CPU memory; cuda), full (fine-tuning, transformers alone), qlora and qdora (NF4 base with double quantization, against transformers + bitsandbytes + PEFT), each also +checkpointing and +recipe (PEFT with prepare_model_for_kbit_training and checkpointing); empty: all that the device runs (the 4-bit cases on cuda only)."""
     tools: list = field(default_factory=lambda: ["deltatune", "peft"])
     """Tools to run each adapter case with."""
     batch_size: int = 0
@@ -79,6 +80,12 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
         raise ValueError(f"--cases: {unknown} are not known; choose from {list(CASES)}")
     if not gpu and any(CASES[c].offload for c in out.cases):
         raise ValueError("--cases: lora+offload moves activations from GPU to CPU memory; it needs --device cuda")
+    if "peft" in out.tools and any(CASES[c].quantize for c in out.cases):
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModuleNotFoundError("--cases: the 4-bit cases run PEFT on transformers + bitsandbytes, which is "
+                                      "not installed (pip install bitsandbytes), or run --tools deltatune alone")
     bad_tools = [t for t in out.tools if t not in ("deltatune", "peft")]
     if bad_tools or not out.tools:
         raise ValueError(f"--tools: {bad_tools or out.tools} — choose from deltatune, peft")

@@ -32,9 +32,17 @@ def dora_weight_norm(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sca
     """
     if row_norms_sq is None:
         row_norms_sq = weight_row_norms_sq(weight)
-    dtype = _accumulation_dtype(weight)
+    return dora_norm_from_product(weight @ A.to(weight.dtype).T, A, B, scale, row_norms_sq)
+
+
+@torch.no_grad()
+def dora_norm_from_product(weight_a: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                           row_norms_sq: torch.Tensor) -> torch.Tensor:
+    """``dora_weight_norm`` from ``W Aᵀ`` (out, r) and ``||W_i||²``: for a weight that is never
+    formed in full precision (a 4-bit base multiplies ``A`` by its packed weight)."""
+    dtype = row_norms_sq.dtype
     A32, B32 = A.to(dtype), B.to(dtype)
-    WA = (weight @ A.to(weight.dtype).T).to(dtype)  # (out, r)
+    WA = weight_a.to(dtype)
     cross = (WA * B32).sum(1)
     update_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(1)
     return (row_norms_sq + 2 * scale * cross + scale * scale * update_sq).clamp_min(0).sqrt()

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .codes import code_4bit, dynamic_map
+from .scratch import scratch
 
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -147,17 +148,46 @@ def quantize_4bit(
     return packed, QuantState(absmax, weight.shape, weight.dtype, blocksize, quant_type, code, nested)
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The tensor ``packed`` stands for, in ``dtype`` (default: the dtype that was quantized)."""
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dtype] = None,
+                    reuse: bool = False) -> torch.Tensor:
+    """The tensor ``packed`` stands for, in ``dtype`` (default: the dtype that was quantized).
+
+    Each value is ``code[index] * absmax`` in float32, then cast: bitsandbytes' arithmetic, so
+    the results are identical. With ``reuse`` (CPU) the result lives in a per-thread buffer
+    that the next reusing call overwrites: for a caller that consumes the weight at once, as
+    a quantized layer's matmul does, it saves a fresh allocation of the whole weight per pass.
+    """
+    dtype = dtype or state.dtype
     numel = state.shape.numel()
+    nbytes = packed.numel()
+    reuse = reuse and packed.device.type == "cpu"
     # One lookup per byte gives both of its values; int32 indices keep the temporaries small.
-    values = torch.index_select(state.value_pairs(), 0, packed.reshape(-1).int()).view(-1)[:numel]
+    index = packed.reshape(-1)
+    if reuse:
+        index = scratch("dequantize.index", nbytes, torch.int32, packed.device).copy_(index)
+    else:
+        index = index.int()
+    direct = dtype == torch.float32 and numel == 2 * nbytes  # float32 and whole bytes: gather in place
+    # Each pair of float32 values moves as one int64: a 1-D gather is several times faster than
+    # copying 8-byte rows of a 2-D table.
+    pairs = state.value_pairs().view(torch.int64).view(-1)
+    if reuse:
+        values = scratch("dequantize.out" if direct else "dequantize.values", 2 * nbytes, torch.float32,
+                         packed.device)
+        torch.index_select(pairs, 0, index, out=values.view(torch.int64))
+    else:
+        values = torch.index_select(pairs, 0, index).view(torch.float32)
+    values = values[:numel]
     scales = state.block_scales()
     full = numel - numel % state.blocksize
     values[:full].view(-1, state.blocksize).mul_(scales[: full // state.blocksize].unsqueeze(1))
     if full < numel:
         values[full:].mul_(scales[-1])
-    return values.view(state.shape).to(dtype or state.dtype)
+    if dtype == torch.float32:
+        return values.view(state.shape)
+    if reuse:
+        return scratch("dequantize.out", numel, dtype, packed.device).copy_(values).view(state.shape)
+    return values.view(state.shape).to(dtype)
 
 
 def _nearest_index_table(code: torch.Tensor) -> torch.Tensor:
