@@ -125,7 +125,9 @@ def measure(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     loss_fn = attach(tool, model, case, spec["r"], spec["alpha"])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.startswith("cuda"))
+    from ..train.optimizers import make_optimizer
+
+    optimizer = make_optimizer(trainable, spec.get("optimizer", "adamw"), lr=1e-5, weight_decay=0.01)
 
     def step() -> float:
         if case.offload:

@@ -43,6 +43,8 @@ class BenchConfig:
     """LoRA rank."""
     alpha: int = 32
     """LoRA alpha."""
+    optimizer: str = "adamw"
+    """adamw, adamw_8bit, paged_adamw_8bit or paged_adamw: the same optimizer (make_optimizer's) for every tool."""
     labels: str = "answers"
     """answers: loss on the completions of the default job's examples (instruction tuning); all: on every token."""
     steps: int = 0
@@ -91,6 +93,10 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
         raise ValueError(f"--tools: {bad_tools or out.tools} — choose from deltatune, peft")
     if out.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype: {out.dtype!r} is not float32 or bfloat16")
+    from ..train.optimizers import OPTIMIZERS
+
+    if out.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer: {out.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if out.labels not in ("answers", "all"):
         raise ValueError(f"--labels: {out.labels!r} is not answers or all")
     if out.shape not in ("default", *SHAPES) and not (Path(out.shape) / "config.json").is_file():
@@ -120,7 +126,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         for tool in tools_for(case, cfg.tools):
             spec = {"tool": tool, "case": CASES[case].to_dict(), "device": cfg.device, "shape": cfg.shape,
                     "dtype": cfg.dtype, "batch": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
-                    "alpha": cfg.alpha, "labels": cfg.labels, "steps": cfg.steps, "warmup": cfg.warmup,
+                    "alpha": cfg.alpha, "labels": cfg.labels, "optimizer": cfg.optimizer, "steps": cfg.steps,
+                    "warmup": cfg.warmup,
                     "seed": cfg.seed, "count_flops": cfg.flops}
             row = run_one(spec, log)
             if "error" not in row:

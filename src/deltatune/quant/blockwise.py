@@ -58,7 +58,15 @@ class QuantState:
         if self.nested is None:
             return self.absmax.float()
         n = self.nested
-        return dequantize_blockwise_8bit(self.absmax, n.absmax, n.code, n.blocksize) + n.offset
+        # dequantize_blockwise_8bit's arithmetic (code value times scale, then the offset), with a
+        # 1-D int32 gather and in-place updates: this runs in every pass of every 4-bit layer.
+        values = torch.index_select(n.code, 0, self.absmax.reshape(-1).int())
+        count = values.numel()
+        full = count - count % n.blocksize
+        values[:full].view(-1, n.blocksize).mul_(n.absmax[: full // n.blocksize].unsqueeze(1))
+        if full < count:
+            values[full:].mul_(n.absmax[-1])
+        return values.add_(n.offset)
 
     def value_pairs(self) -> torch.Tensor:
         """(256, 2) float32: the two code values each byte stands for, high nibble first.
