@@ -68,16 +68,18 @@ def test_a_wrong_input_width_is_refused():
 @pytest.mark.parametrize("path,rows", [("fused", 40), ("dequantize", 40), ("", 8), ("", 200)])
 def test_gpu_layer_function_gives_the_reference_output_and_gradient(path, rows, monkeypatch):
     # the autograd function 4-bit layers use on a GPU, run here on the interpreted kernels
-    from deltatune.quant import layers
+    from deltatune.kernels import four_bit
+    from deltatune.quant import Linear4bit
 
-    monkeypatch.setattr(layers, "fused_4bit_kernels", lambda: nf4_triton)
+    monkeypatch.setattr(four_bit, "_gpu", lambda packed: nf4_triton)  # as if the weight were on a GPU
     monkeypatch.setenv("DELTATUNE_4BIT_KERNELS", path)
     torch.manual_seed(4)
-    layer = layers.Linear4bit.from_linear(torch.nn.Linear(64, 48).to(DEVICE))
+    layer = Linear4bit.from_linear(torch.nn.Linear(64, 48).to(DEVICE))
     x = torch.randn(rows, 64, device=DEVICE, requires_grad=True)
     g = torch.randn(rows, 48, device=DEVICE)
-    (grad,) = torch.autograd.grad(layers._Gpu4bitMatmul.apply(x, layer), x, g)
-    weight = layer.dequantize()
-    assert torch.allclose(layers._Gpu4bitMatmul.apply(x, layer), x @ weight.T, rtol=1e-5, atol=1e-5)
+    y = layer.matmul(x)
+    (grad,) = torch.autograd.grad(y, x, g)
+    weight = dequantize_4bit(layer.weight, layer.quant_state)
+    assert torch.allclose(y, x @ weight.T, rtol=1e-5, atol=1e-5)
     assert torch.allclose(grad, g @ weight, rtol=1e-5, atol=1e-5)
-    assert layers._fused_path(rows) == (path == "fused" or (path == "" and rows <= layers.FUSED_MAX_ROWS))
+    assert four_bit.fused_path(rows) == (path == "fused" or (path == "" and rows <= four_bit.FUSED_MAX_ROWS))

@@ -3,21 +3,22 @@
 The forward pass dequantizes the weight to ``compute_dtype`` and multiplies. The backward
 pass (for the input's gradient, which adapters below need) dequantizes again instead of
 keeping the dequantized weight alive between the passes, so training memory stays near the
-quantized size. State-dict keys and tensors are bitsandbytes', so a saved model loads in
+quantized size. 4-bit layers call ``kernels.four_bit``, which picks how (Triton kernels on a
+GPU, the PyTorch reference with reused buffers on CPU). State-dict keys and tensors are bitsandbytes', so a saved model loads in
 transformers + bitsandbytes and a bitsandbytes checkpoint loads here.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blockwise import NestedState, QuantState, dequantize_4bit, quantize_4bit
+from ..kernels import four_bit
+from .blockwise import NestedState, QuantState, quantize_4bit
 from .codes import code_4bit, dynamic_map
 from .int8 import dequantize_int8, quantize_int8
 
@@ -28,66 +29,11 @@ class _DequantizedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: "QuantLinear") -> torch.Tensor:
         ctx.layer = layer
-        return x @ layer.transient_weight(x.dtype).T
+        return x @ layer.dequantize(x.dtype).T
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x = grad_out @ ctx.layer.transient_weight(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None
-
-
-# Rows up to which decoding inside the matmul's tiles beats decoding the weight once into a
-# temporary and calling cuBLAS: each block of rows decodes the whole weight again, so with
-# many rows the decoding outweighs the saved write. Set from the kernels' design (a tile's
-# decoding costs about as much as 128 rows of its multiply-adds); DELTATUNE_4BIT_KERNELS
-# forces one path ("fused", "dequantize" or "torch") to measure the crossover on a GPU.
-FUSED_MAX_ROWS = 128
-
-
-def fused_4bit_kernels():
-    """``kernels.nf4_triton`` where it runs compiled (Triton installed, not its interpreter), else
-    None. ``DELTATUNE_4BIT_KERNELS=torch`` keeps the PyTorch reference (to compare the two)."""
-    if os.environ.get("DELTATUNE_4BIT_KERNELS") == "torch":
-        return None
-    try:
-        from ..kernels import nf4_triton
-    except ImportError:  # Triton is not installed
-        return None
-    return None if nf4_triton.INTERPRETING else nf4_triton
-
-
-def _fused_path(rows: int) -> bool:
-    choice = os.environ.get("DELTATUNE_4BIT_KERNELS", "")
-    return choice == "fused" or (choice != "dequantize" and rows <= FUSED_MAX_ROWS)
-
-
-def _gpu_matmul_t(x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
-    kernels = fused_4bit_kernels()
-    if _fused_path(x.numel() // max(1, x.shape[-1])):
-        return kernels.matmul_t(x, layer.weight, layer.quant_state)
-    return x @ kernels.dequantize(layer.weight, layer.quant_state, x.dtype).T
-
-
-def _gpu_matmul(g: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
-    kernels = fused_4bit_kernels()
-    if _fused_path(g.numel() // max(1, g.shape[-1])):
-        return kernels.matmul(g.contiguous(), layer.weight, layer.quant_state)
-    return g @ kernels.dequantize(layer.weight, layer.quant_state, g.dtype)
-
-
-class _Gpu4bitMatmul(torch.autograd.Function):
-    """``x @ W.T`` on a GPU with the Triton 4-bit kernels, in both passes: decoded inside the
-    matmul's tiles for few rows (no full-precision ``W`` is written), else decoded once into a
-    temporary for cuBLAS. Nothing but the packed weight is kept for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, layer: "Linear4bit") -> torch.Tensor:
-        ctx.layer = layer
-        return _gpu_matmul_t(x, layer)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_x = _gpu_matmul(grad_out, ctx.layer) if ctx.needs_input_grad[0] else None
+        grad_x = grad_out @ ctx.layer.dequantize(grad_out.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, None
 
 
@@ -107,11 +53,6 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The (out, in) weight this layer stands for, in ``dtype`` (default: compute dtype)."""
         raise NotImplementedError
-
-    def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight for one matmul that uses it at once: it may live in a buffer that the
-        layer's next call overwrites (see ``quant.scratch``)."""
-        return self.dequantize(dtype)
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Re-quantize a new (out, in) weight into this layer with the same settings."""
@@ -186,22 +127,11 @@ class Linear4bit(QuantLinear):
         packed, state = quantize_4bit(weight, quant_type, blocksize, double_quant)
         return cls(packed, state, linear.bias, compute_dtype or weight.dtype)
 
-    def _on_gpu_kernels(self):
-        return fused_4bit_kernels() if self.weight.is_cuda else None
-
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        kernels = self._on_gpu_kernels()
-        if kernels is not None:  # one kernel, the same values bit for bit
-            return kernels.dequantize(self.weight, self.quant_state, dtype or self.compute_dtype)
-        return dequantize_4bit(self.weight, self.quant_state, dtype or self.compute_dtype)
+        return four_bit.dequantize(self.weight, self.quant_state, dtype or self.compute_dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._on_gpu_kernels() is not None:
-            return _Gpu4bitMatmul.apply(x, self)
-        return super().matmul(x)
-
-    def transient_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_4bit(self.weight, self.quant_state, dtype, reuse=True)
+        return four_bit.matmul(x, self.weight, self.quant_state)
 
     def set_weight(self, weight: torch.Tensor) -> None:
         s = self.quant_state
