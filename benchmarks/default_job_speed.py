@@ -8,6 +8,8 @@ exact match and ROUGE-L; prints the ratio. The run folders stay in `runs/default
 as the default job's figures).
 
     python benchmarks/default_job_speed.py --before f424d24      # about ten minutes on 2 cores
+    python benchmarks/default_job_speed.py --before 08da1e7 --train-args="--quantize nf4" \
+        --out benchmarks/default-job-speed-nf4-cpu.json          # the same job on a 4-bit base
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -25,10 +28,10 @@ HERE = Path(__file__).parent
 ROOT = HERE.parent
 
 
-def run_job(src: Path, out: Path) -> dict:
+def run_job(src: Path, out: Path, train_args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "deltatune", "train", "--output-dir", str(out), "--overwrite"],
+    subprocess.run([sys.executable, "-m", "deltatune", "train", *train_args, "--output-dir", str(out), "--overwrite"],
                    check=True, env=env, cwd=src.parent, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     summary = json.loads((out / "summary.json").read_text())
@@ -43,26 +46,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", required=True, help="the earlier git revision")
     parser.add_argument("--out", type=Path, default=HERE / "default-job-speed-cpu.json")
+    parser.add_argument("--train-args", default="", help="arguments added to `deltatune train` in both runs")
     args = parser.parse_args()
+    train_args = shlex.split(args.train_args)
     revision = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True, capture_output=True,
                               text=True).stdout.strip()
     now = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout.strip()
-    runs = (ROOT / "runs" / "default-job-speed").resolve()
+    runs = (ROOT / "runs" / ("default-job-speed" + "".join("-" + a.strip("-") for a in train_args))).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "before"
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), revision], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            before = run_job(tree / "src", runs / "before")
+            before = run_job(tree / "src", runs / "before", train_args)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
-        after = run_job(ROOT / "src", runs / "after")
+        after = run_job(ROOT / "src", runs / "after", train_args)
     sys.path.insert(0, str(HERE))
     from default_job import machine
     from tables import default_job_speed_table
 
-    result = {"machine": machine(),
+    result = {"machine": machine(), "train_args": args.train_args,
               "before": {"revision": revision, **before}, "after": {"revision": now, **after},
               "speedup": before["train_seconds"] / after["train_seconds"]}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

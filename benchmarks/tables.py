@@ -122,7 +122,8 @@ def default_job_speed_table(result: dict) -> str:
     return _table(["code", "loading + training (s)", "whole command (s)", "validation loss before → after",
                    f"{result['after']['evaluation_split']} exact match", "ROUGE-L"], rows) + (
         f"\nLoading and training {result['speedup']:.2f}× faster; {result['machine']['cpus']} CPUs, "
-        f"{result['machine']['processor']}.\n")
+        f"{result['machine']['processor']}"
+        + (f"; both runs with `{result['train_args']}`" if result.get("train_args") else "") + ".\n")
 
 
 def lr_choice_table(rows: list) -> str:

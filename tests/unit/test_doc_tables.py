@@ -37,7 +37,9 @@ def test_the_benchmark_tables_are_marked():
     assert {"benchmarks/results-h100.json", "benchmarks/compare-cpu.json", "benchmarks/load-memory-cpu.json",
             "benchmarks/merge-error-cpu.json", "benchmarks/default-job-cpu.json", "benchmarks/default-job-speed-cpu.json",
             "benchmarks/lr-choice-cpu.json", "benchmarks/parity-cpu.json", "benchmarks/bench-cpu.json",
-            "benchmarks/bench-cpu-all-labels.json"} <= sources
+            "benchmarks/bench-cpu-all-labels.json", "benchmarks/bench-cpu-4bit.json",
+            "benchmarks/bench-cpu-4bit.json#memory", "benchmarks/dequant-speed-cpu.json",
+            "benchmarks/default-job-speed-nf4-cpu.json"} <= sources
 
 
 def _change_one_number(table: str) -> str:
