@@ -335,3 +335,11 @@ def test_the_test_file_is_used_for_the_final_evaluation_only(tmp_path, setup):
                 .splitlines()]
         assert rows and all(r["prompt"].startswith(word) for r in rows)
         assert json.loads((tmp_path / f"run{i}" / "summary.json").read_text())["evaluation_split"] == "test"
+
+
+def test_grouping_by_length_trains_with_less_padding(tmp_path, setup):
+    short = {**setup, "max_steps": 3, "eval_steps": 0}
+    plain = _run(tmp_path, "plain", **short)
+    grouped = _run(tmp_path, "grouped", group_by_length=True, **short)
+    assert 0 <= grouped["padding_share"] < plain["padding_share"]
+    assert grouped["steps"] == 3 and math.isfinite(grouped["final_train_loss"])

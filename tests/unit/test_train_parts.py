@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from deltatune.train.loop import _batches_for_epoch, _param_groups
+from deltatune.train.batching import epoch_batches as _batches_for_epoch
+from deltatune.train.loop import _param_groups
 from deltatune.train.schedule import make_scheduler
 
 

@@ -63,6 +63,8 @@ class TrainConfig:
     """Optimizer steps to run; 0: from epochs."""
     batch_size: int = 8
     """Examples (or packed rows) per micro-batch."""
+    group_by_length: bool = False
+    """Batch rows of similar length together (sorted within groups of 64 batches, the batches still shuffled): less padding when example lengths vary; packed rows are nearly full already. The share of padding is in summary.json."""
     eval_batch_size: int = 0
     """Rows per batch in validation passes and the final evaluation's generation; 0: 4 x batch_size (no gradients or saved activations there, so a larger batch fits in the memory a training batch takes, and on a CPU generating more rows at once reads the weights fewer times)."""
     grad_accum: int = 1

@@ -33,6 +33,7 @@ from ..loss import TrainingLoss
 from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .checks import check_settings
 from .compiling import compile_blocks
+from .batching import epoch_batches, padding_share
 from .config import ConfigError, TrainConfig, to_dict
 from .methods import adapter_config, learning_rate, recipe_for
 from .distributed import Distributed
@@ -90,7 +91,7 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
 
 def planned_steps(n_train_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
     """(optimizer steps per epoch, optimizer steps in the run) for ``n_train_rows`` rows."""
-    per_epoch = max(1, len(_batches_for_epoch(n_train_rows, cfg.batch_size, cfg.seed, 0, 0, world)) // cfg.grad_accum)
+    per_epoch = max(1, len(epoch_batches(n_train_rows, cfg.batch_size, cfg.seed, 0, 0, world)) // cfg.grad_accum)
     return per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
 
 
@@ -108,19 +109,6 @@ def auto_eval_steps(total_steps: int) -> int:
 def _rows(data, cfg: TrainConfig):
     return pack(data, cfg.data.max_seq_len) if cfg.data.packing else data
 
-
-
-def _batches_for_epoch(n_rows: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """Row indices of each micro-batch this rank takes in ``epoch`` (a seeded shuffle)."""
-    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
-    global_batch = batch_size * world
-    batches = []
-    for start in range(0, n_rows - n_rows % global_batch if n_rows >= global_batch else n_rows, global_batch):
-        chunk = order[start:start + global_batch]
-        mine = chunk[rank * batch_size:(rank + 1) * batch_size]
-        if mine:
-            batches.append(mine)
-    return batches
 
 
 def _saved_activations(cfg: TrainConfig, device: torch.device):
@@ -188,6 +176,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     steps_per_epoch, total_steps = planned_steps(len(train_rows), cfg, dist.world)
+    lengths = [len(row["input_ids"] if isinstance(row, dict) else row.input_ids) for row in train_rows]
+    row_lengths = lengths if cfg.group_by_length else None
     eval_every = cfg.eval_steps or auto_eval_steps(total_steps)
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
     adapter_cfg = adapter_config(cfg, task_type, total_steps)
@@ -243,7 +233,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))
-            batches = _batches_for_epoch(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world)
+            batches = epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world,
+                                    row_lengths)
             rows = [train_rows[i] for i in batches[index % len(batches)]]
             batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
             with _autocast(cfg.precision, device), _saved_activations(cfg, device):
@@ -316,7 +307,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "best_validation_loss": None if best == math.inf else best,
                    "adapter": str(adapter_dir), "output_dir": str(output_dir),
                    "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples,
-                   "precision": cfg.precision}
+                   "precision": cfg.precision,
+                   # of the first epoch's batches, each padded to its longest row
+                   "padding_share": padding_share(epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, 0, 0, 1,
+                                                                row_lengths), lengths)}
         if _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
             summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
             summary["evaluation_split"] = "test" if cfg.data.test_path else "validation"
