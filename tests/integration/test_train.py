@@ -343,3 +343,15 @@ def test_grouping_by_length_trains_with_less_padding(tmp_path, setup):
     grouped = _run(tmp_path, "grouped", group_by_length=True, **short)
     assert 0 <= grouped["padding_share"] < plain["padding_share"]
     assert grouped["steps"] == 3 and math.isfinite(grouped["final_train_loss"])
+
+
+def test_summary_splits_the_wall_time_into_phases(tmp_path, setup):
+    from deltatune.train.timing import PHASES
+
+    summary = _run(tmp_path, "timed", **{**setup, "max_steps": 4, "save_steps": 2})
+    split = summary["time_seconds"]
+    assert set(split) == {*PHASES, "other", "total"}
+    assert all(split[name] > 0 for name in ("load", "data", "steps", "validation", "checkpoints"))
+    assert split["final_evaluation"] == 0  # not asked for outside the default job
+    assert abs(sum(split[name] for name in (*PHASES, "other")) - split["total"]) < 0.01
+    assert split["total"] >= summary["seconds"]

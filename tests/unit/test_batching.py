@@ -66,3 +66,19 @@ def test_wrong_number_of_lengths_is_refused():
 def test_padding_share_counts_pad_positions():
     assert padding_share([[0, 1]], [2, 4]) == pytest.approx(0.25)
     assert padding_share([], []) == 0.0
+
+
+def test_phase_timer_refuses_an_unknown_phase_and_splits_the_rest():
+    import time
+
+    from deltatune.train.timing import PhaseTimer
+
+    timer = PhaseTimer()
+    with timer.phase("steps"):
+        time.sleep(0.02)
+    with pytest.raises(ValueError, match="unknown phase"):
+        with timer.phase("lunch"):
+            pass
+    split = timer.split()
+    assert split["steps"] >= 0.02 and split["validation"] == 0 and split["other"] >= 0
+    assert split["total"] == pytest.approx(sum(v for k, v in split.items() if k != "total"), abs=0.005)

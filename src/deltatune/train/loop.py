@@ -35,6 +35,7 @@ from .checks import check_settings
 from .compiling import compile_blocks
 from .batching import epoch_batches, padding_share
 from .config import ConfigError, TrainConfig, to_dict
+from .timing import PhaseTimer
 from .methods import adapter_config, learning_rate, recipe_for
 from .distributed import Distributed
 from .optimizers import make_optimizer
@@ -145,6 +146,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     """Run training as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
     dist = Distributed.setup()
     started = time.perf_counter()
+    timer = PhaseTimer()
     check_settings(cfg)  # bad settings fail before the model loads or anything is moved
     recipe_for(cfg)
     output_dir = prepare_output_dir(cfg, dist.is_main, name_from_main=dist.broadcast, log=log)
@@ -160,7 +162,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     if cfg.precision == "auto":  # config.yaml records what ran
         cfg.precision = auto_precision(dist.device)
     _seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
+    with timer.phase("load"):
+        model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -169,10 +172,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         cfg.data.path = str(DEFAULT_DATA / "train.jsonl")
         cfg.data.validation_path = cfg.data.validation_path or str(DEFAULT_DATA / "validation.jsonl")
         cfg.data.test_path = cfg.data.test_path or str(DEFAULT_DATA / "test.jsonl")
-    data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, seq2seq=seq2seq)
+    with timer.phase("data"):
+        data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, seq2seq=seq2seq)
+        train_rows, val_rows = _rows(data.train, cfg), _rows(data.validation, cfg)
     if dist.is_main:
         log(f"data ({data.format}): train {data.train_stats}; validation {data.validation_stats}")
-    train_rows, val_rows = _rows(data.train, cfg), _rows(data.validation, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     steps_per_epoch, total_steps = planned_steps(len(train_rows), cfg, dist.world)
@@ -217,7 +221,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
     if resume_from is None:  # the untrained adapter's validation loss: what training is measured against
-        initial_eval = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
+        with timer.phase("validation"):
+            initial_eval = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
         if initial_eval is not None:
             metrics.write({"step": 0, "eval_loss": initial_eval})
     if dist.is_main:
@@ -229,43 +234,50 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     model.train()
     device = dist.device
     last_loss, eval_loss, tokens_seen, window_start = float("nan"), None, 0, time.perf_counter()
+    batches_epoch, batches = -1, []
     while step < total_steps:
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))
-            batches = epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank, dist.world,
-                                    row_lengths)
-            rows = [train_rows[i] for i in batches[index % len(batches)]]
-            batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
-            with _autocast(cfg.precision, device), _saved_activations(cfg, device):
-                loss = ddp_loss(batch)
-                penalty = method.loss_penalty(model, "default", adapter_cfg)
-                loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
-            scaler.scale(loss).backward()
-            step_loss += loss.item()
-            tokens_seen += int(batch["input_ids"].numel())
-            micro += 1
-        scaler.unscale_(optimizer)
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        method.after_step(model, "default", adapter_cfg, step + 1)  # AdaLoRA re-allocates ranks (needs the gradients)
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        last_loss = dist.mean(step_loss)
+        with timer.phase("steps"):  # forward, backward and the optimizer step
+            for _ in range(cfg.grad_accum):
+                epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))
+                if epoch != batches_epoch:  # once per epoch: a shuffle (and a sort) of every row
+                    batches_epoch = epoch
+                    batches = epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank,
+                                            dist.world, row_lengths)
+                rows = [train_rows[i] for i in batches[index % len(batches)]]
+                batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
+                with _autocast(cfg.precision, device), _saved_activations(cfg, device):
+                    loss = ddp_loss(batch)
+                    penalty = method.loss_penalty(model, "default", adapter_cfg)
+                    loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
+                scaler.scale(loss).backward()
+                step_loss += loss.item()
+                tokens_seen += int(batch["input_ids"].numel())
+                micro += 1
+            scaler.unscale_(optimizer)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            # AdaLoRA re-allocates ranks here (it needs the gradients)
+            method.after_step(model, "default", adapter_cfg, step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            last_loss = dist.mean(step_loss)
         record = {"step": step, "epoch": round(micro / max(1, steps_per_epoch * cfg.grad_accum), 4),
                   "loss": last_loss, "lr": lr}
         if step % eval_every == 0 or step == total_steps:
-            eval_loss = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
+            with timer.phase("validation"):
+                eval_loss = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
             if eval_loss is not None:
                 record["eval_loss"] = eval_loss
                 if eval_loss < best:
                     best, bad_evals = eval_loss, 0
                     if dist.is_main:
-                        save_adapter(model, output_dir / "best_adapter")
+                        with timer.phase("checkpoints"):
+                            save_adapter(model, output_dir / "best_adapter")
                 else:
                     bad_evals += 1
         elapsed = time.perf_counter() - window_start
@@ -282,7 +294,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                      "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "micro": micro,
                      "best": best, "bad_evals": bad_evals, "initial_eval": initial_eval,
                      "method": method.training_state(model, "default", adapter_cfg)}
-            save_checkpoint(output_dir, step, model, state, config_text)
+            with timer.phase("checkpoints"):
+                save_checkpoint(output_dir, step, model, state, config_text)
         dist.barrier()
         if on_step_end is not None:
             on_step_end(StepInfo(step, last_loss, lr))
@@ -295,7 +308,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
 
     summary = {}
     if dist.is_main:
-        adapter_dir = save_adapter(model, output_dir / "adapter")
+        with timer.phase("checkpoints"):
+            adapter_dir = save_adapter(model, output_dir / "adapter")
         write_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss.png")
         trainable, total = trainable_parameters(model)
         peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
@@ -312,8 +326,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "padding_share": padding_share(epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, 0, 0, 1,
                                                                 row_lengths), lengths)}
         if _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
-            summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
+            with timer.phase("final_evaluation"):
+                summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
             summary["evaluation_split"] = "test" if cfg.data.test_path else "validation"
+        summary["time_seconds"] = timer.split()  # the whole call: loading to the final evaluation
         write_text_atomically(output_dir / "summary.json", json.dumps(summary, indent=2))
         log("\n".join(["", "summary:"] + [f"  {k}: {v}" for k, v in summary.items() if k != "evaluation"]))
     dist.barrier()
