@@ -8,16 +8,20 @@ from transformers import LlamaConfig
 from deltatune.cli import main
 
 
-def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
+def _bench(tmp_path, hidden: int, cases: str, *flags: str) -> dict:
+    """Run ``deltatune bench`` on a tiny random Llama shape; returns bench.json (asserting exit 0)."""
     shape = tmp_path / "shape"
-    LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(shape)
+    LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64).save_pretrained(shape)
     out = tmp_path / "bench"
-    code = main(["bench", "--device", "cpu", "--shape", str(shape), "--cases", "lora+dropout+bias,dora,full",
-                 "--batch-size", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1", "--output-dir", str(out),
-                 "--memory"])
-    assert code == 0
-    result = json.loads((out / "bench.json").read_text())
+    assert main(["bench", "--device", "cpu", "--shape", str(shape), "--cases", cases, "--batch-size", "2",
+                 "--seq-len", "32", "--steps", "2", "--warmup", "1", "--output-dir", str(out), *flags]) == 0
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
+    result = _bench(tmp_path, 32, "lora+dropout+bias,dora,full", "--memory")
+    out = tmp_path / "bench"
     assert [(r["case"], r["tool"]) for r in result["rows"]] == [
         ("lora+dropout+bias", "deltatune"), ("lora+dropout+bias", "peft"), ("dora", "deltatune"), ("dora", "peft"),
         ("full", "full")]
@@ -33,7 +37,8 @@ def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--cases", "lora,qlora8"], "qlora8"), (["--shape", "nowhere"], "config.json"), (["--dtype", "fp8"], "fp8"),
-    (["--r", "0", "--cases", "lora"], "--r"), (["--cases", "lora+offload"], "needs --device cuda")])
+    (["--r", "0", "--cases", "lora"], "--r"), (["--cases", "lora+offload"], "needs --device cuda"),
+    (["--optimizer", "sgd"], "--optimizer")])
 def test_bench_refuses_bad_settings(args, message, capsys):
     assert main(["bench", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
@@ -41,17 +46,11 @@ def test_bench_refuses_bad_settings(args, message, capsys):
 
 def test_bench_4bit_cases_run_against_bitsandbytes(tmp_path):
     pytest.importorskip("bitsandbytes")
-    shape = tmp_path / "shape"
-    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(shape)
-    out = tmp_path / "bench"
-    code = main(["bench", "--device", "cpu", "--shape", str(shape), "--cases", "qlora+recipe,qdora",
-                 "--batch-size", "2", "--seq-len", "32", "--steps", "2", "--warmup", "1", "--output-dir", str(out),
-                 "--no-flops"])
-    assert code == 0
-    result = json.loads((out / "bench.json").read_text())
+    result = _bench(tmp_path, 64, "qlora+recipe,qdora", "--no-flops", "--optimizer", "adamw_8bit")
     assert [(r["case"], r["tool"]) for r in result["rows"]] == [
         ("qlora+recipe", "deltatune"), ("qlora+recipe", "peft"), ("qdora", "deltatune"), ("qdora", "peft")]
+    assert result["settings"]["optimizer"] == "adamw_8bit"
+    assert "8-bit AdamW" in (tmp_path / "bench" / "bench.md").read_text()
     for line in result["summary"]:
         # the same NF4 bytes on both sides (bitsandbytes' quantizer and deltatune's agree byte for
         # byte), the same batch and B = 0: the first losses agree

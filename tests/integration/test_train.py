@@ -354,4 +354,4 @@ def test_summary_splits_the_wall_time_into_phases(tmp_path, setup):
     assert all(split[name] > 0 for name in ("load", "data", "steps", "validation", "checkpoints"))
     assert split["final_evaluation"] == 0  # not asked for outside the default job
     assert abs(sum(split[name] for name in (*PHASES, "other")) - split["total"]) < 0.01
-    assert split["total"] >= summary["seconds"]
+    assert split["total"] >= summary["seconds"] - 0.001  # the split is rounded to ms

@@ -146,7 +146,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     """Run training as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
     dist = Distributed.setup()
     started = time.perf_counter()
-    timer = PhaseTimer()
+    timer = PhaseTimer(started)
     check_settings(cfg)  # bad settings fail before the model loads or anything is moved
     recipe_for(cfg)
     output_dir = prepare_output_dir(cfg, dist.is_main, name_from_main=dist.broadcast, log=log)

@@ -19,8 +19,8 @@ PHASES = ("load", "data", "steps", "validation", "checkpoints", "final_evaluatio
 class PhaseTimer:
     """Accumulates wall seconds per phase from its creation on."""
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
+    def __init__(self, started: float | None = None) -> None:
+        self.started = time.perf_counter() if started is None else started  # a perf_counter() value
         self.seconds: dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
