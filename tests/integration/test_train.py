@@ -355,3 +355,18 @@ def test_summary_splits_the_wall_time_into_phases(tmp_path, setup):
     assert split["final_evaluation"] == 0  # not asked for outside the default job
     assert abs(sum(split[name] for name in (*PHASES, "other")) - split["total"]) < 0.01
     assert split["total"] >= summary["seconds"] - 0.001  # the split is rounded to ms
+
+
+def test_lora_plus_moves_the_b_matrices_ratio_times_as_far(tmp_path, setup):
+    one_step = {**setup, "max_steps": 1, "eval_steps": 0}
+    _run(tmp_path, "plain", **one_step)
+    _run(tmp_path, "plus", lora_plus_ratio=16.0, **one_step)
+    plain = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
+    plus = load_file(tmp_path / "plus" / "adapter" / "adapter_model.safetensors")
+    b_keys = [k for k in plain if "lora_B" in k]
+    assert b_keys
+    for key in b_keys:  # B starts at zero and Adam's first step is lr-sized: 16 times the rate, 16 times the step
+        assert torch.allclose(plus[key], 16 * plain[key], rtol=1e-4, atol=1e-8), key
+    for key in plain:
+        if "lora_A" in key:  # A's gradient is zero while B is zero: both runs leave it where it started
+            assert torch.equal(plus[key], plain[key])

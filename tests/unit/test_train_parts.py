@@ -36,10 +36,38 @@ def test_schedules():
 def test_no_weight_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     model[0].weight.requires_grad_(True)
-    groups = _param_groups(model, 0.1)
+    groups = _param_groups(model, 0.1, lr=1e-3)
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert decayed == {id(model[0].weight)}
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3]
+
+
+def test_lora_plus_gives_the_b_matrices_the_higher_rate():
+    import deltatune as dt
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    dt.add_adapter(model, dt.LoraConfig(r=2, target_modules=["0", "1"], lora_bias=True))
+    groups = _param_groups(model, 0.01, lr=1e-4, lora_plus_ratio=16)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rate[id(p)] == pytest.approx(1.6e-3 if ".lora_B." in name else 1e-4), name
+    assert {g["weight_decay"] for g in groups} == {0.01, 0.0}  # B's bias: the higher rate, no decay
+    plain = _param_groups(model, 0.01, lr=1e-4)
+    assert len(plain) == 2 and {g["lr"] for g in plain} == {1e-4}
+
+
+def test_lora_plus_is_refused_for_methods_without_b_matrices():
+    from deltatune.train import ConfigError
+    from deltatune.train.checks import check_settings
+    from deltatune.train.config import TrainConfig
+
+    check_settings(TrainConfig(lora_plus_ratio=16))
+    with pytest.raises(ConfigError, match="lora_plus_ratio"):
+        check_settings(TrainConfig(method="ia3", lora_plus_ratio=16))
+    with pytest.raises(ConfigError, match="lora_plus_ratio"):
+        check_settings(TrainConfig(lora_plus_ratio=-1))
 
 
 def test_data_order_is_seeded_and_ranks_split_each_global_batch():

@@ -48,6 +48,10 @@ def check_settings(cfg: TrainConfig) -> None:
     for name in ("max_steps", "eval_batch_size", "warmup_steps", "eval_steps", "save_steps",
                  "early_stopping_patience", "lr", "weight_decay", "max_grad_norm", "eval_max_new_tokens"):
         _at_least(name, getattr(cfg, name), 0)
+    _at_least("lora_plus_ratio", cfg.lora_plus_ratio, 0)
+    if cfg.lora_plus_ratio and cfg.method not in ("lora", "dora"):
+        raise ConfigError(f"lora_plus_ratio: {cfg.lora_plus_ratio:g} sets the learning rate of LoRA's B matrices; "
+                          f"method {cfg.method!r} has none (use lora or dora, or leave it at 0)")
     if cfg.epochs <= 0:
         raise ConfigError(f"epochs: {cfg.epochs!r} must be above 0")
     _fraction("lora.lora_dropout", cfg.lora.lora_dropout)

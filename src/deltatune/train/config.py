@@ -71,6 +71,8 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     lr: float = 0.0
     """Peak learning rate; 0: the method's usual rate (LoRA 2e-4; see train/methods.py)."""
+    lora_plus_ratio: float = 0.0
+    """LoRA+: the B matrices (lora_B, lora_embedding_B) learn at this many times the learning rate of the other parameters (the LoRA+ paper suggests about 16); 0: one rate for all. LoRA and DoRA only."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases and norms)."""
     schedule: str = "cosine"

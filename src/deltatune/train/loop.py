@@ -78,16 +78,19 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+def _param_groups(model, weight_decay: float, lr: float, lora_plus_ratio: float = 0.0) -> list[dict]:
+    """Optimizer groups: no weight decay on biases and norms; with ``lora_plus_ratio`` (LoRA+) the
+    B matrices get ``lr × ratio``, everything else ``lr``."""
+    groups: dict[tuple[bool, bool], list] = {(True, False): []}  # the first group is always there
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        decays = not (p.ndim < 2 or "norm" in name.lower() or name.endswith("bias"))
+        is_b = bool(lora_plus_ratio) and (".lora_B." in name or ".lora_embedding_B." in name)
+        groups.setdefault((decays, is_b), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": lr * lora_plus_ratio if is_b else lr}
+            for (decays, is_b), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
 
 
 def planned_steps(n_train_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
@@ -197,8 +200,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         log(f"method {cfg.method}: {trainable:,d} trainable of {total:,d} parameters; lr {learning_rate(cfg):g}; "
             f"precision {cfg.precision} on {dist.device}"
             + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
-    optimizer = make_optimizer(_param_groups(model, cfg.weight_decay), cfg.optimizer, lr=learning_rate(cfg),
-                               weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(_param_groups(model, cfg.weight_decay, learning_rate(cfg), cfg.lora_plus_ratio),
+                               cfg.optimizer, lr=learning_rate(cfg), weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
     training_loss = TrainingLoss(model)
