@@ -33,7 +33,7 @@ def versions() -> dict:
     import importlib.metadata as md
 
     out = {}
-    for name in ("deltatune", "torch", "transformers", "peft"):
+    for name in ("deltatune", "torch", "transformers", "peft", "bitsandbytes", "triton"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:
