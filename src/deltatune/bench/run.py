@@ -117,9 +117,9 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     used = ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v)
     foot = (f"\n{result['device']}; {s['shape']} shape, batch {s['batch_size']} x {s['seq_len']}, {s['dtype']}, "
-            f"LoRA r={s['r']} alpha={s['alpha']} on all linear layers, {_optimizer_name(s)}, median of {s['steps']} steps after "
-            f"{s['warmup']} warm-up; labels: {s['labels']} ({result['labelled_share']:.0%} of positions trained). "
-            f"Versions: {used}. Command: `{result['command']}`\n")
+            f"LoRA r={s['r']} alpha={s['alpha']} on all linear layers, {_optimizer_name(s)}, median of {s['steps']} "
+            f"steps after {s['warmup']} warm-up; labels: {s['labels']} ({result['labelled_share']:.0%} of positions "
+            f"trained). Versions: {used}. Command: `{result['command']}`\n")
     return head + "\n".join(body) + "\n" + foot
 
 

@@ -127,8 +127,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             spec = {"tool": tool, "case": CASES[case].to_dict(), "device": cfg.device, "shape": cfg.shape,
                     "dtype": cfg.dtype, "batch": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
                     "alpha": cfg.alpha, "labels": cfg.labels, "optimizer": cfg.optimizer, "steps": cfg.steps,
-                    "warmup": cfg.warmup,
-                    "seed": cfg.seed, "count_flops": cfg.flops}
+                    "warmup": cfg.warmup, "seed": cfg.seed, "count_flops": cfg.flops}
             row = run_one(spec, log)
             if "error" not in row:
                 log(f"{case} / {tool}: {row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_memory_mib']:,.0f} MiB")

@@ -57,35 +57,27 @@ def dequantize(packed: torch.Tensor, state: QuantState, dtype: Optional[torch.dt
     return dequantize_4bit(packed, state, dtype)
 
 
-def _times_transposed(x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """``x @ Wᵀ``."""
+def _product(x: torch.Tensor, packed: torch.Tensor, state: QuantState, transposed: bool) -> torch.Tensor:
+    """``x @ Wᵀ`` (``transposed``, the forward pass) or ``x @ W`` (the input's gradient)."""
     gpu = _gpu(packed)
     if gpu is None:
-        return x @ dequantize_4bit(packed, state, x.dtype, reuse=True).T
+        weight = dequantize_4bit(packed, state, x.dtype, reuse=True)
+        return x @ (weight.T if transposed else weight)
     if fused_path(x.numel() // max(1, x.shape[-1])):
-        return gpu.matmul_t(x, packed, state)
-    return x @ gpu.dequantize(packed, state, x.dtype).T
-
-
-def _times(g: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
-    """``g @ W``."""
-    gpu = _gpu(packed)
-    if gpu is None:
-        return g @ dequantize_4bit(packed, state, g.dtype, reuse=True)
-    if fused_path(g.numel() // max(1, g.shape[-1])):
-        return gpu.matmul(g.contiguous(), packed, state)
-    return g @ gpu.dequantize(packed, state, g.dtype)
+        return (gpu.matmul_t if transposed else gpu.matmul)(x, packed, state)  # any strides
+    weight = gpu.dequantize(packed, state, x.dtype)
+    return x @ (weight.T if transposed else weight)
 
 
 class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
         ctx.packed, ctx.state = packed, state  # frozen: kept by reference, not saved as activations
-        return _times_transposed(x, packed, state)
+        return _product(x, packed, state, transposed=True)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_x = _times(grad_out, ctx.packed, ctx.state) if ctx.needs_input_grad[0] else None
+        grad_x = _product(grad_out, ctx.packed, ctx.state, transposed=False) if ctx.needs_input_grad[0] else None
         return grad_x, None, None
 
 

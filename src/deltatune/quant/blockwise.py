@@ -58,15 +58,7 @@ class QuantState:
         if self.nested is None:
             return self.absmax.float()
         n = self.nested
-        # dequantize_blockwise_8bit's arithmetic (code value times scale, then the offset), with a
-        # 1-D int32 gather and in-place updates: this runs in every pass of every 4-bit layer.
-        values = torch.index_select(n.code, 0, self.absmax.reshape(-1).int())
-        count = values.numel()
-        full = count - count % n.blocksize
-        values[:full].view(-1, n.blocksize).mul_(n.absmax[: full // n.blocksize].unsqueeze(1))
-        if full < count:
-            values[full:].mul_(n.absmax[-1])
-        return values.add_(n.offset)
+        return dequantize_blockwise_8bit(self.absmax, n.absmax, n.code, n.blocksize).add_(n.offset)
 
     def value_pairs(self) -> torch.Tensor:
         """(256, 2) float32: the two code values each byte stands for, high nibble first.
@@ -87,6 +79,17 @@ class QuantState:
         if self.nested is not None:
             total += self.nested.absmax.numel() * 4 + 4  # nested scales + the offset
         return total
+
+
+def _scale_blocks_(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Multiply flat ``values`` in place by the scale of their block of ``blocksize`` (the last
+    block may be partial); returns ``values``."""
+    n = values.numel()
+    full = n - n % blocksize
+    values[:full].view(-1, blocksize).mul_(scales[: full // blocksize].unsqueeze(1))
+    if full < n:
+        values[full:].mul_(scales[full // blocksize])
+    return values
 
 
 def _scaled_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,22 +178,15 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: Optional[tor
         index = scratch("dequantize.index", nbytes, torch.int32, packed.device).copy_(index)
     else:
         index = index.int()
-    direct = dtype == torch.float32 and numel == 2 * nbytes  # float32 and whole bytes: gather in place
     # Each pair of float32 values moves as one int64: a 1-D gather is several times faster than
     # copying 8-byte rows of a 2-D table.
     pairs = state.value_pairs().view(torch.int64).view(-1)
     if reuse:
-        values = scratch("dequantize.out" if direct else "dequantize.values", 2 * nbytes, torch.float32,
-                         packed.device)
+        values = scratch("dequantize.values", 2 * nbytes, torch.float32, packed.device)
         torch.index_select(pairs, 0, index, out=values.view(torch.int64))
     else:
         values = torch.index_select(pairs, 0, index).view(torch.float32)
-    values = values[:numel]
-    scales = state.block_scales()
-    full = numel - numel % state.blocksize
-    values[:full].view(-1, state.blocksize).mul_(scales[: full // state.blocksize].unsqueeze(1))
-    if full < numel:
-        values[full:].mul_(scales[-1])
+    values = _scale_blocks_(values[:numel], state.block_scales(), state.blocksize)
     if dtype == torch.float32:
         return values.view(state.shape)
     if reuse:
@@ -256,8 +252,7 @@ def dequantize_blockwise_8bit(
     """float32 values of 8-bit blockwise ``index`` (the inverse of ``quantize_blockwise_8bit``)."""
     if code is None:
         code = dynamic_map().to(index.device)
-    flat = code[index.reshape(-1).long()]
-    n = flat.numel()
-    blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
-    return (padded * absmax.view(-1, 1)).reshape(-1)[:n].view(index.shape)
+    # A 1-D int32 gather and an in-place scale: this decodes every 4-bit layer's nested scales in
+    # every pass, and the 8-bit optimizer's states in every step.
+    flat = torch.index_select(code, 0, index.reshape(-1).int())
+    return _scale_blocks_(flat, absmax.reshape(-1), blocksize).view(index.shape)

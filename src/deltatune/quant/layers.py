@@ -4,8 +4,9 @@ The forward pass dequantizes the weight to ``compute_dtype`` and multiplies. The
 pass (for the input's gradient, which adapters below need) dequantizes again instead of
 keeping the dequantized weight alive between the passes, so training memory stays near the
 quantized size. 4-bit layers call ``kernels.four_bit``, which picks how (Triton kernels on a
-GPU, the PyTorch reference with reused buffers on CPU). State-dict keys and tensors are bitsandbytes', so a saved model loads in
-transformers + bitsandbytes and a bitsandbytes checkpoint loads here.
+GPU, the PyTorch reference with reused buffers on CPU). State-dict keys and tensors are
+bitsandbytes', so a saved model loads in transformers + bitsandbytes and a bitsandbytes
+checkpoint loads here.
 """
 
 from __future__ import annotations

@@ -31,7 +31,3 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
         buffers[key] = buffer
     return buffer[:numel]
 
-
-def release() -> None:
-    """Drop this thread's buffers (their memory returns to the system)."""
-    _local.__dict__.pop("buffers", None)

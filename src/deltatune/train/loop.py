@@ -30,17 +30,17 @@ from ..io import save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
 from ..loss import TrainingLoss
+from .batching import epoch_batches, padding_share
 from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .checks import check_settings
 from .compiling import compile_blocks
-from .batching import epoch_batches, padding_share
 from .config import ConfigError, TrainConfig, to_dict
-from .timing import PhaseTimer
-from .methods import adapter_config, learning_rate, recipe_for
 from .distributed import Distributed
+from .methods import adapter_config, learning_rate, recipe_for
 from .optimizers import make_optimizer
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .schedule import make_scheduler
+from .timing import PhaseTimer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "datasets" / "velmar"
 EVAL_POINTS = 10  # validation evaluations over a run when eval_steps is 0 (besides step 0)
