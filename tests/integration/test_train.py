@@ -265,24 +265,33 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, setup):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_validation_loss_is_measured_about_ten_times_by_default(tmp_path, setup):
+def test_validation_passes_are_spaced_to_cost_little_by_default(tmp_path, setup):
+    """Without eval_steps the passes are as many as the validation budget allows: here the
+    validation split is large against the training data, so only step 0 and the end."""
     settings = {k: v for k, v in setup.items() if k != "eval_steps"}
-    _run(tmp_path, "curve", **{**settings, "max_steps": 20})
+    summary = _run(tmp_path, "curve", **{**settings, "max_steps": 20, "data.validation_fraction": 0.5})
     rows = [json.loads(line) for line in (tmp_path / "curve" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval_loss" in r] == list(range(0, 21, 2))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 20]
+    assert summary["validation_passes"] == 2
     assert (tmp_path / "curve" / "loss.png").stat().st_size > 0
 
 
-def test_the_default_job_draws_its_validation_curve_from_eleven_points():
-    from deltatune.train.loop import DEFAULT_DATA, auto_eval_steps, planned_steps
+def test_the_default_job_validates_within_its_budget(default_tokenizer):
+    """The default job's 40 validation rows against its 20 steps of 8: the estimated cost of the
+    passes stays under the budget (or only the passes at the start and the end run)."""
+    from deltatune.data import prepare_data
+    from deltatune.train.loop import DEFAULT_DATA, planned_steps
+    from deltatune.train.validation import FORWARD_SHARE, VALIDATION_BUDGET, auto_eval_steps, eval_points
 
-    cfg = load_config(None)
-    assert cfg.eval_steps == 0  # the automatic spacing
-    rows = len((DEFAULT_DATA / "train.jsonl").read_text().splitlines())
-    _, total = planned_steps(rows, cfg)
-    every = auto_eval_steps(total)
-    points = [0] + [s for s in range(1, total + 1) if s % every == 0 or s == total]
-    assert (rows, total, every, len(points)) == (160, 60, 6, 11)
+    cfg = load_config(None, {"data.path": str(DEFAULT_DATA / "train.jsonl"),
+                             "data.validation_path": str(DEFAULT_DATA / "validation.jsonl")})
+    data = prepare_data(cfg.data, default_tokenizer)
+    lengths = [len(e.input_ids) for e in data.train]
+    per_epoch, total = planned_steps(lengths, cfg)
+    step_tokens, val_tokens = sum(lengths) / per_epoch, sum(len(e.input_ids) for e in data.validation)
+    passes = 1 + len(eval_points(total, auto_eval_steps(total, step_tokens, val_tokens)))
+    assert (len(lengths), total) == (160, 20)  # LoRA's one epoch of 8-row batches
+    assert passes * FORWARD_SHARE * val_tokens <= VALIDATION_BUDGET * total * step_tokens or passes == 2
 
 
 def test_overwrite_moves_the_earlier_run_aside_before_writing(tmp_path, setup):
@@ -339,8 +348,8 @@ def test_the_test_file_is_used_for_the_final_evaluation_only(tmp_path, setup):
 
 def test_grouping_by_length_trains_with_less_padding(tmp_path, setup):
     short = {**setup, "max_steps": 3, "eval_steps": 0}
-    plain = _run(tmp_path, "plain", **short)
-    grouped = _run(tmp_path, "grouped", group_by_length=True, **short)
+    plain = _run(tmp_path, "plain", group_by_length=False, **short)
+    grouped = _run(tmp_path, "grouped", **short)  # the default
     assert 0 <= grouped["padding_share"] < plain["padding_share"]
     assert grouped["steps"] == 3 and math.isfinite(grouped["final_train_loss"])
 
@@ -370,3 +379,29 @@ def test_lora_plus_moves_the_b_matrices_ratio_times_as_far(tmp_path, setup):
     for key in plain:
         if "lora_A" in key:  # A's gradient is zero while B is zero: both runs leave it where it started
             assert torch.equal(plus[key], plain[key])
+
+
+def test_batches_by_token_budget_and_auto_batch_run(tmp_path, setup):
+    summary = _run(tmp_path, "tokens", **{**setup, "batch_tokens": 64, "data.max_seq_len": 32})
+    assert summary["steps"] == 8 and math.isfinite(summary["final_train_loss"])
+    summary = _run(tmp_path, "auto", **{**setup, "auto_batch": True})
+    # plenty of memory for a tiny model: the whole batch in one micro-batch
+    assert (summary["micro_batch"], summary["grad_accum"]) == (4, 1)
+
+
+def test_token_budget_settings_are_checked(tmp_path, setup):
+    with pytest.raises(ConfigError, match="batch_tokens: 100 is below data.max_seq_len"):
+        _run(tmp_path, "a", **{**setup, "batch_tokens": 100})
+    with pytest.raises(ConfigError, match="give one"):
+        _run(tmp_path, "b", **{**setup, "batch_tokens": 1024, "auto_batch": True})
+
+
+def test_auto_batch_keeps_the_effective_batch_when_memory_is_short(tmp_path, setup, monkeypatch):
+    import deltatune.train.auto_batch as auto_batch
+
+    monkeypatch.setattr(auto_batch, "available_cpu_bytes", lambda: 1)
+    messages = []
+    summary = train(load_config(None, {**setup, "auto_batch": True, "grad_accum": 2,
+                                       "output_dir": str(tmp_path / "short")}), log=messages.append)
+    assert (summary["micro_batch"], summary["grad_accum"], summary["steps"]) == (1, 8, 8)
+    assert any(m.startswith("auto batch: micro-batch 1 x 8 accumulated") for m in messages)

@@ -82,3 +82,45 @@ def test_phase_timer_refuses_an_unknown_phase_and_splits_the_rest():
     split = timer.split()
     assert split["steps"] >= 0.02 and split["validation"] == 0 and split["other"] >= 0
     assert split["total"] == pytest.approx(sum(v for k, v in split.items() if k != "total"), abs=0.005)
+
+
+@pytest.mark.parametrize("budget", [600, 2000])
+def test_token_batches_keep_every_batch_within_the_budget_and_every_row_once(budget):
+    from deltatune.train.batching import token_batches
+
+    lengths = _lengths(700)
+    batches = token_batches(lengths, budget, seed=2, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(700))
+    assert all(len(b) * max(lengths[i] for i in b) <= budget for b in batches)
+    # short rows travel many to a batch: a budget of 2000 puts at least 4 rows of <= 500 tokens in each
+    if budget == 2000:
+        assert min(len(b) for b in batches[:-1]) >= 4
+    assert padding_share(batches, lengths) < 0.1  # sorted before cutting: little padding
+    assert token_batches(lengths, budget, seed=2, epoch=0) == batches
+    assert token_batches(lengths, budget, seed=2, epoch=1) != batches
+
+
+def test_token_batches_put_a_row_longer_than_the_budget_alone():
+    from deltatune.train.batching import token_batches
+
+    batches = token_batches([10, 900, 20], 100, seed=0, epoch=0)
+    assert sorted(map(sorted, batches)) == [[0, 2], [1]]
+
+
+def test_token_batches_give_every_rank_as_many_batches():
+    from deltatune.train.batching import token_batches
+
+    lengths = _lengths(301, seed=4)
+    per_rank = [token_batches(lengths, 1500, seed=0, epoch=0, rank=r, world=3) for r in range(3)]
+    assert len({len(b) for b in per_rank}) == 1
+    rows = [i for batches in per_rank for b in batches for i in b]
+    assert len(rows) == len(set(rows))
+
+
+def test_make_batches_picks_the_way_the_settings_ask():
+    from deltatune.train.batching import make_batches, token_batches
+
+    lengths = _lengths(200)
+    assert make_batches(lengths, 8, 0, False, 1, 0) == epoch_batches(200, 8, 1, 0)
+    assert make_batches(lengths, 8, 0, True, 1, 0) == epoch_batches(200, 8, 1, 0, lengths=lengths)
+    assert make_batches(lengths, 8, 1024, False, 1, 0) == token_batches(lengths, 1024, 1, 0)

@@ -39,7 +39,9 @@ def test_the_benchmark_tables_are_marked():
             "benchmarks/lr-choice-cpu.json", "benchmarks/parity-cpu.json", "benchmarks/bench-cpu.json",
             "benchmarks/bench-cpu-all-labels.json", "benchmarks/bench-cpu-4bit.json",
             "benchmarks/bench-cpu-4bit.json#memory", "benchmarks/dequant-speed-cpu.json",
-            "benchmarks/default-job-speed-nf4-cpu.json"} <= sources
+            "benchmarks/default-job-speed-nf4-cpu.json", "benchmarks/quality-cpu.json",
+            "benchmarks/quality-cpu.json#ratios", "benchmarks/sweep-defaults-cpu.json",
+            "benchmarks/peak-memory-cpu.json"} <= sources
 
 
 def _change_one_number(table: str) -> str:

@@ -29,6 +29,8 @@ def test_schedules():
     linear = _lrs("linear", 0, 4)
     assert linear == pytest.approx([1.0, 0.75, 0.5, 0.25])
     assert _lrs("constant", 1, 3) == [1.0, 1.0, 1.0]
+    # warm-up, the peak, then a linear decay over the last 20% of the steps
+    assert _lrs("wsd", 2, 10) == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5])
     with pytest.raises(ValueError, match="schedule 'step'"):
         _lrs("step", 0, 2)
 
@@ -84,9 +86,23 @@ def test_evaluation_batches_are_four_training_batches_unless_set():
     from deltatune.train import ConfigError
     from deltatune.train.checks import check_settings
     from deltatune.train.config import TrainConfig
-    from deltatune.train.loop import eval_batch_size
+    from deltatune.train.validation import eval_batch_size
 
     assert eval_batch_size(TrainConfig(batch_size=3)) == 12
     assert eval_batch_size(TrainConfig(batch_size=3, eval_batch_size=5)) == 5
     with pytest.raises(ConfigError, match="eval_batch_size"):
         check_settings(TrainConfig(eval_batch_size=-1))
+
+
+def test_epochs_schedule_and_rate_come_from_the_method_unless_given():
+    from deltatune.train import ConfigError, TrainConfig
+    from deltatune.train.checks import check_settings
+    from deltatune.train.methods import epochs_for, learning_rate, schedule_for
+
+    lora, loha = TrainConfig(), TrainConfig(method="loha")
+    assert (epochs_for(lora), schedule_for(lora), learning_rate(lora)) == (1.0, "constant", 1e-3)
+    assert (epochs_for(loha), schedule_for(loha)) == (3.0, "cosine")
+    given = TrainConfig(epochs=2, schedule="wsd", lr=5e-4)
+    assert (epochs_for(given), schedule_for(given), learning_rate(given)) == (2.0, "wsd", 5e-4)
+    with pytest.raises(ConfigError, match="schedule"):
+        check_settings(TrainConfig(schedule="step"))

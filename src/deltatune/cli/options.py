@@ -175,7 +175,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] =
             flags.insert(0, "--" + short[leaf.name])
         shown = ",".join(map(str, leaf.default)) if isinstance(leaf.default, list) else leaf.default
         shown = "none" if shown in ("", {}) else shown
-        common = dict(dest=leaf.name, help=f"{leaf.doc} (default: {shown})",
+        # argparse formats help with %: a docstring's "8%" must reach it as "8%%"
+        common = dict(dest=leaf.name, help=f"{leaf.doc} (default: {shown})".replace("%", "%%"),
                       default=argparse.SUPPRESS if only_given else leaf.default)
         if isinstance(leaf.default, bool):
             groups[section].add_argument(*flags, action=argparse.BooleanOptionalAction, **common)

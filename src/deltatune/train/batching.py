@@ -7,6 +7,12 @@ shuffles the batches again: rows of similar length train together, while which r
 the order of batches stay random from epoch to epoch (the same idea as Hugging Face's
 length-grouped sampler). Everything is a function of (seed, epoch), so a resumed run takes
 the same batches.
+
+With a token budget (``batch_tokens``) a batch holds as many rows as fit the budget once padded
+(rows x longest row): short rows travel many to a batch, long ones few, so every step does
+about the same work and little of it on padding. Rows are sorted by length in windows of
+``GROUP_ROWS`` of a shuffled order, cut greedily and the batches shuffled. The count of batches
+can differ a little between epochs; a run's epoch is as many batches as its first one.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 GROUP_BATCHES = 64  # global batches per sorted group: big enough to find similar lengths, small enough to mix
+GROUP_ROWS = 1024  # rows per sorted window when batches are cut by a token budget
 
 
 def _shuffled(n: int, seed: int, epoch: int, stream: int = 0) -> list[int]:
@@ -57,3 +64,33 @@ def padding_share(batches: list[list[int]], lengths: Sequence[int]) -> float:
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     real = sum(lengths[i] for b in batches for i in b)
     return 1 - real / padded if padded else 0.0
+
+
+def token_batches(lengths: Sequence[int], batch_tokens: int, seed: int, epoch: int, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """Row indices of each micro-batch of rank ``rank`` in ``epoch``, each batch's rows times its
+    longest row at most ``batch_tokens`` (a row longer than that alone); the last
+    ``len % world`` batches are dropped so every rank takes as many."""
+    order = _shuffled(len(lengths), seed, epoch)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), GROUP_ROWS):
+        batch: list[int] = []
+        for i in sorted(order[start:start + GROUP_ROWS], key=lambda i: -lengths[i]):
+            if batch and (len(batch) + 1) * lengths[batch[0]] > batch_tokens:  # batch[0] is its longest
+                batches.append(batch)
+                batch = []
+            batch.append(i)
+        if batch:
+            batches.append(batch)
+    batches = [batches[b] for b in _shuffled(len(batches), seed, epoch, stream=1)]
+    usable = len(batches) - len(batches) % world if len(batches) >= world else len(batches)
+    return batches[rank:usable:world] or batches[:1]
+
+
+def make_batches(lengths: Sequence[int], batch_size: int, batch_tokens: int, group_by_length: bool, seed: int,
+                 epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """An epoch's micro-batches for this rank as the run's settings ask: by token budget when
+    ``batch_tokens`` is set, else ``batch_size`` rows (grouped by length when asked)."""
+    if batch_tokens:
+        return token_batches(lengths, batch_tokens, seed, epoch, rank, world)
+    return epoch_batches(len(lengths), batch_size, seed, epoch, rank, world, lengths if group_by_length else None)

@@ -38,24 +38,30 @@ def check_settings(cfg: TrainConfig) -> None:
     """Refuse settings no run can use; method-specific fields are checked by the method's config."""
     _one_of("quantize", cfg.quantize, ("", *QUANT_TYPES))
     _one_of("precision", cfg.precision, PRECISIONS)
-    _one_of("schedule", cfg.schedule, SCHEDULES)
+    _one_of("schedule", cfg.schedule, ("", *SCHEDULES))
     _one_of("optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of("final_eval", cfg.final_eval, FINAL_EVAL)
     _one_of("data.format", cfg.data.format, ("auto", *FORMATS))
     for name in ("batch_size", "grad_accum", "logging_steps", "data.max_seq_len", "lora.r"):
         group, _, field = name.rpartition(".")
         _at_least(name, getattr(getattr(cfg, group) if group else cfg, field), 1)
-    for name in ("max_steps", "eval_batch_size", "warmup_steps", "eval_steps", "save_steps",
+    for name in ("max_steps", "batch_tokens", "eval_max_rows", "eval_batch_size", "warmup_steps", "eval_steps", "save_steps",
                  "early_stopping_patience", "lr", "weight_decay", "max_grad_norm", "eval_max_new_tokens"):
         _at_least(name, getattr(cfg, name), 0)
     _at_least("lora_plus_ratio", cfg.lora_plus_ratio, 0)
     if cfg.lora_plus_ratio and cfg.method not in ("lora", "dora"):
         raise ConfigError(f"lora_plus_ratio: {cfg.lora_plus_ratio:g} sets the learning rate of LoRA's B matrices; "
                           f"method {cfg.method!r} has none (use lora or dora, or leave it at 0)")
-    if cfg.epochs <= 0:
-        raise ConfigError(f"epochs: {cfg.epochs!r} must be above 0")
+    if cfg.batch_tokens and cfg.batch_tokens < cfg.data.max_seq_len:
+        raise ConfigError(f"batch_tokens: {cfg.batch_tokens} is below data.max_seq_len ({cfg.data.max_seq_len}); "
+                          "a batch must hold the longest row")
+    if cfg.batch_tokens and cfg.auto_batch:
+        raise ConfigError("batch_tokens sets the micro-batch by a token budget and auto_batch by memory: give one")
+    if cfg.epochs < 0:
+        raise ConfigError(f"epochs: {cfg.epochs!r} must be above 0 (or 0: the method's usual number)")
     _fraction("lora.lora_dropout", cfg.lora.lora_dropout)
     _fraction("data.validation_fraction", cfg.data.validation_fraction)
+    _fraction("warmup_ratio", cfg.warmup_ratio)
     for name, path in (("model", cfg.model), ("data.path", cfg.data.path),
                        ("data.validation_path", cfg.data.validation_path), ("data.test_path", cfg.data.test_path)):
         if path and not Path(path).exists():

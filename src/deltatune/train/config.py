@@ -57,28 +57,34 @@ class TrainConfig:
     """Data settings."""
     output_dir: str = ""
     """Run folder; empty: a new folder under runs/. A non-empty folder needs --resume or --overwrite."""
-    epochs: float = 3.0
-    """Passes over the training data (ignored when max_steps is set)."""
+    epochs: float = 0.0
+    """Passes over the training data (ignored when max_steps is set); 0: the method's usual number (LoRA 1, the others 3; see train/methods.py)."""
     max_steps: int = 0
     """Optimizer steps to run; 0: from epochs."""
     batch_size: int = 8
     """Examples (or packed rows) per micro-batch."""
-    group_by_length: bool = False
+    batch_tokens: int = 0
+    """Cut micro-batches by a token budget instead of a row count: as many rows as fit N tokens once padded (rows x the batch's longest row), so short examples travel many to a batch; 0: batch_size rows. At least data.max_seq_len."""
+    auto_batch: bool = False
+    """Use the largest micro-batch (a divisor of batch_size) that fits the device's memory, with gradient accumulation keeping batch_size x grad_accum examples per step: tried on a GPU, estimated from the measured memory per token on a CPU."""
+    group_by_length: bool = True
     """Batch rows of similar length together (sorted within groups of 64 batches, the batches still shuffled): less padding when example lengths vary; packed rows are nearly full already. The share of padding is in summary.json."""
     eval_batch_size: int = 0
     """Rows per batch in validation passes and the final evaluation's generation; 0: 4 x batch_size (no gradients or saved activations there, so a larger batch fits in the memory a training batch takes, and on a CPU generating more rows at once reads the weights fewer times)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     lr: float = 0.0
-    """Peak learning rate; 0: the method's usual rate (LoRA 2e-4; see train/methods.py)."""
+    """Peak learning rate; 0: the method's usual rate (LoRA 1e-3; see train/methods.py)."""
     lora_plus_ratio: float = 0.0
     """LoRA+: the B matrices (lora_B, lora_embedding_B) learn at this many times the learning rate of the other parameters (the LoRA+ paper suggests about 16); 0: one rate for all. LoRA and DoRA only."""
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases and norms)."""
-    schedule: str = "cosine"
-    """Learning-rate schedule: cosine, linear or constant."""
+    schedule: str = ""
+    """Learning-rate schedule after warm-up: cosine, linear, constant or wsd (the peak rate, then a linear decay over the last 20% of the steps); empty: the method's usual one (LoRA constant, the others cosine)."""
     warmup_steps: int = 0
-    """Steps of linear warm-up from 0."""
+    """Steps of linear warm-up from 0 (0: warmup_ratio of the run's steps)."""
+    warmup_ratio: float = 0.1
+    """Share of the run's steps spent warming up when warmup_steps is 0."""
     optimizer: str = "adamw"
     """adamw, adamw_8bit, paged_adamw_8bit or paged_adamw."""
     max_grad_norm: float = 1.0
@@ -92,7 +98,9 @@ class TrainConfig:
     activation_offload: bool = False
     """Keep the activations saved for the backward pass in pinned CPU memory instead of GPU memory (CUDA only): GPU memory like checkpointing's without recomputing, at the cost of transfers; deltatune bench measures which is faster."""
     eval_steps: int = 0
-    """Evaluate the validation loss every N steps (0: about ten times over the run; always at step 0 and at the end)."""
+    """Evaluate the validation loss every N steps (0: as often as costs about 8% of the training time, at most ten times; always at step 0 and at the end)."""
+    eval_max_rows: int = 512
+    """Validation passes read at most this many validation rows, a fixed sample of a larger split (0: all); the final evaluation reads them all."""
     save_steps: int = 0
     """Write a resumable checkpoint every N steps (0: none until the end)."""
     logging_steps: int = 1

@@ -58,6 +58,14 @@ class Distributed:
             return value
         return self.all_reduce_sum(torch.tensor([value], dtype=torch.float64)).item() / self.world
 
+    def smallest(self, value: int) -> int:
+        """The smallest of every rank's ``value``."""
+        if self.world == 1:
+            return value
+        held = torch.tensor([value], device=self.device)
+        torch_dist.all_reduce(held, op=torch_dist.ReduceOp.MIN)
+        return int(held.item())
+
     def broadcast(self, obj):
         """``obj`` from rank 0 on every rank."""
         if self.world == 1:

@@ -23,27 +23,29 @@ import yaml
 
 from ..adapters.method import method_for
 from ..data import collate, pack, prepare_data
-from ..evaluate.generation import loss_sums
 from ..files import write_text_atomically
 from ..hardware import auto_precision, set_cpu_threads
 from ..io import save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
 from ..loss import TrainingLoss
-from .batching import epoch_batches, padding_share
+from .auto_batch import choose_micro_batch
+from .batching import make_batches, padding_share
 from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .checks import check_settings
 from .compiling import compile_blocks
 from .config import ConfigError, TrainConfig, to_dict
+from .contexts import autocast, saved_activations
 from .distributed import Distributed
-from .methods import adapter_config, learning_rate, recipe_for
+from .host_memory import release_freed_activations
+from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
 from .optimizers import make_optimizer
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .schedule import make_scheduler
 from .timing import PhaseTimer
+from .validation import auto_eval_steps, eval_batch_size, eval_points, evaluate, sample_rows
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "datasets" / "velmar"
-EVAL_POINTS = 10  # validation evaluations over a run when eval_steps is 0 (besides step 0)
 
 
 def _wants_final_eval(cfg: TrainConfig, default_job: bool) -> bool:
@@ -93,56 +95,19 @@ def _param_groups(model, weight_decay: float, lr: float, lora_plus_ratio: float 
             for (decays, is_b), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
 
 
-def planned_steps(n_train_rows: int, cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
-    """(optimizer steps per epoch, optimizer steps in the run) for ``n_train_rows`` rows."""
-    per_epoch = max(1, len(epoch_batches(n_train_rows, cfg.batch_size, cfg.seed, 0, 0, world)) // cfg.grad_accum)
-    return per_epoch, cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))
-
-
-def eval_batch_size(cfg: TrainConfig) -> int:
-    """Rows per batch where nothing is kept for backward (validation, final generation)."""
-    return cfg.eval_batch_size or 4 * cfg.batch_size
-
-
-def auto_eval_steps(total_steps: int) -> int:
-    """Steps between validation evaluations when none is set: about ``EVAL_POINTS`` over the run,
-    so the loss plot shows a curve, not a line from the first point to the last."""
-    return max(1, math.ceil(total_steps / EVAL_POINTS))
+def planned_steps(lengths: list[int], cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps in the run) for rows of these ``lengths``."""
+    batches = make_batches(lengths, cfg.batch_size, cfg.batch_tokens, cfg.group_by_length, cfg.seed, 0, 0, world)
+    per_epoch = max(1, len(batches) // cfg.grad_accum)
+    return per_epoch, cfg.max_steps or max(1, math.ceil(epochs_for(cfg) * per_epoch))
 
 
 def _rows(data, cfg: TrainConfig):
     return pack(data, cfg.data.max_seq_len) if cfg.data.packing else data
 
 
-
-def _saved_activations(cfg: TrainConfig, device: torch.device):
-    """Where autograd keeps what backward needs: pinned CPU memory with ``activation_offload``."""
-    if cfg.activation_offload:
-        return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
-    return contextlib.nullcontext()
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise ConfigError(f"precision {precision!r} is not supported; use fp32, bf16 or fp16")
-    return torch.autocast(device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def evaluate(model, rows, cfg: TrainConfig, pad_id: int, dist: Distributed, seq2seq: bool = False) -> Optional[float]:
-    """Token-weighted mean loss over ``rows`` (all ranks together)."""
-    if not rows:
-        return None
-    was_training = model.training
-    model.eval()
-    with _autocast(cfg.precision, next(model.parameters()).device):
-        total = loss_sums(model, rows[dist.rank::dist.world], eval_batch_size(cfg), pad_id, cfg.data.packing, seq2seq)
-    total = dist.all_reduce_sum(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item() if total[1] > 0 else None
+def _length(row) -> int:
+    return len(row["input_ids"] if isinstance(row, dict) else row.input_ids)
 
 
 def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = None, log=print) -> dict:
@@ -162,6 +127,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
 
     if dist.device.type == "cpu":
         set_cpu_threads(processes_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        release_freed_activations()  # peak memory near the tensors' own, not a fragmented heap
     if cfg.precision == "auto":  # config.yaml records what ran
         cfg.precision = auto_precision(dist.device)
     _seed_everything(cfg.seed)
@@ -182,10 +148,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         log(f"data ({data.format}): train {data.train_stats}; validation {data.validation_stats}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    steps_per_epoch, total_steps = planned_steps(len(train_rows), cfg, dist.world)
-    lengths = [len(row["input_ids"] if isinstance(row, dict) else row.input_ids) for row in train_rows]
-    row_lengths = lengths if cfg.group_by_length else None
-    eval_every = cfg.eval_steps or auto_eval_steps(total_steps)
+    lengths = [_length(row) for row in train_rows]
+    steps_per_epoch, total_steps = planned_steps(lengths, cfg, dist.world)
+    val_rows = sample_rows(val_rows, cfg.eval_max_rows, cfg.seed)
+    eval_every = cfg.eval_steps or auto_eval_steps(total_steps, sum(lengths) / steps_per_epoch / dist.world,
+                                                   sum(_length(row) for row in val_rows))
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
     adapter_cfg = adapter_config(cfg, task_type, total_steps)
     add_adapter(model, adapter_cfg, "default")
@@ -195,6 +162,16 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if dist.is_main:
             log(f"compile: {compiled} transformer blocks; the first step's time includes compiling")
     method = method_for(adapter_cfg)
+    training_loss = TrainingLoss(model)
+    if cfg.auto_batch:  # the same steps: batch_size x grad_accum examples each, in smaller micro-batches
+        with autocast(cfg.precision, dist.device):
+            micro, how = choose_micro_batch(training_loss, model, train_rows, lengths, cfg.batch_size, pad_id,
+                                            cfg.data.packing, seq2seq, dist.device)
+        micro = dist.smallest(micro)  # every rank must take as many micro-batches a step
+        cfg.grad_accum, cfg.batch_size = cfg.grad_accum * (cfg.batch_size // micro), micro
+        steps_per_epoch = planned_steps(lengths, cfg, dist.world)[0]
+        if dist.is_main:
+            log(f"auto batch: micro-batch {micro} x {cfg.grad_accum} accumulated ({how})")
     if dist.is_main:
         trainable, total = trainable_parameters(model)
         log(f"method {cfg.method}: {trainable:,d} trainable of {total:,d} parameters; lr {learning_rate(cfg):g}; "
@@ -202,9 +179,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
     optimizer = make_optimizer(_param_groups(model, cfg.weight_decay, learning_rate(cfg), cfg.lora_plus_ratio),
                                cfg.optimizer, lr=learning_rate(cfg), weight_decay=cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, total_steps)
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
+    scheduler = make_scheduler(optimizer, schedule_for(cfg), warmup, total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
-    training_loss = TrainingLoss(model)
     if dist.is_main:
         log(training_loss.describe())
     ddp_loss = dist.wrap(training_loss)
@@ -245,11 +222,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                 epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))
                 if epoch != batches_epoch:  # once per epoch: a shuffle (and a sort) of every row
                     batches_epoch = epoch
-                    batches = epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, epoch, dist.rank,
-                                            dist.world, row_lengths)
+                    batches = make_batches(lengths, cfg.batch_size, cfg.batch_tokens, cfg.group_by_length,
+                                           cfg.seed, epoch, dist.rank, dist.world)
                 rows = [train_rows[i] for i in batches[index % len(batches)]]
                 batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
-                with _autocast(cfg.precision, device), _saved_activations(cfg, device):
+                with autocast(cfg.precision, device), saved_activations(cfg.activation_offload, device):
                     loss = ddp_loss(batch)
                     penalty = method.loss_penalty(model, "default", adapter_cfg)
                     loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
@@ -326,8 +303,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples,
                    "precision": cfg.precision,
                    # of the first epoch's batches, each padded to its longest row
-                   "padding_share": padding_share(epoch_batches(len(train_rows), cfg.batch_size, cfg.seed, 0, 0, 1,
-                                                                row_lengths), lengths)}
+                   "padding_share": padding_share(make_batches(lengths, cfg.batch_size, cfg.batch_tokens,
+                                                               cfg.group_by_length, cfg.seed, 0), lengths),
+                   "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
+                   "validation_passes": 1 + len(eval_points(step, eval_every)) if val_rows else 0}
         if _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
             with timer.phase("final_evaluation"):
                 summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)

@@ -13,13 +13,19 @@ from .config import ConfigError, TrainConfig, to_dict
 
 @dataclass(frozen=True)
 class MethodRecipe:
+    """What ``deltatune train --method NAME`` uses unless told otherwise."""
+
     peft_type: str
     lr: float
     options: dict[str, Any] = field(default_factory=dict)
+    epochs: float = 3.0  # passes over the data when neither --epochs nor --max-steps is given
+    schedule: str = "cosine"  # when --schedule is not given
 
 
 RECIPES: dict[str, MethodRecipe] = {
-    "lora": MethodRecipe("LORA", 2e-4),
+    # LoRA: one epoch at 1e-3, constant after warm-up: chosen on the validation splits of the
+    # default job and the docstring task (benchmarks/sweep_defaults.py, docs/training.md)
+    "lora": MethodRecipe("LORA", 1e-3, epochs=1.0, schedule="constant"),
     "dora": MethodRecipe("LORA", 2e-4, {"use_dora": True}),
     # LoHa, LoKr and AdaLoRA at 4e-3: chosen over 1e-3 by validation loss (benchmarks/choose_lr.py)
     "loha": MethodRecipe("LOHA", 4e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
@@ -82,3 +88,13 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
 def learning_rate(cfg: TrainConfig) -> float:
     """``cfg.lr``, or the method's usual rate when it is 0."""
     return cfg.lr or recipe_for(cfg).lr
+
+
+def schedule_for(cfg: TrainConfig) -> str:
+    """``cfg.schedule``, or the method's usual schedule when it is empty."""
+    return cfg.schedule or recipe_for(cfg).schedule
+
+
+def epochs_for(cfg: TrainConfig) -> float:
+    """``cfg.epochs``, or the method's usual number of passes when it is 0."""
+    return cfg.epochs or recipe_for(cfg).epochs

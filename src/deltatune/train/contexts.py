@@ -1,0 +1,27 @@
+"""Context managers around a forward pass: autocast for the run's precision, and where saved
+activations live (``activation_offload``)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .config import ConfigError
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16/fp16 autocast on ``device``, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ConfigError(f"precision {precision!r} is not supported; use fp32, bf16 or fp16")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def saved_activations(offload: bool, device: torch.device):
+    """Where autograd keeps what backward needs: pinned CPU memory with ``offload``."""
+    if offload:
+        return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    return contextlib.nullcontext()

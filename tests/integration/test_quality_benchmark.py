@@ -1,0 +1,57 @@
+"""The time-to-quality benchmark and the defaults sweep as smoke tests (tiny model, not timed),
+and the standard-library task they build."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_models import tiny_chat_model_dir
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_tokenizer):
+    return tiny_chat_model_dir(tmp_path_factory.mktemp("model"), default_tokenizer)
+
+
+def test_the_docstring_task_keeps_test_modules_out_of_training(tmp_path):
+    from quality_tasks import build_docstrings
+
+    files = build_docstrings(tmp_path, n_train=120, n_validation=20, n_test=20)
+    splits = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, path in files.items()}
+    assert {name: len(records) for name, records in splits.items()} == {"train": 120, "validation": 20, "test": 20}
+    top = {name: {r["module"].split(".")[0] for r in records} for name, records in splits.items()}
+    assert not top["test"] & top["train"] and not top["validation"] & top["train"]
+    for record in splits["train"][:20]:
+        assert record["prompt"].startswith("Summarize") and record["prompt"].rstrip().endswith("Summary:")
+        assert record["completion"].startswith(" ") and record["completion"].endswith(".")
+        assert record["completion"].strip() not in record["prompt"]  # the docstring is taken out of the code
+
+
+def test_quality_benchmark_runs_all_three_and_scores_them(tmp_path, tiny_dir):
+    out = tmp_path / "quality.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--small", "--tasks", "docstrings", "--model",
+                    str(tiny_dir), "--work", str(tmp_path / "work"), "--out", str(out)], check=True,
+                   capture_output=True)
+    [task] = json.loads(out.read_text())["tasks"]
+    assert set(task["runs"]) == {"loop", "deltatune_loop_settings", "deltatune_defaults"}
+    for run in task["runs"].values():
+        assert 0 <= run["score"]["rougeL"] <= 1 and run["peak_memory_mib"] > 0 and 0 <= run["padding_share"] < 1
+        assert run["time_seconds"]["steps"] > 0 and run["wall_seconds"] >= run["time_seconds"]["total"]
+    assert task["runs"]["loop"]["steps"] == task["runs"]["deltatune_loop_settings"]["steps"] == 2
+    assert set(task["ratios"]) >= {"defaults_time_over_loop", "loop_settings_step_speedup"}
+
+
+def test_sweep_writes_rows_and_a_plot(tmp_path, tiny_dir):
+    out = tmp_path / "sweep.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "sweep_defaults.py"), "--small", "--tasks", "docstrings",
+                    "--model", str(tiny_dir), "--work", str(tmp_path / "work"), "--out", str(out)], check=True,
+                   capture_output=True)
+    [row] = json.loads(out.read_text())
+    assert row["steps"] == 2 and row["validation_loss"] > 0 and row["setting"]["batch-size"] == 8
+    assert out.with_suffix(".png").stat().st_size > 0
