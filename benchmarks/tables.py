@@ -161,6 +161,56 @@ def dequant_speed_table(result: dict) -> str:
                     f"of {result['repeats']} calls; every case gave identical values. Command: `{result['command']}`\n")
 
 
+QUALITY_RUNS = {"loop": "plain transformers + PEFT loop", "deltatune_loop_settings": "deltatune, the loop's settings",
+                "deltatune_defaults": "deltatune, its defaults"}
+
+
+def quality_table(result: dict) -> str:
+    """``quality.py``: per task, each run's held-out score, wall time and its split, memory, padding."""
+    rows = []
+    for task in result["tasks"]:
+        base = task["base_score"]["rougeL"]
+        for name, run in task["runs"].items():
+            t = run["time_seconds"]
+            around = sum(t.get(k, 0.0) for k in ("data", "checkpoints", "other"))
+            rows.append([task["task"], QUALITY_RUNS.get(name, name), f"{run['score']['rougeL']:.3f} ({base:.3f})",
+                         f"{run['score']['exact_match']:.3f}", f"{run['wall_seconds']:.0f}",
+                         f"{t.get('load', 0):.0f} / {t['steps']:.0f} / {t.get('validation', 0):.0f} / "
+                         f"{t.get('final_evaluation', 0):.0f} / {around:.1f}",
+                         f"{run['steps']}", f"{run['peak_memory_mib'] / 1024:.2f}", f"{run['padding_share']:.0%}"])
+    return _table(["task", "run", "ROUGE-L (base)", "exact match", "wall s",
+                   "load / steps / validation / final eval / data+checkpoints+other s", "steps", "peak GiB",
+                   "padding"], rows)
+
+
+def quality_ratio_table(result: dict) -> str:
+    """``quality.py``: the ratios the targets are stated in, per task."""
+    rows = []
+    for task in result["tasks"]:
+        r = task["ratios"]
+        rows.append([task["task"], f"{r['defaults_time_over_loop']:.2f}×", f"{r['defaults_score_minus_loop']:+.3f}",
+                     f"{r['loop_settings_step_speedup']:.2f}×", f"{r['loop_settings_wall_speedup']:.2f}×",
+                     f"{r['loop_settings_memory_over_loop']:.2f}×"])
+    return _table(["task", "defaults: training time / loop's", "defaults: ROUGE-L − loop's",
+                   "loop's settings: step speed-up", "loop's settings: wall speed-up",
+                   "loop's settings: peak memory / loop's"], rows)
+
+
+def sweep_table(rows: list) -> str:
+    """``sweep_defaults.py``: validation loss and training time of each setting, per task."""
+    return _table(["task", "setting", "steps", "validation loss", "training s", "padding"],
+                  [[r["task"], r["name"], str(r["steps"]), f"{r['validation_loss']:.4f}", f"{r['train_seconds']:.0f}",
+                    f"{r['padding_share']:.0%}"] for r in rows])
+
+
+def peak_memory_table(result: dict) -> str:
+    """``peak_memory.py``: peak resident memory at a batch size, the PEFT loop against deltatune."""
+    return _table(["batch (rows of 400-512 tokens)", "PEFT loop GiB", "deltatune GiB", "deltatune / loop"],
+                  [[str(r["batch_size"]), f"{r['peft_loop_peak_mib'] / 1024:.2f}",
+                    f"{r['deltatune_peak_mib'] / 1024:.2f}", f"{r['deltatune_over_loop']:.2f}×"]
+                   for r in result["rows"]])
+
+
 def parity_table(results: dict) -> str:
     """``parity.py``: the worst |logit difference| against PEFT per case, worst first."""
     rows = sorted(results.items(), key=lambda item: (-item[1], item[0]))
@@ -180,9 +230,12 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "parity-*.json": parity_table,
     "compile-step-*.json": compile_step_table,
     "dequant-speed-*.json": dequant_speed_table,
+    "quality-*.json": quality_table,
+    "sweep-defaults-*.json": sweep_table,
+    "peak-memory-*.json": peak_memory_table,
 }
 # A second table of the same file: "<path>#<view>".
-VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table}
+VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table, "ratios": quality_ratio_table}
 
 
 def render(source: str) -> str:
