@@ -102,9 +102,9 @@ def main() -> None:
     rows = json.loads(args.out.read_text()) if args.append else []
     for task in args.tasks.split(","):
         files = task_files(task, args.work, args.small)
-        for name, setting in SETTINGS.items():
-            if name in SKIP.get(task, ()) or (args.small and name not in list(SETTINGS)[:2]):
-                continue
+        names = [name for name in SETTINGS if name not in SKIP.get(task, ())]
+        for name in names[:1] if args.small else names:  # --small: one setting, to check the script
+            setting = SETTINGS[name]
             rows.append(run(task, name, setting, files, args.work, args.model, args.small))
             args.out.write_text(json.dumps(rows, indent=2))
             print(json.dumps(rows[-1]), flush=True)

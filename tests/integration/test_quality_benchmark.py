@@ -53,5 +53,5 @@ def test_sweep_writes_rows_and_a_plot(tmp_path, tiny_dir):
                     "--model", str(tiny_dir), "--work", str(tmp_path / "work"), "--out", str(out)], check=True,
                    capture_output=True)
     [row] = json.loads(out.read_text())
-    assert row["steps"] == 2 and row["validation_loss"] > 0 and row["setting"]["batch-size"] == 8
+    assert row["steps"] == 2 and row["validation_loss"] > 0 and row["setting"]["batch-size"] == 8 and row["task"] == "docstrings"
     assert out.with_suffix(".png").stat().st_size > 0
