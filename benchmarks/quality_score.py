@@ -59,6 +59,9 @@ def main() -> None:
     records = [json.loads(line) for line in Path(args.test).read_text().splitlines() if line.strip()]
     pairs = [prompt_and_completion(r, tokenizer) for r in records]
     chat = "messages" in records[0]
+    # the completion as text, chat markers (a template's end-of-turn token) left out
+    references = [tokenizer.decode(tokenizer(c, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+                  for _, c in pairs]
     results = {}
     for name, folder in [("base", None)] + [a.split("=", 1) for a in args.adapter]:
         started = time.perf_counter()
@@ -67,8 +70,6 @@ def main() -> None:
             model = PeftModel.from_pretrained(model, folder).merge_and_unload()
         model.eval()
         predictions = generate(model, tokenizer, [p for p, _ in pairs], chat, args.max_new_tokens, args.batch)
-        references = [tokenizer.decode(tokenizer(c, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
-                      for _, c in pairs]
         results[name] = {**score(predictions, references), "seconds": time.perf_counter() - started,
                          "examples": [{"prediction": p, "reference": r} for p, r in zip(predictions[:3], references)]}
     args.out.write_text(json.dumps(results, indent=2))

@@ -7,7 +7,6 @@ checkpoints, metrics and the final adapter, and returns a summary.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
