@@ -4,9 +4,13 @@ transformers + HF PEFT loop (quality_loop.py), each in its own process, on long 
 The records are standard-library functions of 400 to 512 tokens (the docstring task's
 prompts, built long), so every batch is near 4 x 512 or 8 x 512 tokens, the shape at which the
 issue that asked for this measured 6.4 GiB (batch 4) and 12.2 GB (batch 8). Both run a few
-steps at the loop's settings; the figure is the process's peak resident memory (max RSS).
+steps at the loop's settings; the figure is the process's peak resident memory (max RSS),
+next to the steps' seconds. Two more deltatune runs per batch size: with gradient checkpointing
+(the memory a user can trade time for), and, with ``--before-src``, the source tree of an earlier
+commit (the figure this issue's target is measured against, on the same records and machine).
 
-    python benchmarks/peak_memory.py          # about five minutes on 2 CPU cores
+    python benchmarks/peak_memory.py          # about ten minutes on 2 CPU cores
+    git worktree add /tmp/before f021478~1 && python benchmarks/peak_memory.py --before-src /tmp/before/src
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ def long_records(out: Path, tokenizer, count: int = 48) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="4,8")
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--before-src", type=Path, default=None,
+                        help="an earlier commit's src folder, run as a third deltatune column")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "peak-memory")
     parser.add_argument("--out", type=Path, default=HERE / "peak-memory-cpu.json")
     args = parser.parse_args()
@@ -61,18 +67,28 @@ def main() -> None:
         subprocess.run([sys.executable, str(HERE / "quality_loop.py"), "--model", model, "--train", str(data),
                         "--steps", str(args.steps), "--batch", str(batch), "--out", str(loop)], check=True, env=env,
                        capture_output=True)
-        mine = args.work / f"deltatune-b{batch}"
-        subprocess.run([sys.executable, "-m", "deltatune", "train", "--data.path", str(data), "--batch-size",
-                        str(batch), "--max-steps", str(args.steps), "--schedule", "constant",
-                        "--data.validation-fraction", "0", "--output-dir", str(mine), "--overwrite"],
-                       check=True, env=env, capture_output=True, cwd=ROOT)
-        peft_peak = json.loads((loop / "result.json").read_text())["peak_memory_mib"]
-        summary = json.loads((mine / "summary.json").read_text())
-        rows.append({"batch_size": batch, "peft_loop_peak_mib": peft_peak,
-                     "deltatune_peak_mib": summary["peak_memory_mib"],
-                     "deltatune_over_loop": summary["peak_memory_mib"] / peft_peak,
-                     "padding_share": summary["padding_share"]})
-        print(json.dumps(rows[-1]), flush=True)
+        loop_result = json.loads((loop / "result.json").read_text())
+        row = {"batch_size": batch, "peft_loop_peak_mib": loop_result["peak_memory_mib"],
+               "peft_loop_steps_seconds": loop_result["time_seconds"]["steps"]}
+        runs = {"deltatune": ([], ROOT / "src"), "deltatune_checkpointing": (["--gradient-checkpointing"], ROOT / "src")}
+        if args.before_src:
+            runs["before"] = ([], args.before_src)
+        for name, (extra, src) in runs.items():
+            mine = args.work / f"{name}-b{batch}"
+            subprocess.run([sys.executable, "-m", "deltatune", "train", "--data.path", str(data), "--batch-size",
+                            str(batch), "--max-steps", str(args.steps), "--schedule", "constant",
+                            "--data.validation-fraction", "0", *extra, "--output-dir", str(mine), "--overwrite"],
+                           check=True, env={**env, "PYTHONPATH": str(src)}, capture_output=True, cwd=ROOT)
+            summary = json.loads((mine / "summary.json").read_text())
+            row[f"{name}_peak_mib"] = summary["peak_memory_mib"]
+            row[f"{name}_steps_seconds"] = summary["time_seconds"]["steps"]
+            row["padding_share"] = summary["padding_share"]
+        row["deltatune_over_loop"] = row["deltatune_peak_mib"] / row["peft_loop_peak_mib"]
+        if args.before_src:
+            row["deltatune_over_before"] = row["deltatune_peak_mib"] / row["before_peak_mib"]
+            row["checkpointing_over_before"] = row["deltatune_checkpointing_peak_mib"] / row["before_peak_mib"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     args.out.write_text(json.dumps({"machine": {"processor": platform.machine(), "cpus": os.cpu_count()},
                                     "records": str(data), "steps": args.steps, "rows": rows}, indent=2))
 

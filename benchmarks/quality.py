@@ -12,7 +12,8 @@ see quality_tasks.py) three runs, each in its own process, one after the other o
 Then quality_score.py scores every adapter, and the untouched base, on the test split with one
 scorer. Writes the table's JSON: wall time (whole process) and its split into load, data, steps,
 validation, checkpoints and final evaluation, peak memory (max RSS; on CPU), padding share,
-held-out ROUGE-L and exact match, and the ratios the targets are stated in.
+held-out ROUGE-L and exact match (test split), the loss on the validation split (what the
+defaults are chosen by), and the ratios the targets are stated in.
 
     python benchmarks/quality.py                        # both tasks, about an hour on 2 CPU cores
     python benchmarks/quality.py --tasks docstrings --out benchmarks/quality-cpu.json
@@ -90,12 +91,14 @@ def run_task(task: str, out: Path, model: str, small: bool, defaults_args: list[
     scores_file = out / f"{task}-scores.json"
     adapters = [f"{name}={run['adapter']}" for name, run in runs.items()]
     _run([sys.executable, str(HERE / "quality_score.py"), "--model", model_dir, "--test", str(files["test"]),
-          *[arg for a in adapters for arg in ("--adapter", a)], "--max-new-tokens",
+          *[arg for a in adapters for arg in ("--adapter", a)], "--validation", str(files["validation"]),
+          "--max-new-tokens",
           str(4 if small else settings["max_new_tokens"]), "--out", str(scores_file)], out / f"{task}-score.log")
     scores = json.loads(scores_file.read_text())
     for name, run in runs.items():
-        run["score"] = {k: scores[name][k] for k in ("rougeL", "exact_match")}
-    return {"task": task, "loop_steps": steps, "base_score": {k: scores["base"][k] for k in ("rougeL", "exact_match")},
+        run["score"] = {k: scores[name][k] for k in ("rougeL", "exact_match", "validation_loss")}
+    return {"task": task, "loop_steps": steps,
+            "base_score": {k: scores["base"][k] for k in ("rougeL", "exact_match", "validation_loss")},
             "runs": runs, "ratios": ratios(runs)}
 
 

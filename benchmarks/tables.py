@@ -173,12 +173,14 @@ def quality_table(result: dict) -> str:
         for name, run in task["runs"].items():
             t = run["time_seconds"]
             around = sum(t.get(k, 0.0) for k in ("data", "checkpoints", "other"))
+            loss = run["score"].get("validation_loss")
             rows.append([task["task"], QUALITY_RUNS.get(name, name), f"{run['score']['rougeL']:.3f} ({base:.3f})",
-                         f"{run['score']['exact_match']:.3f}", f"{run['wall_seconds']:.0f}",
+                         f"{run['score']['exact_match']:.3f}", "not measured" if loss is None else f"{loss:.4f}",
+                         f"{run['wall_seconds']:.0f}",
                          f"{t.get('load', 0):.0f} / {t['steps']:.0f} / {t.get('validation', 0):.0f} / "
                          f"{t.get('final_evaluation', 0):.0f} / {around:.1f}",
                          f"{run['steps']}", f"{run['peak_memory_mib'] / 1024:.2f}", f"{run['padding_share']:.0%}"])
-    return _table(["task", "run", "ROUGE-L (base)", "exact match", "wall s",
+    return _table(["task", "run", "ROUGE-L (base)", "exact match", "validation loss", "wall s",
                    "load / steps / validation / final eval / data+checkpoints+other s", "steps", "peak GiB",
                    "padding"], rows)
 
@@ -204,11 +206,20 @@ def sweep_table(rows: list) -> str:
 
 
 def peak_memory_table(result: dict) -> str:
-    """``peak_memory.py``: peak resident memory at a batch size, the PEFT loop against deltatune."""
-    return _table(["batch (rows of 400-512 tokens)", "PEFT loop GiB", "deltatune GiB", "deltatune / loop"],
-                  [[str(r["batch_size"]), f"{r['peft_loop_peak_mib'] / 1024:.2f}",
-                    f"{r['deltatune_peak_mib'] / 1024:.2f}", f"{r['deltatune_over_loop']:.2f}×"]
-                   for r in result["rows"]])
+    """``peak_memory.py``: peak resident memory at a batch size: the PEFT loop, deltatune before
+    this work (where measured), deltatune, and deltatune with gradient checkpointing; with the
+    steps' seconds of each."""
+    before = all("before_peak_mib" in r for r in result["rows"])
+    names = [("peft_loop", "PEFT loop")] + ([("before", "deltatune before")] if before else []) + [
+        ("deltatune", "deltatune"), ("deltatune_checkpointing", "deltatune, checkpointing")]
+
+    def cell(row: dict, name: str) -> str:
+        if f"{name}_peak_mib" not in row:
+            return "not measured"
+        return f"{row[f'{name}_peak_mib'] / 1024:.2f} GiB ({row[f'{name}_steps_seconds']:.0f} s)"
+
+    return _table(["batch (rows of 400-512 tokens)", *[f"{label}: peak (steps s)" for _, label in names]],
+                  [[str(r["batch_size"]), *[cell(r, name) for name, _ in names]] for r in result["rows"]])
 
 
 def parity_table(results: dict) -> str:

@@ -34,7 +34,9 @@ def test_compare_two_methods(tmp_path, default_tokenizer):
 def test_compare_passes_its_settings_to_each_run(tmp_path):
     from deltatune.cli.compare import CompareConfig, _train_command
 
-    cmd = _train_command(CompareConfig(max_steps=60, eval_steps=60, lr=1e-3), "lora", tmp_path / "lora")
-    assert cmd[cmd.index("--eval-steps") + 1] == "60"
+    cmd = _train_command(CompareConfig(max_steps=60, eval_steps=20, lr=1e-3), "lora", tmp_path / "lora")
+    assert cmd[cmd.index("--eval-steps") + 1] == "20"
     assert cmd[cmd.index("--max-steps") + 1] == "60" and cmd[cmd.index("--lr") + 1] == "0.001"
-    assert "--eval-steps" not in _train_command(CompareConfig(), "lora", tmp_path / "lora")
+    # by default the passes at step 0 and the end, the two the table reads, whatever they cost
+    cmd = _train_command(CompareConfig(max_steps=40), "lora", tmp_path / "lora")
+    assert cmd[cmd.index("--eval-steps") + 1] == "40"

@@ -42,8 +42,10 @@ def test_quality_benchmark_runs_all_three_and_scores_them(tmp_path, tiny_dir):
     assert set(task["runs"]) == {"loop", "deltatune_loop_settings", "deltatune_defaults"}
     for run in task["runs"].values():
         assert 0 <= run["score"]["rougeL"] <= 1 and run["peak_memory_mib"] > 0 and 0 <= run["padding_share"] < 1
+        assert run["score"]["validation_loss"] > 0  # the scorer's own loss on the validation split
         assert run["time_seconds"]["steps"] > 0 and run["wall_seconds"] >= run["time_seconds"]["total"]
     assert task["runs"]["loop"]["steps"] == task["runs"]["deltatune_loop_settings"]["steps"] == 2
+    assert task["base_score"]["validation_loss"] > 0
     assert set(task["ratios"]) >= {"defaults_time_over_loop", "loop_settings_step_speedup"}
 
 
@@ -55,3 +57,24 @@ def test_sweep_writes_rows_and_a_plot(tmp_path, tiny_dir):
     [row] = json.loads(out.read_text())
     assert row["steps"] == 2 and row["validation_loss"] > 0 and row["setting"]["batch-size"] == 8 and row["task"] == "docstrings"
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_the_scorers_validation_loss_does_not_depend_on_padding(tiny_dir):
+    """A mean over completion tokens, weighted by their count: padded batches give what the rows
+    give one by one."""
+    import torch
+    from quality_score import validation_loss
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for prompt_len, completion_len in [(5, 3), (12, 2), (3, 7), (9, 4)]:
+        ids = torch.randint(1, 100, (prompt_len + completion_len,), generator=generator).tolist()
+        examples.append((ids, [-100] * prompt_len + ids[prompt_len:]))
+    with torch.no_grad():  # one row at a time, no padding: scored tokens are the completion's
+        losses = [model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+                  for ids, labels in examples]
+    sums = [(loss * (len(ids) - p), len(ids) - p) for loss, (ids, _), p in zip(losses, examples, (5, 12, 3, 9))]
+    by_hand = sum(total for total, _ in sums) / sum(count for _, count in sums)
+    assert validation_loss(model, examples, pad=0, batch=4) == pytest.approx(by_hand, rel=1e-5)

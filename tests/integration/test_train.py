@@ -217,7 +217,8 @@ def test_seq2seq_t5_trains_and_saves_a_peft_adapter(tmp_path, default_tokenizer)
     data = tmp_path / "s2s.jsonl"
     data.write_text("".join(json.dumps({"source": f"summarize: story number {i} is long", "target": f"story {i % 4}"})
                             + "\n" for i in range(40)))
-    summary = _run(tmp_path, "t5run", model=str(model), **{"data.path": str(data), "max_steps": 6, "lr": 1e-2,
+    summary = _run(tmp_path, "t5run", model=str(model), **{"data.path": str(data), "max_steps": 6, "eval_steps": 6,
+                                                           "lr": 1e-2,
                                                            "lora.r": 4, "lora.target_modules": ["q", "v"],
                                                            "batch_size": 4})
     assert summary["final_validation_loss"] < summary["initial_validation_loss"]
@@ -270,21 +271,21 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path, setup):
 
 def test_validation_passes_are_spaced_to_cost_little_by_default(tmp_path, setup):
     """Without eval_steps the passes are as many as the validation budget allows: here the
-    validation split is large against the training data, so only step 0 and the end."""
+    validation split is as large as the training data, so only the pass at the end runs."""
     settings = {k: v for k, v in setup.items() if k != "eval_steps"}
     summary = _run(tmp_path, "curve", **{**settings, "max_steps": 20, "data.validation_fraction": 0.5})
     rows = [json.loads(line) for line in (tmp_path / "curve" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 20]
-    assert summary["validation_passes"] == 2
+    assert [r["step"] for r in rows if "eval_loss" in r] == [20]
+    assert summary["validation_passes"] == 1 and summary["initial_validation_loss"] is None
     assert (tmp_path / "curve" / "loss.png").stat().st_size > 0
 
 
 def test_the_default_job_validates_within_its_budget(default_tokenizer):
-    """The default job's 40 validation rows against its 20 steps of 8: the estimated cost of the
-    passes stays under the budget (or only the passes at the start and the end run)."""
+    """The default job's 40 validation rows against its 60 steps of 8: the estimated cost of the
+    passes stays under the budget, with the pass at step 0."""
     from deltatune.data import prepare_data
     from deltatune.train.loop import DEFAULT_DATA, planned_steps
-    from deltatune.train.validation import FORWARD_SHARE, VALIDATION_BUDGET, auto_eval_steps, eval_points
+    from deltatune.train.validation import FORWARD_SHARE, VALIDATION_BUDGET, plan_validation
 
     cfg = load_config(None, {"data.path": str(DEFAULT_DATA / "train.jsonl"),
                              "data.validation_path": str(DEFAULT_DATA / "validation.jsonl")})
@@ -292,9 +293,10 @@ def test_the_default_job_validates_within_its_budget(default_tokenizer):
     lengths = [len(e.input_ids) for e in data.train]
     per_epoch, total = planned_steps(lengths, cfg)
     step_tokens, val_tokens = sum(lengths) / per_epoch, sum(len(e.input_ids) for e in data.validation)
-    passes = 1 + len(eval_points(total, auto_eval_steps(total, step_tokens, val_tokens)))
-    assert (len(lengths), total) == (160, 20)  # LoRA's one epoch of 8-row batches
-    assert passes * FORWARD_SHARE * val_tokens <= VALIDATION_BUDGET * total * step_tokens or passes == 2
+    plan = plan_validation(total, step_tokens, val_tokens)
+    assert (len(lengths), total) == (160, 60)  # three epochs of 8-row batches: 160 short rows are too few tokens
+    assert plan.at_start  # the curve starts at the untrained adapter
+    assert plan.passes(total) * FORWARD_SHARE * val_tokens <= VALIDATION_BUDGET * total * step_tokens
 
 
 def test_overwrite_moves_the_earlier_run_aside_before_writing(tmp_path, setup):

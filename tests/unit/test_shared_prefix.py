@@ -9,7 +9,7 @@ import deltatune as dt
 from deltatune.data import Example, collate
 from deltatune.data.tokenize import IGNORE
 from deltatune.evaluate.generation import loss_sums
-from deltatune.evaluate.shared_prefix import MIN_SHARED_TOKENS, lexicographic, shared_prefix_length
+from deltatune.evaluate.shared_prefix import MIN_SHARED_TOKENS, loss_batches, shared_prefix_length
 from deltatune.loss import TrainingLoss
 from tiny_models import VOCAB, randomize_adapter, tiny_model
 
@@ -52,7 +52,17 @@ def test_the_shared_length_stops_before_a_scored_position_and_leaves_each_row_a_
     assert shared_prefix_length(rows) == 2  # position 2 predicts the scored token 8
     assert shared_prefix_length([Example([5, 6, 7], [IGNORE] * 3)] * 2) == 2  # one token left of each row
     assert shared_prefix_length([Example([5, 6], [IGNORE, 6]), Example([4, 6], [IGNORE, 6])]) == 0
-    assert [r.input_ids for r in lexicographic([Example([3, 1], [0, 0]), Example([2, 9], [0, 0])])] == [[2, 9], [3, 1]]
+
+
+def test_loss_batches_are_cut_in_length_order_and_flag_a_shared_beginning():
+    prompt = list(range(100, 100 + MIN_SHARED_TOKENS + 2))
+    alike = [Example(prompt + [i], [IGNORE] * len(prompt) + [i]) for i in (1, 2)]
+    # token order would pair the 3-token row with the 40-token one and the 4-token row with the 39-token one
+    unlike = [Example(ids, [IGNORE] * (len(ids) - 1) + ids[-1:]) for ids in
+              ([1, 50, 3], [1, 60] + [4] * 38, [2, 50, 3, 3], [2, 60] + [4] * 37)]
+    batches = loss_batches(alike + unlike, batch_size=2)
+    assert [[len(r.input_ids) for r in chunk] for chunk, _ in batches] == [[3, 4], [11, 11], [39, 40]]
+    assert [sharing for _, sharing in batches] == [False, True, False]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])

@@ -104,5 +104,19 @@ def test_epochs_schedule_and_rate_come_from_the_method_unless_given():
     assert (epochs_for(loha), schedule_for(loha)) == (3.0, "cosine")
     given = TrainConfig(epochs=2, schedule="wsd", lr=5e-4)
     assert (epochs_for(given), schedule_for(given), learning_rate(given)) == (2.0, "wsd", 5e-4)
+    assert epochs_for(given, epoch_tokens=1000) == 2.0  # given epochs are kept, however small the data
     with pytest.raises(ConfigError, match="schedule"):
         check_settings(TrainConfig(schedule="step"))
+
+
+def test_lora_takes_more_passes_over_a_small_dataset_up_to_three():
+    from deltatune.train import TrainConfig
+    from deltatune.train.methods import MAX_EPOCHS, RECIPES, epochs_for
+
+    floor = RECIPES["lora"].min_tokens
+    lora = TrainConfig()
+    assert epochs_for(lora, epoch_tokens=floor) == 1.0  # one epoch reads enough
+    assert epochs_for(lora, epoch_tokens=floor // 2 + 1) == 2.0
+    assert epochs_for(lora, epoch_tokens=8929) == 3.0  # the default job's 160 rows
+    assert epochs_for(lora, epoch_tokens=10) == MAX_EPOCHS == 3.0
+    assert epochs_for(TrainConfig(method="loha"), epoch_tokens=10) == 3.0  # other recipes: their own epochs

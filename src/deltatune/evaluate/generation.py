@@ -10,7 +10,7 @@ import torch
 from ..data import collate, trained_token_count
 from ..loss import TrainingLoss
 from .examples import EvalExample
-from .shared_prefix import lexicographic, prefix_loss_sum
+from .shared_prefix import loss_batches, prefix_loss_sum
 
 
 def _device(model) -> torch.device:
@@ -60,20 +60,19 @@ def loss_sums(model, rows: list, batch_size: int, pad_id: int, packed: bool = Fa
     """float64 ``[sum of per-token losses, number of trained tokens]`` over ``rows``.
 
     Training's validation loss and evaluation's perplexity both come from these sums. Rows are
-    batched in token order, and the tokens a batch's rows all begin with run once
-    (``shared_prefix``) where the model's loss allows it.
+    batched by length, and the beginning all rows of a batch share runs once (``shared_prefix``)
+    where the model's loss allows it.
     """
     device = _device(model)
     loss_of = TrainingLoss(model)  # the labelled positions only, where the model allows it
     total = torch.zeros(2, dtype=torch.float64)
-    sharing = not packed and not seq2seq and loss_of.reason is None
-    if sharing:
-        rows = lexicographic(rows)
+    if not packed and not seq2seq and loss_of.reason is None:
+        batches = loss_batches(rows, batch_size)
     else:
-        rows = [rows[i] for i in _shortest_first([len(r["input_ids"] if isinstance(r, dict) else r.input_ids)
-                                                   for r in rows])]
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        ordered = [rows[i] for i in _shortest_first([len(r["input_ids"] if isinstance(r, dict) else r.input_ids)
+                                                      for r in rows])]
+        batches = [(ordered[i:i + batch_size], False) for i in range(0, len(ordered), batch_size)]
+    for chunk, sharing in batches:
         shared = prefix_loss_sum(loss_of, chunk, pad_id, device) if sharing else None
         if shared is not None:
             loss, tokens = shared

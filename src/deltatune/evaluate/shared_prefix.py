@@ -21,9 +21,15 @@ from ..loss import TrainingLoss
 MIN_SHARED_TOKENS = 8  # a shorter shared beginning is not worth the extra forward call
 
 
-def lexicographic(rows: list[Example]) -> list[Example]:
-    """``rows`` ordered by their token ids, so that the rows of a batch share long beginnings."""
-    return sorted(rows, key=lambda r: r.input_ids)
+def loss_batches(rows: list[Example], batch_size: int) -> list[tuple[list[Example], bool]]:
+    """``rows`` cut into batches for a loss pass, each with whether its rows share a beginning of
+    at least ``MIN_SHARED_TOKENS`` to run once. Batches are cut in length order: a template or
+    system prompt that every row starts with is shared within any batch, while batching in token
+    order pads short rows to long neighbours (twice the tokens computed on the docstring task's
+    validation split, where a template is all the rows share)."""
+    ordered = sorted(rows, key=lambda r: len(r.input_ids))
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return [(chunk, len(chunk) > 1 and shared_prefix_length(chunk) >= MIN_SHARED_TOKENS) for chunk in batches]
 
 
 def shared_prefix_length(rows: list[Example]) -> int:

@@ -58,7 +58,7 @@ class TrainConfig:
     output_dir: str = ""
     """Run folder; empty: a new folder under runs/. A non-empty folder needs --resume or --overwrite."""
     epochs: float = 0.0
-    """Passes over the training data (ignored when max_steps is set); 0: the method's usual number (LoRA 1, the others 3; see train/methods.py)."""
+    """Passes over the training data (ignored when max_steps is set); 0: the method's usual number (LoRA 1, or up to 3 until 24,000 tokens are read; the others 3; see train/methods.py)."""
     max_steps: int = 0
     """Optimizer steps to run; 0: from epochs."""
     batch_size: int = 8

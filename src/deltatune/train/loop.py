@@ -36,13 +36,12 @@ from .compiling import compile_blocks
 from .config import ConfigError, TrainConfig, to_dict
 from .contexts import autocast, saved_activations
 from .distributed import Distributed
-from .host_memory import release_freed_activations
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
 from .optimizers import make_optimizer
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .schedule import make_scheduler
 from .timing import PhaseTimer
-from .validation import auto_eval_steps, eval_batch_size, eval_points, evaluate, sample_rows
+from .validation import VALIDATION_BUDGET, eval_batch_size, evaluate, plan_validation, sample_rows
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / "datasets" / "velmar"
 
@@ -98,7 +97,7 @@ def planned_steps(lengths: list[int], cfg: TrainConfig, world: int = 1) -> tuple
     """(optimizer steps per epoch, optimizer steps in the run) for rows of these ``lengths``."""
     batches = make_batches(lengths, cfg.batch_size, cfg.batch_tokens, cfg.group_by_length, cfg.seed, 0, 0, world)
     per_epoch = max(1, len(batches) // cfg.grad_accum)
-    return per_epoch, cfg.max_steps or max(1, math.ceil(epochs_for(cfg) * per_epoch))
+    return per_epoch, cfg.max_steps or max(1, math.ceil(epochs_for(cfg, sum(lengths)) * per_epoch))
 
 
 def _rows(data, cfg: TrainConfig):
@@ -126,7 +125,6 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
 
     if dist.device.type == "cpu":
         set_cpu_threads(processes_on_this_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        release_freed_activations()  # peak memory near the tensors' own, not a fragmented heap
     if cfg.precision == "auto":  # config.yaml records what ran
         cfg.precision = auto_precision(dist.device)
     _seed_everything(cfg.seed)
@@ -150,8 +148,17 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     lengths = [_length(row) for row in train_rows]
     steps_per_epoch, total_steps = planned_steps(lengths, cfg, dist.world)
     val_rows = sample_rows(val_rows, cfg.eval_max_rows, cfg.seed)
-    eval_every = cfg.eval_steps or auto_eval_steps(total_steps, sum(lengths) / steps_per_epoch / dist.world,
-                                                   sum(_length(row) for row in val_rows))
+    validation = plan_validation(total_steps, sum(lengths) / steps_per_epoch / dist.world,
+                                 sum(_length(row) for row in val_rows), cfg.eval_steps)
+    if dist.is_main:
+        epochs = epochs_for(cfg, sum(lengths))
+        log(f"{total_steps} steps of {steps_per_epoch} an epoch" + ("" if cfg.max_steps else
+            f" ({epochs:g} epoch{'' if epochs == 1 else 's'} over {sum(lengths):,d} tokens)"))
+    if val_rows and dist.is_main:
+        passes = validation.passes(total_steps)
+        log(f"validation: {len(val_rows)} rows, {passes} pass{'' if passes == 1 else 'es'}"
+            + ("" if validation.at_start else f" (none at step 0: with the last it would cost more than "
+               f"{VALIDATION_BUDGET:.0%} of the training time; eval_steps asks for it)"))
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
     adapter_cfg = adapter_config(cfg, task_type, total_steps)
     add_adapter(model, adapter_cfg, "default")
@@ -199,7 +206,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if dist.is_main:
             log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
-    if resume_from is None:  # the untrained adapter's validation loss: what training is measured against
+    if resume_from is None and validation.at_start:  # the untrained adapter's loss, what training is measured by
         with timer.phase("validation"):
             initial_eval = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
         if initial_eval is not None:
@@ -247,7 +254,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             last_loss = dist.mean(step_loss)
         record = {"step": step, "epoch": round(micro / max(1, steps_per_epoch * cfg.grad_accum), 4),
                   "loss": last_loss, "lr": lr}
-        if step % eval_every == 0 or step == total_steps:
+        if step % validation.every == 0 or step == total_steps:
             with timer.phase("validation"):
                 eval_loss = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
             if eval_loss is not None:
@@ -305,7 +312,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "padding_share": padding_share(make_batches(lengths, cfg.batch_size, cfg.batch_tokens,
                                                                cfg.group_by_length, cfg.seed, 0), lengths),
                    "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                   "validation_passes": 1 + len(eval_points(step, eval_every)) if val_rows else 0}
+                   "validation_passes": validation.passes(step) if val_rows else 0}
         if _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
             with timer.phase("final_evaluation"):
                 summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
