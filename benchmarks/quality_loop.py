@@ -45,6 +45,14 @@ def tokenize(record: dict, tokenizer, max_len: int) -> tuple[list[int], list[int
     return (p + c)[:max_len], ([-100] * len(p) + c)[:max_len]
 
 
+def right_padded(batch: list[tuple[list[int], list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``labels`` and ``attention_mask`` of (ids, labels) pairs, padded on the right."""
+    width = max(len(ids) for ids, _ in batch)
+    return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch]),
+            "labels": torch.tensor([y + [-100] * (width - len(y)) for _, y in batch]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -77,12 +85,9 @@ def main() -> None:
         if len(order) < args.batch:
             order += rng.sample(range(len(examples)), len(examples))
         batch, order = [examples[i] for i in order[:args.batch]], order[args.batch:]
-        width = max(len(ids) for ids, _ in batch)
-        real, padded = real + sum(len(ids) for ids, _ in batch), padded + width * len(batch)
-        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
-        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        tensors = right_padded(batch, pad)
+        real, padded = real + sum(len(ids) for ids, _ in batch), padded + tensors["input_ids"].numel()
+        loss = model(**tensors).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -23,7 +23,7 @@ from peft import PeftModel
 from rouge_score import rouge_scorer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from quality_loop import prompt_and_completion, tokenize
+from quality_loop import prompt_and_completion, right_padded, tokenize
 
 
 @torch.no_grad()
@@ -45,12 +45,9 @@ def validation_loss(model, examples: list[tuple[list[int], list[int]]], pad: int
     total = tokens = 0.0
     for start in range(0, len(ordered), batch):
         chunk = ordered[start:start + batch]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk])
-        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in chunk])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in chunk])
-        count = (labels[:, 1:] != -100).sum().item()  # the model shifts: position t predicts t + 1
-        total += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * count
+        tensors = right_padded(chunk, pad)
+        count = (tensors["labels"][:, 1:] != -100).sum().item()  # the model shifts: position t predicts t + 1
+        total += model(**tensors).loss.item() * count
         tokens += count
     return total / tokens
 

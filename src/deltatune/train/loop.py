@@ -148,12 +148,13 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     lengths = [_length(row) for row in train_rows]
     steps_per_epoch, total_steps = planned_steps(lengths, cfg, dist.world)
     val_rows = sample_rows(val_rows, cfg.eval_max_rows, cfg.seed)
-    validation = plan_validation(total_steps, sum(lengths) / steps_per_epoch / dist.world,
+    epoch_tokens = sum(lengths)
+    validation = plan_validation(total_steps, epoch_tokens / steps_per_epoch / dist.world,
                                  sum(_length(row) for row in val_rows), cfg.eval_steps)
     if dist.is_main:
-        epochs = epochs_for(cfg, sum(lengths))
+        epochs = epochs_for(cfg, epoch_tokens)
         log(f"{total_steps} steps of {steps_per_epoch} an epoch" + ("" if cfg.max_steps else
-            f" ({epochs:g} epoch{'' if epochs == 1 else 's'} over {sum(lengths):,d} tokens)"))
+            f" ({epochs:g} epoch{'' if epochs == 1 else 's'} over {epoch_tokens:,d} tokens)"))
     if val_rows and dist.is_main:
         passes = validation.passes(total_steps)
         log(f"validation: {len(val_rows)} rows, {passes} pass{'' if passes == 1 else 'es'}"
