@@ -43,12 +43,14 @@ SETTINGS = {
     "b8 lr1e-3 cosine ungrouped": {**ONE_EPOCH, "lr": 1e-3, "group-by-length": False},
     "b8 lr1e-3 constant 2 epochs": {**ONE_EPOCH, "lr": 1e-3, "schedule": "constant", "epochs": 2},
     "b8 lr1e-3 constant 3 epochs": {**ONE_EPOCH, "lr": 1e-3, "schedule": "constant", "epochs": 3},
+    "b8 lr1e-3 cosine 3 epochs": {**ONE_EPOCH, "lr": 1e-3, "epochs": 3},
+    "b4 lr1e-3 constant 3 epochs": {**ONE_EPOCH, "batch-size": 4, "lr": 1e-3, "schedule": "constant", "epochs": 3},
 }
 # the docstring task's steps take about three times the default job's on 2 CPU cores: the
 # settings the default job already ruled out, and the slow 3-epoch run, are not repeated there
 SKIP = {"docstrings": {"before: b8 lr2e-4 cosine 3 epochs", "b8 lr2e-4 cosine 1 epoch", "b4 lr5e-4 cosine",
                        "b8 lr1e-3 wsd", "b8 lr1e-3 cosine 2 epochs", "b8 lr1e-3 cosine ungrouped",
-                       "b8 lr1e-3 constant 3 epochs"}}
+                       "b8 lr1e-3 constant 3 epochs", "b8 lr1e-3 cosine 3 epochs", "b4 lr1e-3 constant 3 epochs"}}
 
 
 def flags(setting: dict) -> list[str]:

@@ -207,11 +207,12 @@ def sweep_table(rows: list) -> str:
 
 def peak_memory_table(result: dict) -> str:
     """``peak_memory.py``: peak resident memory at a batch size: the PEFT loop, deltatune before
-    this work (where measured), deltatune, and deltatune with gradient checkpointing; with the
-    steps' seconds of each."""
+    this work (where measured), deltatune without and with cheap recompute (its default), and
+    deltatune with gradient checkpointing; with the steps' seconds of each."""
     before = all("before_peak_mib" in r for r in result["rows"])
     names = [("peft_loop", "PEFT loop")] + ([("before", "deltatune before")] if before else []) + [
-        ("deltatune", "deltatune"), ("deltatune_checkpointing", "deltatune, checkpointing")]
+        ("deltatune_no_recompute", "deltatune, no recompute"), ("deltatune", "deltatune (default)"),
+        ("deltatune_checkpointing", "deltatune, checkpointing")]
 
     def cell(row: dict, name: str) -> str:
         if f"{name}_peak_mib" not in row:
@@ -220,6 +221,15 @@ def peak_memory_table(result: dict) -> str:
 
     return _table(["batch (rows of 400-512 tokens)", *[f"{label}: peak (steps s)" for _, label in names]],
                   [[str(r["batch_size"]), *[cell(r, name) for name, _ in names]] for r in result["rows"]])
+
+
+def saved_activations_table(result: dict) -> str:
+    """``saved_activations.py``: bytes autograd keeps for backward, with and without cheap recompute."""
+    labels = {"kept": "everything kept (`--no-cheap-recompute`)", "cheap_recompute": "`cheap_recompute` (default)"}
+    shape = f"{result['rows']} rows x {result['tokens']} tokens"
+    return _table([f"setting ({shape})", "saved for backward", "forward + backward (median)"],
+                  [[labels[name], f"{run['saved_bytes'] / 2**30:.2f} GiB", f"{run['median_seconds']:.2f} s"]
+                   for name, run in result["runs"].items()])
 
 
 def parity_table(results: dict) -> str:
@@ -244,6 +254,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "quality-*.json": quality_table,
     "sweep-defaults-*.json": sweep_table,
     "peak-memory-*.json": peak_memory_table,
+    "saved-activations-*.json": saved_activations_table,
 }
 # A second table of the same file: "<path>#<view>".
 VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table, "ratios": quality_ratio_table}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -41,13 +41,25 @@ def _is_base_key(key: str) -> bool:
     return ".base_layer." in key or (key.endswith("bias") and ".lora_" not in key)
 
 
-def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default") -> Path:
+def gathered_adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Whole CPU copies of adapter ``name``'s tensors (file keys). A tensor sharded by FSDP2 is
+    gathered from every rank first, so under FSDP2 every rank must call this, in step."""
+    tensors = {}
+    for key, value in adapter_tensors(model, name).items():  # the same order on every rank
+        whole = value.full_tensor() if hasattr(value, "full_tensor") else value  # a DTensor shard
+        tensors[key] = whole.detach().to("cpu").contiguous().clone()
+    return tensors
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default",
+                 tensors: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """Write adapter ``name`` as PEFT writes it. Config and weights are replaced together: a
-    reader never finds new weights beside an old config; other files in the folder stay."""
+    reader never finds new weights beside an old config; other files in the folder stay.
+    ``tensors``: the weights already gathered (``gathered_adapter_tensors``), for sharded models."""
     state = get_state(model)
     if name not in state.configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
+    tensors = gathered_adapter_tensors(model, name) if tensors is None else tensors
     config = state.configs[name].to_dict()
     config["inference_mode"] = True  # PEFT records saved adapters as inference-mode
     text = json.dumps(config, indent=2, sort_keys=True)

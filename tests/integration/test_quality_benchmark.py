@@ -1,5 +1,5 @@
-"""The time-to-quality benchmark and the defaults sweep as smoke tests (tiny model, not timed),
-and the standard-library task they build."""
+"""The time-to-quality benchmark, the defaults sweep and the saved-activation count as smoke
+tests (tiny model, not timed), and the standard-library task they build."""
 
 import json
 import subprocess
@@ -78,3 +78,13 @@ def test_the_scorers_validation_loss_does_not_depend_on_padding(tiny_dir):
     sums = [(loss * (len(ids) - p), len(ids) - p) for loss, (ids, _), p in zip(losses, examples, (5, 12, 3, 9))]
     by_hand = sum(total for total, _ in sums) / sum(count for _, count in sums)
     assert validation_loss(model, examples, pad=0, batch=4) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_saved_activations_counts_less_with_cheap_recompute(tmp_path, tiny_dir):
+    out = tmp_path / "saved.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "saved_activations.py"), "--model", str(tiny_dir), "--rows", "2",
+                    "--tokens", "24", "--repeats", "2", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    kept, lean = result["runs"]["kept"], result["runs"]["cheap_recompute"]
+    assert 0 < lean["saved_bytes"] < 0.85 * kept["saved_bytes"]
+    assert result["saved_ratio"] == lean["saved_bytes"] / kept["saved_bytes"] and len(kept["seconds"]) == 2

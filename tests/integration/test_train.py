@@ -132,6 +132,7 @@ def test_cli_flags_reach_the_config(tmp_path, setup):
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, setup):
     """torchrun with 2 CPU processes (gloo), 2 rows each, against 1 process with 4 rows per step."""
     same = {**setup, "lora.lora_dropout": 0.0, "max_steps": 4, "eval_steps": 2}
@@ -163,6 +164,17 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, setup):
     a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_cheap_recompute_trains_to_the_same_bits(tmp_path, setup):
+    """On by default; with dropout and bf16 autocast the adapter is bit for bit the one without it."""
+    same = {**setup, "max_steps": 3, "eval_steps": 0, "precision": "bf16"}
+    _run(tmp_path, "recompute", **same)
+    _run(tmp_path, "kept", cheap_recompute=False, **same)
+    a = load_file(tmp_path / "recompute" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "kept" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a[next(k for k in a if "lora_B" in k)].abs().sum() > 0  # B starts at zero: it trained
 
 
 def test_bf16_autocast_and_packing_run(tmp_path, setup):

@@ -100,7 +100,7 @@ def test_epochs_schedule_and_rate_come_from_the_method_unless_given():
     from deltatune.train.methods import epochs_for, learning_rate, schedule_for
 
     lora, loha = TrainConfig(), TrainConfig(method="loha")
-    assert (epochs_for(lora), schedule_for(lora), learning_rate(lora)) == (1.0, "constant", 1e-3)
+    assert (epochs_for(lora), schedule_for(lora), learning_rate(lora)) == (1.0, "cosine", 1e-3)
     assert (epochs_for(loha), schedule_for(loha)) == (3.0, "cosine")
     given = TrainConfig(epochs=2, schedule="wsd", lr=5e-4)
     assert (epochs_for(given), schedule_for(given), learning_rate(given)) == (2.0, "wsd", 5e-4)

@@ -56,17 +56,19 @@ def generate(model, tokenizer, examples: list[EvalExample], batch_size: int, max
 
 @torch.no_grad()
 def loss_sums(model, rows: list, batch_size: int, pad_id: int, packed: bool = False,
-              seq2seq: bool = False) -> torch.Tensor:
+              seq2seq: bool = False, share_prefix: bool = True) -> torch.Tensor:
     """float64 ``[sum of per-token losses, number of trained tokens]`` over ``rows``.
 
     Training's validation loss and evaluation's perplexity both come from these sums. Rows are
     batched by length, and the beginning all rows of a batch share runs once (``shared_prefix``)
-    where the model's loss allows it.
+    where the model's loss allows it and ``share_prefix``. ``model``: a model, or a
+    ``TrainingLoss`` to call (a sharded one runs only through its own forward: no prefix sharing).
     """
     device = _device(model)
-    loss_of = TrainingLoss(model)  # the labelled positions only, where the model allows it
+    # the labelled positions only, where the model allows it
+    loss_of = model if isinstance(model, TrainingLoss) else TrainingLoss(model)
     total = torch.zeros(2, dtype=torch.float64)
-    if not packed and not seq2seq and loss_of.reason is None:
+    if not packed and not seq2seq and loss_of.reason is None and share_prefix:
         batches = loss_batches(rows, batch_size)
     else:
         ordered = [rows[i] for i in _shortest_first([len(r["input_ids"] if isinstance(r, dict) else r.input_ids)

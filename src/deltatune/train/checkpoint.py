@@ -27,7 +27,7 @@ STATE = "trainer_state.pt"
 TRAINED = "trained_tensors.safetensors"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -64,7 +64,7 @@ def save_checkpoint(output_dir: Path, step: int, model, trainer_state: dict, con
         (tmp / "config.yaml").write_text(config_text)
         files = {}
         for f in settle_files(tmp):
-            files[str(f.relative_to(tmp))] = _sha256(f)
+            files[str(f.relative_to(tmp))] = file_sha256(f)
         write_atomically(tmp / MARKER, lambda p: Path(p).write_text(json.dumps({"step": step, "files": files},
                                                                                   indent=1)))
         install_folder(tmp, final)
@@ -99,7 +99,7 @@ def verify(folder: Path) -> Optional[str]:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} does not match its recorded hash"
     return None
 

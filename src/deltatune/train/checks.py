@@ -10,6 +10,7 @@ import torch
 from ..data.formats import FORMATS
 from ..quant.convert import QUANT_TYPES
 from .config import ConfigError, TrainConfig
+from .distributed import STRATEGIES
 from .methods import adapter_config
 from .optimizers import OPTIMIZERS
 from .schedule import SCHEDULES
@@ -41,6 +42,7 @@ def check_settings(cfg: TrainConfig) -> None:
     _one_of("schedule", cfg.schedule, ("", *SCHEDULES))
     _one_of("optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of("final_eval", cfg.final_eval, FINAL_EVAL)
+    _one_of("distributed", cfg.distributed, STRATEGIES)
     _one_of("data.format", cfg.data.format, ("auto", *FORMATS))
     for name in ("batch_size", "grad_accum", "logging_steps", "data.max_seq_len", "lora.r"):
         group, _, field = name.rpartition(".")
@@ -72,5 +74,22 @@ def check_settings(cfg: TrainConfig) -> None:
     if cfg.activation_offload and not torch.cuda.is_available():
         raise ConfigError("activation_offload moves saved activations from GPU to CPU memory; this machine has no "
                           "CUDA device (use gradient_checkpointing to save memory on a CPU)")
+    if cfg.distributed == "fsdp":
+        check_sharding(cfg)
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
+
+
+SHARDED_METHODS = ("lora", "dora")
+
+
+def check_sharding(cfg: TrainConfig) -> None:
+    """Refuse what FSDP2 training does not run yet (checked again when ``auto`` picks it)."""
+    refused = [("method", cfg.method not in SHARDED_METHODS, f"{cfg.method!r}: FSDP2 trains {', '.join(SHARDED_METHODS)}"),
+               ("quantize", bool(cfg.quantize), "a 4-bit or 8-bit base is not sharded yet"),
+               ("auto_batch", cfg.auto_batch, "the memory probe runs one process's model"),
+               ("compile", cfg.compile, "compiled blocks are not sharded yet")]
+    for field_name, bad, why in refused:
+        if bad:
+            raise ConfigError(f"{field_name} with distributed fsdp: {why}; use distributed ddp, or leave {field_name} "
+                              "at its default")

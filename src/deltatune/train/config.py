@@ -80,7 +80,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay (never applied to biases and norms)."""
     schedule: str = ""
-    """Learning-rate schedule after warm-up: cosine, linear, constant or wsd (the peak rate, then a linear decay over the last 20% of the steps); empty: the method's usual one (LoRA constant, the others cosine)."""
+    """Learning-rate schedule after warm-up: cosine, linear, constant or wsd (the peak rate, then a linear decay over the last 20% of the steps); empty: the method's usual one (cosine for every method today)."""
     warmup_steps: int = 0
     """Steps of linear warm-up from 0 (0: warmup_ratio of the run's steps)."""
     warmup_ratio: float = 0.1
@@ -93,8 +93,12 @@ class TrainConfig:
     """fp32, bf16 or fp16 autocast (fp16 uses loss scaling); auto: bf16 where the device multiplies it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32. Adapter weights and optimizer states stay float32 either way."""
     compile: bool = False
     """Compile each transformer block with torch.compile: faster steps after a compile time up front (the log reports it), so it pays in long runs only; benchmarks/compile_step.py measures when on a machine."""
+    distributed: str = "auto"
+    """Under torchrun: ddp (every process holds the whole model), fsdp (FSDP2: weights, adapter and optimizer states sharded across processes, each block's weights gathered to run it) or auto (fsdp when one copy of the model per process would take more than 40% of a device's memory, else ddp). Ignored in one process."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    cheap_recompute: bool = True
+    """Rebuild norm outputs and the MLP's gated products in the backward pass instead of keeping them (element-wise work only, no matmul; the same bits): about a third less activation memory for a few percent of step time. Off under gradient_checkpointing, activation_offload and compile, which manage saved activations themselves."""
     activation_offload: bool = False
     """Keep the activations saved for the backward pass in pinned CPU memory instead of GPU memory (CUDA only): GPU memory like checkpointing's without recomputing, at the cost of transfers; deltatune bench measures which is faster."""
     eval_steps: int = 0

@@ -1,13 +1,15 @@
 """Context managers around a forward pass: autocast for the run's precision, and where saved
-activations live (``activation_offload``)."""
+activations live (``activation_offload``, ``cheap_recompute``)."""
 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
 from .config import ConfigError
+from .recompute import CheapRecompute
 
 
 def autocast(precision: str, device: torch.device):
@@ -20,8 +22,9 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def saved_activations(offload: bool, device: torch.device):
-    """Where autograd keeps what backward needs: pinned CPU memory with ``offload``."""
+def saved_activations(offload: bool, device: torch.device, recompute: Optional[CheapRecompute] = None):
+    """Where autograd keeps what backward needs: pinned CPU memory with ``offload``; with
+    ``recompute``, the tensors it can rebuild are kept as recipes."""
     if offload:
         return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
-    return contextlib.nullcontext()
+    return recompute.saving() if recompute is not None else contextlib.nullcontext()

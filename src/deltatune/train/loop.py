@@ -24,18 +24,20 @@ from ..adapters.method import method_for
 from ..data import collate, pack, prepare_data
 from ..files import write_text_atomically
 from ..hardware import auto_precision, set_cpu_threads
-from ..io import save_adapter
+from ..io import gathered_adapter_tensors, save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
 from ..loss import TrainingLoss
 from .auto_batch import choose_micro_batch
 from .batching import make_batches, padding_share
-from .checkpoint import latest_valid, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .checks import check_settings
-from .compiling import compile_blocks
+from .checkpoint import latest_valid, rng_state, set_rng_state
+from .checks import check_settings, check_sharding
+from .compiling import compile_blocks, transformer_blocks
 from .config import ConfigError, TrainConfig, to_dict
 from .contexts import autocast, saved_activations
-from .distributed import Distributed
+from .distributed import Distributed, device_memory_bytes
+from .recompute import cheap_recompute
+from .resume import read_checkpoint, write_checkpoint
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
 from .optimizers import make_optimizer
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
@@ -71,6 +73,14 @@ class StepInfo:
     step: int
     loss: float
     lr: float
+
+
+def _save_adapter(model, path: Path, dist: Distributed) -> Optional[Path]:
+    """The adapter written by rank 0; under FSDP2 every rank calls this, to gather the shards."""
+    if dist.sharded:
+        tensors = gathered_adapter_tensors(model, "default")  # collective: every rank
+        return save_adapter(model, path, tensors=tensors) if dist.is_main else None
+    return save_adapter(model, path) if dist.is_main else None
 
 
 def _seed_everything(seed: int) -> None:
@@ -170,6 +180,12 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             log(f"compile: {compiled} transformer blocks; the first step's time includes compiling")
     method = method_for(adapter_cfg)
     training_loss = TrainingLoss(model)
+    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if dist.choose(cfg.distributed, model_bytes, device_memory_bytes(dist.device)) == "fsdp":
+        check_sharding(cfg)  # auto may pick FSDP2: refuse what it does not run yet, by name
+    # FSDP2 swaps a block's weights between shards and whole tensors: recipes would rerun norms on shards
+    recompute = (cheap_recompute(model) if cfg.cheap_recompute and not (cfg.gradient_checkpointing
+                 or cfg.activation_offload or cfg.compile or dist.sharded) else None)
     if cfg.auto_batch:  # the same steps: batch_size x grad_accum examples each, in smaller micro-batches
         with autocast(cfg.precision, dist.device):
             micro, how = choose_micro_batch(training_loss, model, train_rows, lengths, cfg.batch_size, pad_id,
@@ -184,6 +200,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         log(f"method {cfg.method}: {trainable:,d} trainable of {total:,d} parameters; lr {learning_rate(cfg):g}; "
             f"precision {cfg.precision} on {dist.device}"
             + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
+    # before the optimizer: FSDP2 replaces each parameter with its shard
+    ddp_loss = dist.wrap(training_loss, transformer_blocks(model), bf16=cfg.precision == "bf16")
+    if dist.is_main and dist.world > 1:
+        log(f"distributed: {dist.strategy} over {dist.world} processes")
+    scored = ddp_loss if dist.sharded else model  # a sharded model runs only through its root
     optimizer = make_optimizer(_param_groups(model, cfg.weight_decay, learning_rate(cfg), cfg.lora_plus_ratio),
                                cfg.optimizer, lr=learning_rate(cfg), weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
@@ -191,17 +212,17 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
     if dist.is_main:
         log(training_loss.describe())
-    ddp_loss = dist.wrap(training_loss)
     config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
     step, micro, best, bad_evals, initial_eval = 0, 0, math.inf, 0, None
+    global_batch = (cfg.batch_tokens or cfg.batch_size) * dist.world * cfg.grad_accum  # what one step takes
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model)
-        optimizer.load_state_dict(state["optimizer"])
+        state = read_checkpoint(resume_from, ddp_loss, model, optimizer, dist, global_batch)
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        step, micro, best, bad_evals = state["step"], state["micro"], state["best"], state["bad_evals"]
+        step, best, bad_evals = state["step"], state["best"], state["bad_evals"]
+        micro = step * cfg.grad_accum  # micro-batches taken so far, on any number of ranks
         initial_eval = state.get("initial_eval")
         method.load_training_state(model, "default", adapter_cfg, state.get("method", {}))
         if dist.is_main:
@@ -209,7 +230,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
     if resume_from is None and validation.at_start:  # the untrained adapter's loss, what training is measured by
         with timer.phase("validation"):
-            initial_eval = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
+            initial_eval = evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
         if initial_eval is not None:
             metrics.write({"step": 0, "eval_loss": initial_eval})
     if dist.is_main:
@@ -225,7 +246,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     while step < total_steps:
         step_loss = 0.0
         with timer.phase("steps"):  # forward, backward and the optimizer step
-            for _ in range(cfg.grad_accum):
+            for accumulated in range(cfg.grad_accum):
                 epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))
                 if epoch != batches_epoch:  # once per epoch: a shuffle (and a sort) of every row
                     batches_epoch = epoch
@@ -233,11 +254,12 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                                            cfg.seed, epoch, dist.rank, dist.world)
                 rows = [train_rows[i] for i in batches[index % len(batches)]]
                 batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
-                with autocast(cfg.precision, device), saved_activations(cfg.activation_offload, device):
-                    loss = ddp_loss(batch)
-                    penalty = method.loss_penalty(model, "default", adapter_cfg)
-                    loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
-                scaler.scale(loss).backward()
+                with dist.micro_batch(ddp_loss, last=accumulated == cfg.grad_accum - 1):
+                    with autocast(cfg.precision, device), saved_activations(cfg.activation_offload, device, recompute):
+                        loss = ddp_loss(batch)
+                        penalty = method.loss_penalty(model, "default", adapter_cfg)
+                        loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
+                    scaler.scale(loss).backward()
                 step_loss += loss.item()
                 tokens_seen += int(batch["input_ids"].numel())
                 micro += 1
@@ -257,14 +279,13 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                   "loss": last_loss, "lr": lr}
         if step % validation.every == 0 or step == total_steps:
             with timer.phase("validation"):
-                eval_loss = evaluate(model, val_rows, cfg, pad_id, dist, seq2seq)
+                eval_loss = evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
             if eval_loss is not None:
                 record["eval_loss"] = eval_loss
                 if eval_loss < best:
                     best, bad_evals = eval_loss, 0
-                    if dist.is_main:
-                        with timer.phase("checkpoints"):
-                            save_adapter(model, output_dir / "best_adapter")
+                    with timer.phase("checkpoints"):
+                        _save_adapter(model, output_dir / "best_adapter", dist)
                 else:
                     bad_evals += 1
         elapsed = time.perf_counter() - window_start
@@ -276,13 +297,13 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         stop = cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience
-        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps or stop) and dist.is_main:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng_state(), "step": step, "micro": micro,
-                     "best": best, "bad_evals": bad_evals, "initial_eval": initial_eval,
+        if cfg.save_steps and (step % cfg.save_steps == 0 or step == total_steps or stop):
+            state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                     "step": step, "micro": micro, "best": best, "bad_evals": bad_evals,
+                     "initial_eval": initial_eval, "global_batch": global_batch,
                      "method": method.training_state(model, "default", adapter_cfg)}
             with timer.phase("checkpoints"):
-                save_checkpoint(output_dir, step, model, state, config_text)
+                write_checkpoint(output_dir, step, ddp_loss, model, optimizer, state, config_text, dist)
         dist.barrier()
         if on_step_end is not None:
             on_step_end(StepInfo(step, last_loss, lr))
@@ -292,11 +313,13 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             break
     bar.close()
     metrics.close()
+    if recompute:
+        recompute.remove()  # the final evaluation's generation runs without the hooks
 
     summary = {}
+    with timer.phase("checkpoints"):
+        adapter_dir = _save_adapter(model, output_dir / "adapter", dist)
     if dist.is_main:
-        with timer.phase("checkpoints"):
-            adapter_dir = save_adapter(model, output_dir / "adapter")
         write_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss.png")
         trainable, total = trainable_parameters(model)
         peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
@@ -314,7 +337,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                                                                cfg.group_by_length, cfg.seed, 0), lengths),
                    "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
                    "validation_passes": validation.passes(step) if val_rows else 0}
-        if _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
+        if _wants_final_eval(cfg, default_job) and dist.sharded:
+            log("final evaluation: not run on a sharded model; score the adapter with deltatune eval")
+        elif _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
             with timer.phase("final_evaluation"):
                 summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
             summary["evaluation_split"] = "test" if cfg.data.test_path else "validation"

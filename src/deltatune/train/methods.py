@@ -29,10 +29,10 @@ MAX_EPOCHS = 3.0  # the most passes min_tokens adds
 
 
 RECIPES: dict[str, MethodRecipe] = {
-    # LoRA: one epoch at 1e-3, constant after warm-up, and at least 24k tokens (a small set gets
+    # LoRA: one epoch at 1e-3, cosine after warm-up, and at least 24k tokens (a small set gets
     # up to three passes): chosen on the validation splits of the default job and the docstring
     # task (benchmarks/sweep_defaults.py, docs/training.md)
-    "lora": MethodRecipe("LORA", 1e-3, epochs=1.0, schedule="constant", min_tokens=24_000),
+    "lora": MethodRecipe("LORA", 1e-3, epochs=1.0, min_tokens=24_000),
     "dora": MethodRecipe("LORA", 2e-4, {"use_dora": True}),
     # LoHa, LoKr and AdaLoRA at 4e-3: chosen over 1e-3 by validation loss (benchmarks/choose_lr.py)
     "loha": MethodRecipe("LOHA", 4e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
