@@ -1,4 +1,5 @@
-"""FSDP2 under torchrun on CPU (gloo): the same training as one process, with sharded weights.
+"""FSDP2 (and DDP) under torchrun on CPU (gloo): the same training as one process, with sharded
+weights, and checkpoints that resume on as many ranks or on another number.
 
 These start several processes; ``-m "not multiprocess"`` leaves them out of a local run.
 """
@@ -44,10 +45,11 @@ def _adapter(folder) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
-def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method):
+@pytest.mark.parametrize("method,extra", [("lora", {}), ("dora", {}), ("lora", {"gradient_checkpointing": True})],
+                         ids=["lora", "dora", "lora+checkpointing"])
+def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method, extra):
     """2 ranks x 2 rows, sharded, against 1 process x 4 rows: the same steps, the same adapter."""
-    same = {**setup, "method": method}
+    same = {**setup, "method": method, **extra}
     train(load_config(None, {**same, "output_dir": str(tmp_path / "one")}), log=lambda *_: None)
     proc = _torchrun({**same, "batch_size": 2, "distributed": "fsdp", "output_dir": str(tmp_path / "two")})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,7 +57,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method):
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"FSDP2 ({method}, 2 processes) vs 1 process: worst |adapter difference| {worst:.2e}")
+    print(f"FSDP2 ({method} {extra}, 2 processes) vs 1 process: worst |adapter difference| {worst:.2e}")
     assert worst < 1e-5, worst
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -64,11 +66,13 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method):
     assert (tmp_path / "two" / "best_adapter" / "adapter_model.safetensors").exists()
 
 
-def test_fsdp_accumulates_without_a_reduction_per_micro_batch(tmp_path, setup):
-    """Batches of 1 row accumulated twice per step on 2 ranks: the same as 4 rows in one process."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accumulation_reduces_once_a_step_and_equals_one_process(tmp_path, setup, strategy):
+    """Batches of 1 row accumulated twice per step on 2 ranks (gradients reduced on the second
+    micro-batch only): the same as 4 rows in one process."""
     same = {**setup, "group_by_length": False}  # the same rows in each step: 4 at once or 1 + 1 on each rank
     train(load_config(None, {**same, "output_dir": str(tmp_path / "one")}), log=lambda *_: None)
-    proc = _torchrun({**same, "batch_size": 1, "grad_accum": 2, "distributed": "fsdp",
+    proc = _torchrun({**same, "batch_size": 1, "grad_accum": 2, "distributed": strategy,
                       "output_dir": str(tmp_path / "two")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")

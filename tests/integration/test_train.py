@@ -166,10 +166,20 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, setup):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_cheap_recompute_trains_to_the_same_bits(tmp_path, setup):
-    """On by default; with dropout and bf16 autocast the adapter is bit for bit the one without it."""
+def test_cheap_recompute_trains_to_the_same_bits(tmp_path, setup, monkeypatch):
+    """On by default; with dropout and bf16 autocast the adapter is bit for bit the one without it.
+    The loop uses it from MIN_TOKENS positions a micro-batch: these tiny batches only when lowered."""
+    from deltatune.train.recompute import CheapRecompute
+
+    entered = []
+    saving = CheapRecompute.saving
+    monkeypatch.setattr(CheapRecompute, "saving", lambda self: entered.append(1) or saving(self))
     same = {**setup, "max_steps": 3, "eval_steps": 0, "precision": "bf16"}
+    _run(tmp_path, "small", **same)
+    assert not entered  # below MIN_TOKENS
+    monkeypatch.setattr("deltatune.train.loop.RECOMPUTE_MIN_TOKENS", 0)
     _run(tmp_path, "recompute", **same)
+    assert len(entered) == 3
     _run(tmp_path, "kept", cheap_recompute=False, **same)
     a = load_file(tmp_path / "recompute" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "kept" / "adapter" / "adapter_model.safetensors")

@@ -36,7 +36,7 @@ from .compiling import compile_blocks, transformer_blocks
 from .config import ConfigError, TrainConfig, to_dict
 from .contexts import autocast, saved_activations
 from .distributed import Distributed, device_memory_bytes
-from .recompute import cheap_recompute
+from .recompute import MIN_TOKENS as RECOMPUTE_MIN_TOKENS, cheap_recompute
 from .resume import read_checkpoint, write_checkpoint
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
 from .optimizers import make_optimizer
@@ -255,7 +255,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                 rows = [train_rows[i] for i in batches[index % len(batches)]]
                 batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
                 with dist.micro_batch(ddp_loss, last=accumulated == cfg.grad_accum - 1):
-                    with autocast(cfg.precision, device), saved_activations(cfg.activation_offload, device, recompute):
+                    lean = recompute if batch["input_ids"].numel() >= RECOMPUTE_MIN_TOKENS else None
+                    with autocast(cfg.precision, device), saved_activations(cfg.activation_offload, device, lean):
                         loss = ddp_loss(batch)
                         penalty = method.loss_penalty(model, "default", adapter_cfg)
                         loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
