@@ -10,7 +10,7 @@ import torch
 from ..data.formats import FORMATS
 from ..quant.convert import QUANT_TYPES
 from .config import ConfigError, TrainConfig
-from .distributed import STRATEGIES
+from ..distributed import STRATEGIES
 from .methods import adapter_config
 from .optimizers import OPTIMIZERS
 from .schedule import SCHEDULES

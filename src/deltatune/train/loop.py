@@ -35,7 +35,7 @@ from .checks import check_settings, check_sharding
 from .compiling import compile_blocks, transformer_blocks
 from .config import ConfigError, TrainConfig, to_dict
 from .contexts import autocast, saved_activations
-from .distributed import Distributed, device_memory_bytes
+from ..distributed import Distributed, device_memory_bytes
 from .recompute import MIN_TOKENS as RECOMPUTE_MIN_TOKENS, cheap_recompute
 from .resume import read_checkpoint, write_checkpoint
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for

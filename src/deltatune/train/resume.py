@@ -1,5 +1,5 @@
 """Writing and reading a run's resumable checkpoints: one process's format (``checkpoint.py``)
-or, for an FSDP2 run, the sharded one (``sharded_checkpoint.py``), chosen by the run and checked
+or, for an FSDP2 run, the sharded one (``distributed/sharded_checkpoint.py``), chosen by the run and checked
 against the run that resumes it."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ConfigError
-from .distributed import Distributed
-from .sharded_checkpoint import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
+from ..distributed import Distributed
+from ..distributed.sharded_checkpoint import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 
 
 def write_checkpoint(output_dir: Path, step: int, root: torch.nn.Module, model: torch.nn.Module,

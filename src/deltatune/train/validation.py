@@ -22,7 +22,7 @@ import torch
 from ..evaluate.generation import loss_sums
 from .config import TrainConfig
 from .contexts import autocast
-from .distributed import Distributed
+from ..distributed import Distributed
 
 EVAL_POINTS = 10  # the most validation passes over a run when eval_steps is 0 (besides step 0)
 VALIDATION_BUDGET = 0.08  # share of the training steps' time the passes may take together

@@ -2,7 +2,7 @@
 
 Every rank writes its own slices of the trained tensors and of the optimizer states into
 ``checkpoint-<step>/sharded/`` (DCP's files and its ``.metadata``); rank 0 adds what
-``checkpoint.py`` writes for one process (the adapter in PEFT's format, gathered from every rank,
+``train/checkpoint.py`` writes for one process (the adapter in PEFT's format, gathered from every rank,
 the trainer state with every rank's RNG state, the config) and makes the folder complete the
 same way: files fsynced, ``complete.json`` with their SHA-256 last, the folder renamed into
 place, so a half-written checkpoint is never taken. DCP reads the slices back for any number of
@@ -29,8 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ..files import install_folder, settle_files, staging_dir, write_atomically
 from ..io import gathered_adapter_tensors, save_adapter
-from .checkpoint import MARKER, STATE, file_sha256, list_checkpoints, rng_state
-from .distributed import Distributed
+from ..train.checkpoint import MARKER, STATE, file_sha256, list_checkpoints, rng_state
+from .processes import Distributed
 
 SHARDED = "sharded"
 TRAINED_ONLY = StateDictOptions(ignore_frozen_params=True)
