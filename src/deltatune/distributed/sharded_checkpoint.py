@@ -12,7 +12,6 @@ not saved (it is the model the run loads).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -27,9 +26,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..files import install_folder, settle_files, staging_dir, write_atomically
+from ..files import staging_dir
 from ..io import gathered_adapter_tensors, save_adapter
-from ..train.checkpoint import MARKER, STATE, file_sha256, list_checkpoints, rng_state
+from ..train.checkpoint import STATE, rng_state, seal_checkpoint
 from .processes import Distributed
 
 SHARDED = "sharded"
@@ -66,12 +65,7 @@ def save_sharded_checkpoint(output_dir: Path, step: int, root: torch.nn.Module, 
             (tmp / "config.yaml").write_text(config_text)
         dist.barrier()  # every rank's DCP files are written before rank 0 seals the folder
         if dist.is_main:
-            files = {str(f.relative_to(tmp)): file_sha256(f) for f in settle_files(tmp)}
-            write_atomically(tmp / MARKER, lambda p: Path(p).write_text(json.dumps({"step": step, "files": files},
-                                                                                      indent=1)))
-            install_folder(tmp, final)
-            for _, old in list_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            seal_checkpoint(tmp, final, step, keep)
     finally:
         if dist.is_main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

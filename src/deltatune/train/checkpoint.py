@@ -62,18 +62,21 @@ def save_checkpoint(output_dir: Path, step: int, model, trainer_state: dict, con
                    if p.requires_grad}, str(tmp / TRAINED))
         torch.save(trainer_state, tmp / STATE)
         (tmp / "config.yaml").write_text(config_text)
-        files = {}
-        for f in settle_files(tmp):
-            files[str(f.relative_to(tmp))] = file_sha256(f)
-        write_atomically(tmp / MARKER, lambda p: Path(p).write_text(json.dumps({"step": step, "files": files},
-                                                                                  indent=1)))
-        install_folder(tmp, final)
+        seal_checkpoint(tmp, final, step, keep)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old[1], ignore_errors=True)
     return final
+
+
+def seal_checkpoint(tmp: Path, final: Path, step: int, keep: int) -> None:
+    """Make the filled staging folder ``tmp`` the checkpoint ``final``: files settled, their hashes
+    in ``complete.json`` written last, the folder renamed into place; then keep the newest ``keep``."""
+    files = {str(f.relative_to(tmp)): file_sha256(f) for f in settle_files(tmp)}
+    write_atomically(tmp / MARKER, lambda p: Path(p).write_text(json.dumps({"step": step, "files": files}, indent=1)))
+    install_folder(tmp, final)
+    for _, old in list_checkpoints(final.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
