@@ -120,25 +120,10 @@ def load_model(
     transformers + bitsandbytes) loads quantized without bitsandbytes. ``tokenizer=False``
     skips loading the tokenizer (``None`` is returned in its place).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     torch_dtype = _parse_dtype(dtype)
-    gguf_file = None
-    if path_or_name is None:
-        folder = default_model_dir()
-    else:
-        path = Path(path_or_name).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            folder, gguf_file = path.parent, path.name
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise FileNotFoundError(f"{path} is not a Hugging Face model folder: config.json is missing")
-            folder = path
-        else:
-            raise FileNotFoundError(
-                f"model {str(path_or_name)!r} not found: give a local Hugging Face model folder or a .gguf file "
-                "(deltatune never downloads), or no argument for the embedded default"
-            )
+    folder, gguf_file = model_source(path_or_name)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     config = AutoConfig.from_pretrained(folder, **kwargs)
     quant, prequantized = _quantization_plan(folder, config, quantize, torch_dtype, compute_dtype,
@@ -147,12 +132,38 @@ def load_model(
     if device is not None:
         model = model.to(device)
     model.eval()
-    tok = None
-    if tokenizer and (gguf_file or any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)):
-        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
-        if tok.pad_token is None and tok.eos_token is not None:
-            tok.pad_token = tok.eos_token
-    return model, tok
+    return model, (load_tokenizer(folder, gguf_file) if tokenizer else None)
+
+
+def model_source(path_or_name: Union[str, os.PathLike, None]) -> tuple[Path, Optional[str]]:
+    """``(folder, GGUF file name or None)`` for a model folder, a ``.gguf`` file or ``None``
+    (the embedded default); a clear error for anything else."""
+    if path_or_name is None:
+        return default_model_dir(), None
+    path = Path(path_or_name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder: config.json is missing")
+        return path, None
+    raise FileNotFoundError(
+        f"model {str(path_or_name)!r} not found: give a local Hugging Face model folder or a .gguf file "
+        "(deltatune never downloads), or no argument for the embedded default"
+    )
+
+
+def load_tokenizer(folder: Path, gguf_file: Optional[str] = None):
+    """The folder's (or GGUF file's) tokenizer with a pad token, or ``None`` where it has none."""
+    from transformers import AutoTokenizer
+
+    if not (gguf_file or any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)):
+        return None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def _quantization_plan(folder, config, quantize, dtype, compute_dtype, keep, double_quant, blocksize):

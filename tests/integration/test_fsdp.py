@@ -31,22 +31,26 @@ def setup(tmp_path, default_tokenizer):
             "warmup_ratio": 0.0}
 
 
-def _torchrun(settings: dict, processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def _flags(settings: dict) -> list[str]:
     flags = []
     for key, value in settings.items():
         flags += [f"--{key}" if value else f"--no-{key}"] if isinstance(value, bool) else [f"--{key}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return flags
+
+
+def _torchrun(settings: dict, processes: int = 2, timeout: int = 600, env: dict = {}) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), "-m", "deltatune.cli", "train", *flags], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                           str(processes), "-m", "deltatune.cli", "train", *_flags(settings)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=timeout)
 
 
 def _adapter(folder) -> dict[str, torch.Tensor]:
     return load_file(folder / "adapter" / "adapter_model.safetensors")
 
 
-@pytest.mark.parametrize("method,extra", [("lora", {}), ("dora", {}), ("lora", {"gradient_checkpointing": True})],
-                         ids=["lora", "dora", "lora+checkpointing"])
+@pytest.mark.parametrize("method,extra", [("lora", {}), ("dora", {}), ("lora", {"gradient_checkpointing": True}),
+                                          ("dora", {"fsdp_offload": True})],
+                         ids=["lora", "dora", "lora+checkpointing", "dora+offload"])
 def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method, extra):
     """2 ranks x 2 rows, sharded, against 1 process x 4 rows: the same steps, the same adapter."""
     same = {**setup, "method": method, **extra}
@@ -54,6 +58,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method, extra
     proc = _torchrun({**same, "batch_size": 2, "distributed": "fsdp", "output_dir": str(tmp_path / "two")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed: fsdp over 2 processes" in proc.stdout + proc.stderr
+    assert "each rank read only its own rows" in proc.stdout + proc.stderr  # the base never loaded whole
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -87,6 +92,12 @@ def test_what_fsdp_does_not_run_yet_is_refused_by_name(tmp_path, setup):
             check_settings(cfg)
     with pytest.raises(ConfigError, match="distributed"):
         check_settings(load_config(None, {**setup, "distributed": "zero3", "output_dir": str(tmp_path / "y")}))
+    with pytest.raises(ConfigError, match="fsdp_offload keeps FSDP2's shards in CPU memory"):
+        check_settings(load_config(None, {**setup, "distributed": "ddp", "fsdp_offload": True,
+                                          "output_dir": str(tmp_path / "z")}))
+    with pytest.raises(ConfigError, match="quantize with distributed fsdp"):  # offload asks for FSDP2
+        check_settings(load_config(None, {**setup, "fsdp_offload": True, "quantize": "nf4",
+                                          "output_dir": str(tmp_path / "w")}))
 
 
 KILLER = r"""
@@ -141,4 +152,108 @@ def test_a_sharded_checkpoint_resumes_on_another_number_of_ranks(tmp_path, setup
     a, b = _adapter(tmp_path / "whole"), _adapter(tmp_path / "moved")
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"FSDP2 checkpoint of 2 ranks resumed in 1 process: worst |adapter difference| {worst:.2e}")
+    assert worst < 1e-5, worst
+
+
+def _larger_model_dir(folder, tokenizer):
+    """A random Llama of about 195 MB of float32 weights: large against the runtime's own memory,
+    so that a whole copy of it would show in a rank's resident size while loading."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+LOADER = r"""
+import json, resource, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoTokenizer, LlamaForCausalLM  # the modeling code, imported before measuring
+from deltatune.adapter_ops import add_adapter
+from deltatune.config import LoraConfig
+from deltatune.distributed.sharded_loading import fill_shards, keep_real_tensors, load_skeleton
+from deltatune.loading import load_model
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+dist.init_process_group("gloo")
+folder, mode = sys.argv[1], sys.argv[2]
+AutoTokenizer.from_pretrained(folder)  # the tokenizer's memory stays out of the measure
+before = peak_mib()
+if mode == "sharded":
+    model, _, source = load_skeleton(folder)
+    add_adapter(model, LoraConfig(r=4, target_modules="all-linear"), "default")
+    keep_real_tensors(model, source)
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    fill_shards(model, model, source, dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
+    held = [p.to_local() for p in model.parameters()]
+else:
+    model, _ = load_model(folder)
+    add_adapter(model, LoraConfig(r=4, target_modules="all-linear"), "default")
+    held = list(model.parameters())
+touched = sum(float(t.float().sum()) for t in held)  # every byte a rank holds is read once
+print(json.dumps({"rank": dist.get_rank(), "grown_mib": peak_mib() - before}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_no_rank_holds_the_whole_model_while_loading(tmp_path, default_tokenizer):
+    """Loaded into 2 FSDP2 shards, each rank's peak grows by about half the model's bytes; loaded
+    whole (as DDP does), by at least the whole model, so the measure would see a whole copy.
+    glibc is told to return freed memory at once, so the peak follows the bytes actually held."""
+    model = _larger_model_dir(tmp_path / "larger", default_tokenizer)
+    model_mib = (model / "model.safetensors").stat().st_size / 2**20
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER)
+    grown = {}
+    for mode in ("sharded", "whole"):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), str(model), mode], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        grown[mode] = [json.loads(line)["grown_mib"] for line in proc.stdout.splitlines() if "grown_mib" in line]
+    print(f"model {model_mib:.0f} MiB; each rank's peak grew while loading by {grown['sharded']} MiB in shards, "
+          f"{grown['whole']} MiB whole")
+    assert len(grown["sharded"]) == len(grown["whole"]) == 2
+    assert min(grown["whole"]) >= 0.9 * model_mib, grown
+    assert max(grown["sharded"]) < 0.6 * model_mib, grown
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback_equal_one_process(tmp_path, setup):
+    """Two torchrun "nodes" of one process each, meeting by c10d rendezvous on 127.0.0.1 (the
+    command a two-machine run uses), train the same adapter as one process of both batches."""
+    same = {**setup, "max_steps": 2, "eval_steps": 2}
+    train(load_config(None, {**same, "output_dir": str(tmp_path / "one")}), log=lambda *_: None)
+    endpoint = f"127.0.0.1:{_free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+                               "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "loopback",
+                               "-m", "deltatune.cli", "train", *_flags({**same, "batch_size": 2,
+                                                                         "distributed": "fsdp",
+                                                                         "output_dir": str(tmp_path / "two")})],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(o[-2000:] for o in outputs)
+    assert any("distributed: fsdp over 2 processes" in o for o in outputs)
+    a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"two loopback nodes vs 1 process: worst |adapter difference| {worst:.2e}")
     assert worst < 1e-5, worst

@@ -7,7 +7,7 @@ import torch
 
 import deltatune as dt
 from deltatune.train.recompute import CheapRecompute, cheap_recompute
-from tests.tiny_models import sample_ids, tiny_model
+from tiny_models import sample_ids, tiny_model
 
 
 def _lora_model(arch: str, dropout: float = 0.1):

@@ -47,6 +47,8 @@ class LinearAdapterLayer(AdapterLayer):
     def match_device(self, name: str) -> None:
         """Move adapter ``name``'s tensors to the base weight's device and (floating) dtype."""
         weight = self.base_weight()
+        if weight.is_meta:  # a base built on meta to be loaded into shards: the adapter keeps its values
+            return
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         for p in self.adapter_parameters(name):
             p.data = p.data.to(weight.device, dtype)

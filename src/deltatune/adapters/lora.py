@@ -23,6 +23,12 @@ from ..targeting import pattern_value
 from .linear_base import LinearAdapterLayer
 
 
+def dora_row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """DoRA's starting magnitude: the float32 norm of each row of ``weight + delta`` ((out, in)
+    layout). Rows are independent, so a shard of rows gets its own part of the vector."""
+    return torch.linalg.norm(weight.float() + delta.to(weight.device), dim=1)
+
+
 class Magnitude(nn.Module):
     """DoRA's learned per-output magnitude; a module so its key reads ``...<name>.weight`` like PEFT's."""
 
@@ -92,7 +98,7 @@ class LoraLayer(LinearAdapterLayer):
             self._initialise(name, config.init_lora_weights)
         if config.use_dora:
             weight = self.canonical(self.base_weight().detach())
-            norm = torch.linalg.norm(weight.float() + self.delta_weight(name).to(weight.device), dim=1)
+            norm = dora_row_norms(weight, self.delta_weight(name))
             self.lora_magnitude_vector[name] = Magnitude(norm.to(weight.dtype))
         self.match_device(name)
 

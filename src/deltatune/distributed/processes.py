@@ -79,20 +79,23 @@ class Distributed:
         return cls(rank, world, local_rank, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
     def wrap(self, model: torch.nn.Module, blocks: Iterable[torch.nn.Module] = (),
-             bf16: bool = False) -> torch.nn.Module:
+             bf16: bool = False, offload: bool = False) -> torch.nn.Module:
         """``model`` ready for this strategy: DDP-wrapped, or sharded in place with FSDP2
         (each of ``blocks`` a unit of its own, the rest in the root's; with ``bf16``, weights are
-        gathered and computed in bfloat16 and gradients reduced in float32)."""
+        gathered and computed in bfloat16 and gradients reduced in float32; with ``offload``, the
+        shards, their gradients and so the optimizer states live in CPU memory)."""
         if self.world == 1:
             return model
         if self.sharded:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
             policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
                       else MixedPrecisionPolicy())
+            # pinned pages make the copies to a GPU asynchronous; without CUDA there is nothing to pin
+            placement = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
             for block in blocks:
-                fully_shard(block, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(block, mp_policy=policy, offload_policy=placement)
+            fully_shard(model, mp_policy=policy, offload_policy=placement)
             return model
         from torch.nn.parallel import DistributedDataParallel
 

@@ -74,7 +74,10 @@ def check_settings(cfg: TrainConfig) -> None:
     if cfg.activation_offload and not torch.cuda.is_available():
         raise ConfigError("activation_offload moves saved activations from GPU to CPU memory; this machine has no "
                           "CUDA device (use gradient_checkpointing to save memory on a CPU)")
-    if cfg.distributed == "fsdp":
+    if cfg.fsdp_offload and cfg.distributed == "ddp":
+        raise ConfigError("fsdp_offload keeps FSDP2's shards in CPU memory; it needs distributed fsdp (or auto), "
+                          "not ddp")
+    if cfg.distributed == "fsdp" or cfg.fsdp_offload:
         check_sharding(cfg)
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")

@@ -95,6 +95,8 @@ class TrainConfig:
     """Compile each transformer block with torch.compile: faster steps after a compile time up front (the log reports it), so it pays in long runs only; benchmarks/compile_step.py measures when on a machine."""
     distributed: str = "auto"
     """Under torchrun: ddp (every process holds the whole model), fsdp (FSDP2: weights, adapter and optimizer states sharded across processes, each block's weights gathered to run it) or auto (fsdp when one copy of the model per process would take more than 40% of a device's memory, else ddp). Ignored in one process."""
+    fsdp_offload: bool = False
+    """With FSDP2 (which it implies): keep each rank's shards of the weights, gradients and optimizer states in CPU memory, copying a block's weights to the device only to run it, and step the optimizer on the CPU. For a base that does not fit on the devices even sharded; slower, by the copies and the CPU optimizer step."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     cheap_recompute: bool = True

@@ -36,6 +36,7 @@ from .compiling import compile_blocks, transformer_blocks
 from .config import ConfigError, TrainConfig, to_dict
 from .contexts import autocast, saved_activations
 from ..distributed import Distributed, device_memory_bytes
+from ..distributed.sharded_loading import fill_shards, keep_real_tensors, skeleton_if_sharded
 from .recompute import MIN_TOKENS as RECOMPUTE_MIN_TOKENS, cheap_recompute
 from .resume import read_checkpoint, write_checkpoint
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
@@ -118,6 +119,31 @@ def _length(row) -> int:
     return len(row["input_ids"] if isinstance(row, dict) else row.input_ids)
 
 
+def _peak_memory_mib(device: torch.device) -> float:
+    """The peak so far: of the GPU's allocated memory, or of this process's resident size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _strategy(cfg: TrainConfig) -> str:
+    """The strategy asked for: ``fsdp_offload`` is an FSDP2 setting, so it asks for FSDP2."""
+    return "fsdp" if cfg.fsdp_offload else cfg.distributed
+
+
+def _load_base(cfg: TrainConfig, dist: Distributed):
+    """``(model, tokenizer, ShardSource or None)``. Where FSDP2 will shard the model, it is built on
+    meta and each rank reads only its rows once sharded (``fill_shards``); else it loads whole."""
+    if dist.world > 1 and not cfg.quantize:
+        device_bytes = device_memory_bytes(dist.device)
+        skeleton = skeleton_if_sharded(cfg.model or None,
+                                       lambda size: dist.choose(_strategy(cfg), size, device_bytes))
+        if skeleton is not None:
+            return skeleton
+    model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
+    return model, tokenizer, None
+
+
 def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = None, log=print) -> dict:
     """Run training as ``cfg`` says; returns the summary (also written to ``summary.json``)."""
     dist = Distributed.setup()
@@ -139,7 +165,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         cfg.precision = auto_precision(dist.device)
     _seed_everything(cfg.seed)
     with timer.phase("load"):
-        model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
+        model, tokenizer, shards = _load_base(cfg, dist)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -173,6 +199,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
     adapter_cfg = adapter_config(cfg, task_type, total_steps)
     add_adapter(model, adapter_cfg, "default")
+    if shards is not None:  # the adapter's values, made as in one process, copied back rank by rank
+        keep_real_tensors(model, shards)
     adapter_cfg = get_state(model).configs["default"]  # the live copy (AdaLoRA records its ranks in it)
     if cfg.compile:  # after the adapter is in, so its layers are compiled with the blocks
         compiled = compile_blocks(model)
@@ -181,7 +209,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     method = method_for(adapter_cfg)
     training_loss = TrainingLoss(model)
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    if dist.choose(cfg.distributed, model_bytes, device_memory_bytes(dist.device)) == "fsdp":
+    if dist.choose(_strategy(cfg), model_bytes, device_memory_bytes(dist.device)) == "fsdp":
         check_sharding(cfg)  # auto may pick FSDP2: refuse what it does not run yet, by name
     # FSDP2 swaps a block's weights between shards and whole tensors: recipes would rerun norms on shards
     recompute = (cheap_recompute(model) if cfg.cheap_recompute and not (cfg.gradient_checkpointing
@@ -201,7 +229,14 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             f"precision {cfg.precision} on {dist.device}"
             + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
     # before the optimizer: FSDP2 replaces each parameter with its shard
-    ddp_loss = dist.wrap(training_loss, transformer_blocks(model), bf16=cfg.precision == "bf16")
+    ddp_loss = dist.wrap(training_loss, transformer_blocks(model), bf16=cfg.precision == "bf16",
+                         offload=cfg.fsdp_offload)
+    if shards is not None:  # offloaded shards live in CPU memory
+        with timer.phase("load"):
+            fill_shards(model, ddp_loss, shards, dist.rank, dist.world,
+                        torch.device("cpu") if cfg.fsdp_offload else dist.device)
+        if dist.is_main:
+            log("load: built on meta, each rank read only its own rows of every weight")
     if dist.is_main and dist.world > 1:
         log(f"distributed: {dist.strategy} over {dist.world} processes")
     scored = ddp_loss if dist.sharded else model  # a sharded model runs only through its root
@@ -323,8 +358,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     if dist.is_main:
         write_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss.png")
         trainable, total = trainable_parameters(model)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peak = _peak_memory_mib(device)
         summary = {"trainable_parameters": trainable, "total_parameters": total, "steps": step,
                    "seconds": time.perf_counter() - started, "peak_memory_mib": peak,
                    "final_train_loss": last_loss, "initial_validation_loss": initial_eval,
