@@ -7,10 +7,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import bench, compare, demo, eval, info, merge, train
+from . import bench, compare, demo, eval, info, merge, plan, train
 from .options import Parser, parse
 
-SUBCOMMANDS = (demo, train, eval, merge, compare, bench, info)
+SUBCOMMANDS = (demo, train, eval, merge, compare, bench, plan, info)
 
 # What deltatune raises for input it cannot use (ConfigError and DataError are ValueErrors);
 # set DELTATUNE_TRACEBACK=1 to see the traceback instead of the one line.

@@ -1,0 +1,177 @@
+"""``deltatune plan`` against measured runs: for each configuration, the planner's prediction
+(``deltatune plan --json`` in a fresh process, so its runtime and CPU rates are measured as a
+training process would see them) beside a short real ``deltatune train`` on the same shape and
+batch. Writes ``benchmarks/plan-check-cpu.json`` with both peaks, the planner's breakdown, and the
+tokens/s of the second step.
+
+    python benchmarks/plan_check.py                 # tiny models and the default model, ~5 min on 2 cores
+    python benchmarks/plan_check.py --only tiny     # the tiny models alone (seconds)
+
+Every process runs with ``MALLOC_MMAP_THRESHOLD_=131072`` (large blocks are returned to the
+system when freed, so the maximum resident set follows live bytes rather than glibc's cached
+free memory) and ``DELTATUNE_ALLOCATOR=system``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "DELTATUNE_ALLOCATOR": "system"}
+MEMORY_TOLERANCE, SPEED_TOLERANCE = 0.15, 0.30
+PROMPT_TOKENS = 8  # "Tell a story number N:" with BOS: the positions of each row that are not trained
+
+
+@dataclass
+class Case:
+    """One configuration: a model ("tiny", "tiny-wide" or "default"), a batch and train flags."""
+
+    name: str
+    model: str
+    rows: int
+    seq_len: int
+    flags: list = field(default_factory=list)
+    speed: bool = True  # compare tokens/s (tiny models are bound by per-op overhead, not the roofline)
+
+
+CASES = [
+    Case("tiny lora 4x64", "tiny", 4, 64, speed=False),
+    Case("tiny dora 8x128", "tiny", 8, 128, ["--method", "dora"], speed=False),
+    Case("tiny-wide lora 4x256 checkpointing", "tiny-wide", 4, 256, ["--gradient-checkpointing"], speed=False),
+    Case("default lora 1x256", "default", 1, 256),
+    Case("default lora 4x256", "default", 4, 256),
+    Case("default lora 2x512 checkpointing", "default", 2, 512, ["--gradient-checkpointing"]),
+]
+
+
+def write_data(path: Path, records: int = 64, words: int = 1200) -> Path:
+    """Prompt/completion records far longer than any case's rows, so every row is cut to seq_len."""
+    import random
+
+    rng = random.Random(0)
+    vocab = "alpha beta gamma delta river stone cloud forest quiet amber north lantern velvet orbit".split()
+    path.write_text("".join(json.dumps({"prompt": f"Tell a story number {i}:",
+                                        "completion": " " + " ".join(rng.choice(vocab) for _ in range(words))}) + "\n"
+                            for i in range(records)))
+    return path
+
+
+def tiny_model(folder: Path, wide: bool) -> Path:
+    """A small random Llama with the default model's tokenizer (tests/tiny_models.py's recipe)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from deltatune.loading import default_model_dir
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    size = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4) if wide else \
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    config = LlamaConfig(vocab_size=len(tok), num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **size)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _run(args: list, env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done
+
+
+def check(case: Case, model_dir: str, data: Path, work: Path) -> dict:
+    """Plan, then train two steps; both in fresh processes with the allocator settings."""
+    env = {**os.environ, **ENV}
+    python = sys.executable
+    out = work / case.name.replace(" ", "-")
+    flags = ["--batch-size", str(case.rows), "--data.max-seq-len", str(case.seq_len)]
+    share = 1 - PROMPT_TOKENS / case.seq_len
+    plan_flags = ["--batch", str(case.rows), "--seq-len", str(case.seq_len), "--no-padded",
+                  "--labelled-share", f"{share:.4f}", "--json", str(out) + ".plan.json"]
+    if "--method" in case.flags:
+        plan_flags += ["--method", case.flags[case.flags.index("--method") + 1]]
+    if "--gradient-checkpointing" in case.flags:
+        plan_flags.append("--gradient-checkpointing")
+    model_flag = ["--model", model_dir] if model_dir else []
+    _run([python, "-m", "deltatune", "plan", *model_flag, *plan_flags], env)
+    plan = json.loads(Path(str(out) + ".plan.json").read_text())
+    _run([python, "-m", "deltatune", "train", *model_flag, "--data.path", str(data), "--max-steps", "2",
+          "--data.validation-fraction", "0", "--final-eval", "off", "--output-dir", str(out), "--overwrite",
+          "--warmup-steps", "1", *flags, *case.flags], env)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tokens = case.rows * case.seq_len
+    # metrics' tokens/s is cumulative from the first step: take the second step's time alone
+    first, both = tokens / rows[0]["tokens_per_s"], 2 * tokens / rows[1]["tokens_per_s"]
+    measured_speed = tokens / (both - first)
+    measured, predicted = summary["peak_memory_mib"], plan["peak_mib"]
+    result = {"case": case.name, "rows": case.rows, "seq_len": case.seq_len, "train_flags": case.flags,
+              "measured_peak_mib": measured, "predicted_peak_mib": predicted,
+              "memory_error": predicted / measured - 1, "breakdown_mib": plan["memory_mib"],
+              "precision": summary["precision"], "trainable_parameters": summary["trainable_parameters"],
+              "predicted_trainable_parameters": plan["trainable_parameters"],
+              "measured_tokens_per_s": measured_speed, "predicted_tokens_per_s": plan["tokens_per_s"],
+              "speed_compared": case.speed, "speed_error": plan["tokens_per_s"] / measured_speed - 1,
+              "roofline": plan["speed"]}
+    print(f"{case.name:40s} peak {measured:8,.0f} MiB measured, {predicted:8,.0f} predicted ({result['memory_error']:+.1%}); "
+          f"{measured_speed:7,.0f} tokens/s measured, {plan['tokens_per_s']:7,.0f} predicted ({result['speed_error']:+.1%})",
+          flush=True)
+    return result
+
+
+def run_cases(cases: list, work: Path) -> list:
+    """Every case in ``cases``, tiny models built under ``work``."""
+    work.mkdir(parents=True, exist_ok=True)
+    data = write_data(work / "long.jsonl")
+    models = {"default": "", "tiny": str(tiny_model(work / "tiny", False)),
+              "tiny-wide": str(tiny_model(work / "tiny-wide", True))}
+    return [check(case, models[case.model], data, work) for case in cases]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("tiny", "default"), default=None)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "plan-check")
+    parser.add_argument("--out", type=Path, default=HERE / "plan-check-cpu.json")
+    args = parser.parse_args()
+    cases = [c for c in CASES if args.only is None or c.model.startswith(args.only)]
+    results = run_cases(cases, args.work)
+    import torch
+
+    load = os.getloadavg()
+    report = {"machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                          "load_average_1_5_15": load},
+              "versions": {"torch": torch.__version__, "python": platform.python_version()},
+              "environment": ENV, "tolerances": {"memory": MEMORY_TOLERANCE, "tokens_per_s": SPEED_TOLERANCE},
+              "cases": results}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+def markdown(report: dict) -> str:
+    """The measured-against-predicted table of ``report`` (docs/plan.md)."""
+    lines = ["| case | measured peak MiB | predicted MiB | error | measured tokens/s | predicted tokens/s | error |",
+             "|---|---|---|---|---|---|---|"]
+    for c in report["cases"]:
+        speed = f"{c['speed_error']:+.0%}" if c["speed_compared"] else "not compared"
+        lines.append(f"| {c['case']} | {c['measured_peak_mib']:,.0f} | {c['predicted_peak_mib']:,.0f} | "
+                     f"{c['memory_error']:+.1%} | {c['measured_tokens_per_s']:,.0f} | {c['predicted_tokens_per_s']:,.0f} | "
+                     f"{speed} |")
+    return "\n".join(lines)
