@@ -5,9 +5,12 @@ The records are standard-library functions of 400 to 512 tokens (the docstring t
 prompts, built long), so every batch is near 4 x 512 or 8 x 512 tokens, the shape at which the
 issue that asked for this measured 6.4 GiB (batch 4) and 12.2 GB (batch 8). Both run a few
 steps at the loop's settings; the figure is the process's peak resident memory (max RSS),
-next to the steps' seconds. More deltatune runs per batch size: with gradient checkpointing
-(the memory a user can trade time for), without ``cheap_recompute`` (what it saves and costs), and, with ``--before-src``, the source tree of an earlier
-commit (the figure this issue's target is measured against, on the same records and machine).
+next to the steps' seconds. More deltatune runs per batch size: under glibc's malloc instead of
+the allocator the command picks (``allocator.py``: jemalloc or tcmalloc where the system has
+one), with gradient checkpointing (the memory a user can trade time for), without
+``cheap_recompute`` (what it saves and costs), and, with ``--before-src``, the source tree of an
+earlier commit (the figure this issue's target is measured against, on the same records and
+machine; it ran under glibc's malloc, as the plain loop does).
 
     python benchmarks/peak_memory.py          # about ten minutes on 2 CPU cores
     git worktree add /tmp/before f021478~1 && python benchmarks/peak_memory.py --before-src /tmp/before/src
@@ -70,25 +73,30 @@ def main() -> None:
         loop_result = json.loads((loop / "result.json").read_text())
         row = {"batch_size": batch, "peft_loop_peak_mib": loop_result["peak_memory_mib"],
                "peft_loop_steps_seconds": loop_result["time_seconds"]["steps"]}
-        runs = {"deltatune": ([], ROOT / "src"), "deltatune_checkpointing": (["--gradient-checkpointing"], ROOT / "src"),
-                "deltatune_no_recompute": (["--no-cheap-recompute"], ROOT / "src")}
+        glibc = {"DELTATUNE_ALLOCATOR": "system"}
+        runs = {"deltatune": ([], ROOT / "src", {}),
+                "deltatune_glibc": ([], ROOT / "src", glibc),
+                "deltatune_checkpointing": (["--gradient-checkpointing"], ROOT / "src", {}),
+                "deltatune_no_recompute": (["--no-cheap-recompute"], ROOT / "src", {})}
         if args.before_src:
-            runs["before"] = ([], args.before_src)
-        for name, (extra, src) in runs.items():
+            runs["before"] = ([], args.before_src, {})
+        for name, (extra, src, allocator) in runs.items():
             mine = args.work / f"{name}-b{batch}"
             subprocess.run([sys.executable, "-m", "deltatune", "train", "--data.path", str(data), "--batch-size",
                             str(batch), "--max-steps", str(args.steps), "--schedule", "constant",
                             "--data.validation-fraction", "0", *extra, "--output-dir", str(mine), "--overwrite"],
-                           check=True, env={**env, "PYTHONPATH": str(src)}, capture_output=True, cwd=ROOT)
+                           check=True, env={**env, "PYTHONPATH": str(src), **allocator}, capture_output=True, cwd=ROOT)
             summary = json.loads((mine / "summary.json").read_text())
             row[f"{name}_peak_mib"] = summary["peak_memory_mib"]
             row[f"{name}_steps_seconds"] = summary["time_seconds"]["steps"]
+            row[f"{name}_allocator"] = summary.get("allocator", "system")
             row["padding_share"] = summary["padding_share"]
         row["deltatune_over_loop"] = row["deltatune_peak_mib"] / row["peft_loop_peak_mib"]
         row["recompute_over_none"] = row["deltatune_peak_mib"] / row["deltatune_no_recompute_peak_mib"]
         if args.before_src:
             row["deltatune_over_before"] = row["deltatune_peak_mib"] / row["before_peak_mib"]
             row["checkpointing_over_before"] = row["deltatune_checkpointing_peak_mib"] / row["before_peak_mib"]
+            row["glibc_over_before"] = row["deltatune_glibc_peak_mib"] / row["before_peak_mib"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.write_text(json.dumps({"machine": {"processor": platform.machine(), "cpus": os.cpu_count()},

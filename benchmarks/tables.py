@@ -207,17 +207,21 @@ def sweep_table(rows: list) -> str:
 
 def peak_memory_table(result: dict) -> str:
     """``peak_memory.py``: peak resident memory at a batch size: the PEFT loop, deltatune before
-    this work (where measured), deltatune without and with cheap recompute (its default), and
-    deltatune with gradient checkpointing; with the steps' seconds of each."""
+    this work (where measured), deltatune without cheap recompute, under glibc's malloc (where
+    measured), as it runs by default, and with gradient checkpointing; with the steps' seconds."""
     before = all("before_peak_mib" in r for r in result["rows"])
+    glibc = all("deltatune_glibc_peak_mib" in r for r in result["rows"])
     names = [("peft_loop", "PEFT loop")] + ([("before", "deltatune before")] if before else []) + [
-        ("deltatune_no_recompute", "deltatune, no recompute"), ("deltatune", "deltatune (default)"),
-        ("deltatune_checkpointing", "deltatune, checkpointing")]
+        ("deltatune_no_recompute", "deltatune, no recompute")] + (
+        [("deltatune_glibc", "deltatune, glibc malloc")] if glibc else []) + [
+        ("deltatune", "deltatune (default)"), ("deltatune_checkpointing", "deltatune, checkpointing")]
 
     def cell(row: dict, name: str) -> str:
         if f"{name}_peak_mib" not in row:
             return "not measured"
-        return f"{row[f'{name}_peak_mib'] / 1024:.2f} GiB ({row[f'{name}_steps_seconds']:.0f} s)"
+        allocator = row.get(f"{name}_allocator", "system")
+        mark = "" if allocator == "system" else f", {allocator}"
+        return f"{row[f'{name}_peak_mib'] / 1024:.2f} GiB ({row[f'{name}_steps_seconds']:.0f} s{mark})"
 
     return _table(["batch (rows of 400-512 tokens)", *[f"{label}: peak (steps s)" for _, label in names]],
                   [[str(r["batch_size"]), *[cell(r, name) for name, _ in names]] for r in result["rows"]])
@@ -230,6 +234,25 @@ def saved_activations_table(result: dict) -> str:
     return _table([f"setting ({shape})", "saved for backward", "forward + backward (median)"],
                   [[labels[name], f"{run['saved_bytes'] / 2**30:.2f} GiB", f"{run['median_seconds']:.2f} s"]
                    for name, run in result["runs"].items()])
+
+
+def allocators_table(result: dict) -> str:
+    """``allocators.py``: peak resident memory and step seconds of one run per memory allocator."""
+    return _table(["allocator", "peak", "steps (median s)", "peak / glibc", "steps / glibc"],
+                  [[r["allocator"], f"{r['peak_mib'] / 1024:.2f} GiB", f"{r['median_steps_seconds']:.1f}",
+                    f"{r['peak_over_glibc']:.2f}", f"{r['time_over_glibc']:.2f}"] for r in result["rows"]])
+
+
+def plan_check_table(report: dict) -> str:
+    """``plan_check.py``: ``deltatune plan``'s peak and tokens/s against measured runs."""
+    rows = []
+    for c in report["cases"]:
+        speed = f"{c['speed_error']:+.0%}" if c["speed_compared"] else "not compared"
+        rows.append([c["case"], f"{c['measured_peak_mib']:,.0f}", f"{c['predicted_peak_mib']:,.0f}",
+                     f"{c['memory_error']:+.1%}", f"{c['measured_tokens_per_s']:,.0f}",
+                     f"{c['predicted_tokens_per_s']:,.0f}", speed])
+    return _table(["case", "measured peak MiB", "predicted MiB", "error", "measured tokens/s", "predicted tokens/s",
+                   "error"], rows)
 
 
 def parity_table(results: dict) -> str:
@@ -255,6 +278,8 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "sweep-defaults-*.json": sweep_table,
     "peak-memory-*.json": peak_memory_table,
     "saved-activations-*.json": saved_activations_table,
+    "allocators-*.json": allocators_table,
+    "plan-check-*.json": plan_check_table,
 }
 # A second table of the same file: "<path>#<view>".
 VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table, "ratios": quality_ratio_table}

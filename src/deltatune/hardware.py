@@ -74,3 +74,27 @@ def set_cpu_threads(processes_on_this_machine: int = 1) -> Optional[int]:
     threads = max(1, physical_cores() // max(1, processes_on_this_machine))
     torch.set_num_threads(threads)
     return threads
+
+
+def status_kib(field: str) -> Optional[int]:
+    """A ``/proc/self/status`` figure in KiB (``VmRSS``, ``VmHWM``), or ``None`` off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_resident_mib() -> float:
+    """This process's peak resident memory. Linux's ``VmHWM`` is the process's own; ``ru_maxrss``
+    (the fallback elsewhere) carries over across ``exec`` the size of the parent it was forked
+    from, so a small run started by a large process would report the parent's size."""
+    peak = status_kib("VmHWM")
+    if peak is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak / 1024
+

@@ -49,8 +49,9 @@ def _adapter(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("method,extra", [("lora", {}), ("dora", {}), ("lora", {"gradient_checkpointing": True}),
-                                          ("dora", {"fsdp_offload": True})],
-                         ids=["lora", "dora", "lora+checkpointing", "dora+offload"])
+                                          ("dora", {"fsdp_offload": True}), ("lora", {"quantize": "nf4"}),
+                                          ("dora", {"quantize": "nf4"})],
+                         ids=["lora", "dora", "lora+checkpointing", "dora+offload", "qlora", "qdora"])
 def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method, extra):
     """2 ranks x 2 rows, sharded, against 1 process x 4 rows: the same steps, the same adapter."""
     same = {**setup, "method": method, **extra}
@@ -58,7 +59,8 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method, extra
     proc = _torchrun({**same, "batch_size": 2, "distributed": "fsdp", "output_dir": str(tmp_path / "two")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed: fsdp over 2 processes" in proc.stdout + proc.stderr
-    assert "each rank read only its own rows" in proc.stdout + proc.stderr  # the base never loaded whole
+    if "quantize" not in extra:  # a 4-bit base is quantized whole on each rank, then sharded
+        assert "each rank read only its own rows" in proc.stdout + proc.stderr
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -86,7 +88,7 @@ def test_accumulation_reduces_once_a_step_and_equals_one_process(tmp_path, setup
 
 def test_what_fsdp_does_not_run_yet_is_refused_by_name(tmp_path, setup):
     plain = {k: v for k, v in setup.items() if not k.startswith("lora.")}  # no LoRA fields, for --method loha
-    for field, value in (("compile", True), ("method", "loha"), ("quantize", "nf4"), ("auto_batch", True)):
+    for field, value in (("compile", True), ("method", "loha"), ("quantize", "int8"), ("auto_batch", True)):
         cfg = load_config(None, {**plain, "distributed": "fsdp", field: value, "output_dir": str(tmp_path / "x")})
         with pytest.raises(ConfigError, match=f"{field} with distributed fsdp"):
             check_settings(cfg)
@@ -96,7 +98,7 @@ def test_what_fsdp_does_not_run_yet_is_refused_by_name(tmp_path, setup):
         check_settings(load_config(None, {**setup, "distributed": "ddp", "fsdp_offload": True,
                                           "output_dir": str(tmp_path / "z")}))
     with pytest.raises(ConfigError, match="quantize with distributed fsdp"):  # offload asks for FSDP2
-        check_settings(load_config(None, {**setup, "fsdp_offload": True, "quantize": "nf4",
+        check_settings(load_config(None, {**setup, "fsdp_offload": True, "quantize": "int8",
                                           "output_dir": str(tmp_path / "w")}))
 
 
@@ -202,7 +204,8 @@ else:
     add_adapter(model, LoraConfig(r=4, target_modules="all-linear"), "default")
     held = list(model.parameters())
 touched = sum(float(t.float().sum()) for t in held)  # every byte a rank holds is read once
-print(json.dumps({"rank": dist.get_rank(), "grown_mib": peak_mib() - before}), flush=True)
+with open(f"{sys.argv[3]}/rank{dist.get_rank()}-{mode}.json", "w") as out:  # printed lines can interleave
+    json.dump({"rank": dist.get_rank(), "grown_mib": peak_mib() - before}, out)
 dist.destroy_process_group()
 """
 
@@ -218,10 +221,12 @@ def test_no_rank_holds_the_whole_model_while_loading(tmp_path, default_tokenizer
     grown = {}
     for mode in ("sharded", "whole"):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), str(model), mode], capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072"})
+                               str(script), str(model), mode, str(tmp_path)], capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                "MALLOC_MMAP_THRESHOLD_": "131072"})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        grown[mode] = [json.loads(line)["grown_mib"] for line in proc.stdout.splitlines() if "grown_mib" in line]
+        grown[mode] = [json.loads((tmp_path / f"rank{rank}-{mode}.json").read_text())["grown_mib"]
+                       for rank in range(2)]
     print(f"model {model_mib:.0f} MiB; each rank's peak grew while loading by {grown['sharded']} MiB in shards, "
           f"{grown['whole']} MiB whole")
     assert len(grown["sharded"]) == len(grown["whole"]) == 2
@@ -257,3 +262,49 @@ def test_two_nodes_over_loopback_equal_one_process(tmp_path, setup):
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     print(f"two loopback nodes vs 1 process: worst |adapter difference| {worst:.2e}")
     assert worst < 1e-5, worst
+
+
+SHARDED_4BIT = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+from deltatune.adapter_ops import add_adapter
+from deltatune.config import LoraConfig
+from deltatune.distributed import Distributed
+from deltatune.loading import load_model
+from deltatune.quant.layers import Linear4bit
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+model, _ = load_model(sys.argv[1], quantize="nf4")
+whole = {n: (m.weight.clone(), m.quant_state.absmax.clone()) for n, m in model.named_modules()
+         if isinstance(m, Linear4bit)}
+add_adapter(model, LoraConfig(r=4, target_modules="all-linear"), "default")
+Distributed(rank, world, strategy="fsdp").wrap(model, model.model.layers)
+held = total = 0
+for name, layer in model.named_modules():
+    if isinstance(layer, Linear4bit):
+        packed, scales = whole[name.replace(".base_layer", "")]
+        held += layer.weight.to_local().numel() + layer.absmax.to_local().numel()
+        total += packed.numel() + scales.numel() * scales.element_size()
+        assert torch.equal(layer.weight.full_tensor(), packed), name  # gathered: the same bytes
+        assert torch.equal(layer.absmax.full_tensor().view(scales.dtype), scales), name
+with open(f"{sys.argv[2]}/rank{rank}.json", "w") as out:  # one file a rank: printed lines can interleave
+    json.dump({"rank": rank, "held": held, "total": total, "layers": len(whole)}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_a_4bit_base_is_sharded_bytes_and_scales(tmp_path, setup):
+    """Under FSDP2 each 4-bit layer's packed bytes and block scales are split across the ranks
+    (each holds half) and gather back to exactly the bytes one process holds."""
+    script = tmp_path / "sharded_4bit.py"
+    script.write_text(SHARDED_4BIT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), setup["model"], str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert len(ranks) == 2 and all(r["layers"] > 0 for r in ranks)
+    assert sum(r["held"] for r in ranks) == ranks[0]["total"]  # every byte held once, by one rank
+    assert all(r["held"] <= 0.55 * r["total"] for r in ranks), ranks

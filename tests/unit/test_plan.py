@@ -120,3 +120,13 @@ def test_the_plan_command_prints_every_term(capsys, tmp_path):
     result = json.loads(out.read_text())
     assert result["peak_mib"] == pytest.approx(sum(result["memory_mib"].values()))
     assert set(PRESETS) >= {"llama-2-7b", "llama-2-13b", "llama-2-70b"}
+
+
+def test_the_readme_shows_the_planners_table_as_it_plans_today():
+    """The README's what-fits-where table is the planner's output, not a copy that drifted."""
+    from pathlib import Path
+
+    from deltatune.distributed.plan_table import table_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert table_markdown() in readme

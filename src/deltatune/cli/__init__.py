@@ -7,10 +7,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import bench, compare, demo, eval, info, merge, plan, train
-from .options import Parser, parse
+from ..allocator import relaunch_with_allocator
 
-SUBCOMMANDS = (demo, train, eval, merge, compare, bench, plan, info)
+# the subcommand modules, in --help's order (imported by build_parser: they bring in torch)
+SUBCOMMANDS = ("demo", "train", "eval", "merge", "compare", "bench", "plan", "info")
 
 # What deltatune raises for input it cannot use (ConfigError and DataError are ValueErrors);
 # set DELTATUNE_TRACEBACK=1 to see the traceback instead of the one line.
@@ -18,15 +18,30 @@ BAD_INPUT = (ValueError, FileNotFoundError, ModuleNotFoundError, NotImplementedE
              IsADirectoryError, NotADirectoryError)
 
 
-def build_parser() -> Parser:
+def build_parser():
+    """The ``deltatune`` parser with every subcommand's options."""
+    import importlib
+
+    from .options import Parser
+
     parser = Parser(prog="deltatune", description="Parameter-efficient fine-tuning with adapters.")
     subcommands = parser.add_subparsers(dest="command")
-    for module in SUBCOMMANDS:
-        module.add_parser(subcommands)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f".{name}", __name__).add_parser(subcommands)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``deltatune`` command: ``argv`` (default: this process's arguments, and then the
+    process may first run itself again under a better memory allocator)."""
+    if argv is None:
+        try:
+            relaunch_with_allocator(sys.argv[1:])
+        except FileNotFoundError as err:  # a DELTATUNE_ALLOCATOR that names no library
+            print(f"deltatune: error: {err}", file=sys.stderr)
+            return 2
+    from .options import parse
+
     parser = build_parser()
     args = parse(parser, argv)
     if not getattr(args, "command", None):

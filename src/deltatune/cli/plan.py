@@ -130,7 +130,9 @@ def plan_for(cfg: PlanConfig):
         set_cpu_threads()  # the threads deltatune train would use
         from ..distributed.plan_shapes import tokenizer_folder
 
-        runtime, rates = cpu_runtime(tokenizer_folder(cfg.model)), measure_cpu(shape.hidden, shape.intermediate)
+        # the matmul rate at this run's rows: small matmuls run well below a large one's rate
+        rates = measure_cpu(shape.hidden, shape.intermediate, rows=cfg.batch * cfg.seq_len)
+        runtime = cpu_runtime(tokenizer_folder(cfg.model))
         memory = device_memory_bytes(torch.device("cpu"))
     else:
         runtime, rates = gpu_runtime(), None

@@ -132,7 +132,9 @@ def memory_terms(shape: ModelShape, run: Run, runtime: int) -> tuple[dict, int]:
     memory = {"runtime": runtime, "base weights": -(-base // world)}
     if run.strategy == "fsdp":  # a block's weights gathered in the compute dtype, the next prefetched
         gathered = 2 if run.precision == "bf16" else (2 if run.base_dtype == "bf16" else 4)
-        memory["gathered blocks (FSDP2)"] = 2 * shape.block_linear_parameters() * gathered
+        if run.quantized:  # gathered as packed bytes and scales, decoded one weight at a time
+            gathered = NF4_DOUBLE_QUANT_BITS / 8
+        memory["gathered blocks (FSDP2)"] = int(2 * shape.block_linear_parameters() * gathered)
     if run.quantized:  # one weight decoded to full size at a time for its matmul
         ins, outs = shape.linear_inputs(), shape.linear_outputs()
         memory["4-bit decoded weight"] = max(ins[n] * outs[n] for n in LINEARS) * _activation_bytes(run)[1]
@@ -254,13 +256,16 @@ def describe(run: Run) -> str:
 
 def ladder(run: Run, gpus: int, cuda: bool) -> list[Run]:
     """The ways to try, cheapest first: the run as asked (one device, or DDP on several), with
-    checkpointing, FSDP2, then a 4-bit base, then activations offloaded to CPU memory."""
+    checkpointing, FSDP2, then a 4-bit base (whole on each GPU, then sharded by FSDP2), then
+    activations offloaded to CPU memory."""
     many = "ddp" if gpus > 1 else "single"
     four_bit = {"lora": "qlora", "dora": "qdora"}.get(run.method, run.method)
     steps = [dataclasses.replace(run, strategy=many, world=max(1, gpus))]
     if gpus > 1 and run.method in ("lora", "dora"):
         steps.append(dataclasses.replace(run, strategy="fsdp", world=gpus))
     steps.append(dataclasses.replace(run, method=four_bit, strategy=many, world=max(1, gpus)))
+    if gpus > 1 and four_bit in ("qlora", "qdora"):  # FSDP2 shards the packed bytes too
+        steps.append(dataclasses.replace(run, method=four_bit, strategy="fsdp", world=gpus))
     ways = []
     for way in steps:
         ways.append(way)

@@ -1,8 +1,8 @@
 """Tokens per second from a roofline: a step's matmul FLOPs at the device's matmul rate plus its
 element-wise traffic at the device's memory bandwidth.
 
-On a CPU both rates are measured when the plan is made (a float32 matmul of the model's widths,
-a copy of a large tensor), so the figure describes this machine as it is loaded now. On a GPU
+On a CPU both rates are measured when the plan is made (a float32 matmul of the model's widths
+with as many rows as a micro-batch has positions, a copy of a large tensor), so the figure describes this machine as it is loaded now. On a GPU
 they are the data-sheet peaks times an efficiency (``GPU_MATMUL_EFFICIENCY``,
 ``GPU_BANDWIDTH_EFFICIENCY``): an assumption until a GPU run measures it. The two terms are
 added, not overlapped: each op of a training step is bound by one or the other, and a CPU runs
@@ -48,8 +48,8 @@ DEVICES: dict[str, Device] = {
 
 def measure_cpu(hidden: int, intermediate: int, rows: int = 1024, repeats: int = 3) -> tuple[float, float]:
     """(float32 matmul FLOP/s, copy bytes/s) of this CPU now, with the threads training would use:
-    the best of ``repeats`` timings of ``(rows x hidden) @ (hidden x intermediate)`` and of a
-    256 MiB copy."""
+    the best of ``repeats`` timings of ``(rows x hidden) @ (hidden x intermediate)`` (``rows``: the
+    positions of a micro-batch, as the run's matmuls have) and of a 256 MiB copy."""
     import torch
 
     a, b = torch.randn(rows, hidden), torch.randn(hidden, intermediate)

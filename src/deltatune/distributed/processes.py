@@ -93,6 +93,9 @@ class Distributed:
                       else MixedPrecisionPolicy())
             # pinned pages make the copies to a GPU asynchronous; without CUDA there is nothing to pin
             placement = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+            for module in model.modules():  # 4-bit layers: packed bytes and scales become shardable
+                if hasattr(module, "expose_to_sharding"):
+                    module.expose_to_sharding()
             for block in blocks:
                 fully_shard(block, mp_policy=policy, offload_policy=placement)
             fully_shard(model, mp_policy=policy, offload_policy=placement)

@@ -11,6 +11,7 @@ checkpoint loads here.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Optional
 
@@ -129,10 +130,33 @@ class Linear4bit(QuantLinear):
         return cls(packed, state, linear.bias, compute_dtype or weight.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return four_bit.dequantize(self.weight, self.quant_state, dtype or self.compute_dtype)
+        return four_bit.dequantize(self.weight, self.live_state(), dtype or self.compute_dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return four_bit.matmul(x, self.weight, self.quant_state)
+        return four_bit.matmul(x, self.weight, self.live_state())
+
+    # ----- sharding ------------------------------------------------------------------------------
+    def expose_to_sharding(self) -> None:
+        """Hold the packed bytes and the block scales as frozen parameters, so FSDP2 cuts them into
+        rows with the other weights and gathers them whole only while the block runs. Both are
+        uint8 (float32 scales as their bytes), so a bfloat16 mixed-precision policy, which casts
+        floating-point parameters, leaves them as they are."""
+        if isinstance(self._parameters.get("weight"), nn.Parameter):
+            return
+        packed = self.__dict__.pop("weight")
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        state = self.quant_state
+        self.absmax = nn.Parameter(state.absmax.contiguous().view(torch.uint8), requires_grad=False)
+        self._absmax_dtype = state.absmax.dtype
+        self.quant_state = dataclasses.replace(state, absmax=state.absmax[:0])  # the scales live in the parameter
+
+    def live_state(self) -> QuantState:
+        """The quantization state, with the block scales the ``absmax`` parameter holds right now
+        when ``expose_to_sharding`` moved them there."""
+        scales = self._parameters.get("absmax")
+        if scales is None:
+            return self.quant_state
+        return dataclasses.replace(self.quant_state, absmax=scales.view(self._absmax_dtype))
 
     def set_weight(self, weight: torch.Tensor) -> None:
         s = self.quant_state
@@ -145,16 +169,18 @@ class Linear4bit(QuantLinear):
         return Linear4bit(packed, state, bias, self.compute_dtype)
 
     def _move(self, device: torch.device) -> None:
-        self.weight = self.weight.to(device)
+        if "weight" not in self._parameters:  # parameters (under sharding) were moved by nn.Module
+            self.weight = self.weight.to(device)
         self.quant_state = self.quant_state.to(device)
 
     def storage_bytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size() + self.quant_state.storage_bytes()
+        return self.weight.numel() * self.weight.element_size() + self.live_state().storage_bytes()
 
     # ----- bitsandbytes' state-dict layout -----------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
-        s = self.quant_state
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias (and, sharded, weight, absmax)
+        destination.pop(prefix + "absmax", None)
+        s = self.live_state()
         destination[prefix + "weight"] = self.weight
         destination[prefix + "weight.absmax"] = s.absmax
         destination[prefix + "weight.quant_map"] = s.code

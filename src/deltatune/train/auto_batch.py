@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..data import collate
+from ..hardware import status_kib
 
 CPU_SHARE = 0.7  # of the memory available before training, what the activations may take
 
@@ -29,16 +30,6 @@ def divisors_descending(n: int) -> list[int]:
 def largest_fitting(batch_size: int, fits: Callable[[int], bool]) -> Optional[int]:
     """The largest divisor of ``batch_size`` for which ``fits`` holds, or None."""
     return next((b for b in divisors_descending(batch_size) if fits(b)), None)
-
-
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def available_cpu_bytes() -> Optional[int]:
@@ -103,11 +94,11 @@ def choose_micro_batch(step: Callable[[dict], torch.Tensor], model, rows: Sequen
                                    "this GPU; shorten data.max_seq_len or turn on gradient_checkpointing")
             return micro, "tried on the GPU"
         available = available_cpu_bytes() if available is None else available
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         with contextlib.suppress(OSError):  # resets the peak (VmHWM) to the current size
             Path("/proc/self/clear_refs").write_text("5")
         probe(1)
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         if available is None or before is None or peak is None:
             return batch_size, "memory unknown on this system: batch_size kept"
         per_row = max(1, (peak - before) * 1024)

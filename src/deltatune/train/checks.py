@@ -83,13 +83,13 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
 
 
-SHARDED_METHODS = ("lora", "dora")
+SHARDED_METHODS = ("lora", "dora")  # and so QLoRA and QDoRA, on a 4-bit base
 
 
 def check_sharding(cfg: TrainConfig) -> None:
     """Refuse what FSDP2 training does not run yet (checked again when ``auto`` picks it)."""
     refused = [("method", cfg.method not in SHARDED_METHODS, f"{cfg.method!r}: FSDP2 trains {', '.join(SHARDED_METHODS)}"),
-               ("quantize", bool(cfg.quantize), "a 4-bit or 8-bit base is not sharded yet"),
+               ("quantize", cfg.quantize == "int8", "an 8-bit base is not sharded yet (nf4 and fp4 are)"),
                ("auto_batch", cfg.auto_batch, "the memory probe runs one process's model"),
                ("compile", cfg.compile, "compiled blocks are not sharded yet")]
     for field_name, bad, why in refused:

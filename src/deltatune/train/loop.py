@@ -11,7 +11,6 @@ import json
 import math
 import os
 import random
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +20,10 @@ import torch
 import yaml
 
 from ..adapters.method import method_for
+from ..allocator import allocator_in_use
 from ..data import collate, pack, prepare_data
 from ..files import write_text_atomically
-from ..hardware import auto_precision, set_cpu_threads
+from ..hardware import auto_precision, peak_resident_mib, set_cpu_threads
 from ..io import gathered_adapter_tensors, save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
@@ -123,7 +123,7 @@ def _peak_memory_mib(device: torch.device) -> float:
     """The peak so far: of the GPU's allocated memory, or of this process's resident size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_resident_mib()
 
 
 def _strategy(cfg: TrainConfig) -> str:
@@ -227,7 +227,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         trainable, total = trainable_parameters(model)
         log(f"method {cfg.method}: {trainable:,d} trainable of {total:,d} parameters; lr {learning_rate(cfg):g}; "
             f"precision {cfg.precision} on {dist.device}"
-            + (f" ({torch.get_num_threads()} threads)" if dist.device.type == "cpu" else ""))
+            + (f" ({torch.get_num_threads()} threads, {allocator_in_use()} allocator)" if dist.device.type == "cpu"
+               else ""))
     # before the optimizer: FSDP2 replaces each parameter with its shard
     ddp_loss = dist.wrap(training_loss, transformer_blocks(model), bf16=cfg.precision == "bf16",
                          offload=cfg.fsdp_offload)
@@ -361,6 +362,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         peak = _peak_memory_mib(device)
         summary = {"trainable_parameters": trainable, "total_parameters": total, "steps": step,
                    "seconds": time.perf_counter() - started, "peak_memory_mib": peak,
+                   "allocator": allocator_in_use(),
                    "final_train_loss": last_loss, "initial_validation_loss": initial_eval,
                    "final_validation_loss": eval_loss,
                    "best_validation_loss": None if best == math.inf else best,

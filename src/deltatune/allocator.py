@@ -1,0 +1,83 @@
+"""The memory allocator of a deltatune process on a CPU machine.
+
+A training step allocates and frees gigabytes of temporaries around the activations it keeps
+for the backward pass. glibc's malloc keeps the freed pages between those kept tensors, so the
+process's resident size grows well past the bytes it holds: on the default model at 4 rows of
+400-512 tokens, a peak of 4.7 GiB where the bytes alive at once peak near 3.0 GiB. tcmalloc and
+jemalloc reuse freed blocks by size and stay at 3.1 and 3.0 GiB on the same run, tcmalloc with
+no slower steps (``benchmarks/allocators.py``). So on Linux without a GPU, the ``deltatune``
+command runs itself once more with one of them preloaded, when the system has one (Debian and
+Ubuntu package them as ``libtcmalloc-minimal4`` and ``libjemalloc2``); PyTorch's own CPU
+launcher preloads them the same way. ``DELTATUNE_ALLOCATOR=system`` keeps glibc's; ``DELTATUNE_ALLOCATOR=/path/lib.so``
+names another library.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+SETTING = "DELTATUNE_ALLOCATOR"
+ACTIVE = "DELTATUNE_ALLOCATOR_ACTIVE"  # set in the relaunched process: what it runs with
+# (name, ctypes.util.find_library's name), the first one found is used: tcmalloc first, as it
+# was as lean as jemalloc and the only one of the two not slower than glibc per step
+CANDIDATES = (("tcmalloc", "tcmalloc_minimal"), ("tcmalloc", "tcmalloc"), ("jemalloc", "jemalloc"))
+
+
+def find_allocator(env: Mapping[str, str], find=ctypes.util.find_library) -> Optional[tuple[str, str]]:
+    """``(name, library)`` to preload as ``env`` asks (``auto`` when unset), or ``None`` for glibc's."""
+    setting = env.get(SETTING, "auto").strip() or "auto"
+    if setting == "system":
+        return None
+    if setting != "auto":
+        path = setting if "/" in setting else _library_path(setting)
+        if path is None or not Path(path).is_file():
+            raise FileNotFoundError(f"{SETTING}={setting}: no such library (give a shared library's path or "
+                                    "name, 'system' or 'auto')")
+        return Path(path).name.split(".")[0].removeprefix("lib"), path
+    if not sys.platform.startswith("linux") or Path("/dev/nvidiactl").exists():
+        return None  # a GPU run's tensors live in CUDA's own caching allocator
+    for name, library in CANDIDATES:
+        found = find(library)
+        if found:
+            return name, found
+    return None
+
+
+def _library_path(name: str) -> Optional[str]:
+    """The path the dynamic linker's cache gives for the library file ``name`` (``ldconfig -p``)."""
+    import subprocess
+
+    try:
+        listing = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in listing.splitlines():
+        soname, _, path = line.strip().partition(" => ")
+        if soname.split(" ")[0] == name and path:
+            return path
+    return None
+
+
+def relaunch_with_allocator(argv: Sequence[str]) -> None:
+    """Replace this process with the same ``deltatune`` command under a better allocator, where
+    ``find_allocator`` picks one; return (and run as is) otherwise, or when already relaunched."""
+    if os.environ.get(ACTIVE):
+        return
+    choice = find_allocator(os.environ)
+    if choice is None:
+        return
+    name, library = choice
+    preload = os.environ.get("LD_PRELOAD", "")
+    env = {**os.environ, "LD_PRELOAD": f"{library}:{preload}" if preload else library, ACTIVE: name}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "deltatune", *argv], env)
+
+
+def allocator_in_use() -> str:
+    """The allocator this process runs with: the preloaded one's name, or ``system``."""
+    return os.environ.get(ACTIVE, "system")

@@ -1,0 +1,48 @@
+"""Which allocator the ``deltatune`` command runs itself under (``src/deltatune/allocator.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deltatune.allocator import ACTIVE, SETTING, find_allocator
+
+
+def _finder(present: dict):
+    return lambda name: present.get(name)
+
+
+def test_system_keeps_glibc_and_auto_takes_the_first_library_found(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    present = {"tcmalloc_minimal": "libtcmalloc_minimal.so.4", "jemalloc": "libjemalloc.so.2"}
+    assert find_allocator({SETTING: "system"}, _finder(present)) is None
+    if os.path.exists("/dev/nvidiactl"):
+        pytest.skip("a GPU machine keeps the system allocator")
+    assert find_allocator({}, _finder(present)) == ("tcmalloc", "libtcmalloc_minimal.so.4")
+    assert find_allocator({SETTING: "auto"}, _finder({"jemalloc": "libjemalloc.so.2"})) == (
+        "jemalloc", "libjemalloc.so.2")
+    assert find_allocator({}, _finder({})) is None  # nothing installed: glibc's, no error
+
+
+def test_a_named_library_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{SETTING}=.*no such library"):
+        find_allocator({SETTING: str(tmp_path / "libmissing.so")})
+    library = tmp_path / "libmine.so.1"
+    library.write_bytes(b"")
+    assert find_allocator({SETTING: str(library)}) == ("mine", str(library))
+
+
+def test_the_command_runs_itself_again_under_the_allocator_found():
+    """``deltatune`` relaunches once with the library preloaded (not at all where the machine has
+    none, or under DELTATUNE_ALLOCATOR=system), and the relaunched process reports it."""
+    expected = find_allocator(os.environ)
+    for setting, want in (("auto", expected[0] if expected else "system"), ("system", "system")):
+        env = {k: v for k, v in os.environ.items() if k not in (ACTIVE, "LD_PRELOAD")}
+        env[SETTING] = setting
+        out = subprocess.run([sys.executable, "-m", "deltatune", "info"], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout)["allocator"] == want, setting
