@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..loading import _attach_generation_config, _auto_class, load_tokenizer, model_source
-from ..quant.loading import StreamingUnsupported, _rebuild_meta_buffers, weight_files
+from ..quant.loading import StreamingUnsupported, _Checkpoint, _rebuild_meta_buffers, weight_files
 
 
 @dataclass
@@ -47,10 +47,7 @@ def load_skeleton(path_or_name: Union[str, os.PathLike, None] = None, dtype: tor
         files = weight_files(folder)
     except StreamingUnsupported:
         return None
-    names: dict[str, Path] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            names.update((key, path) for key in handle.keys())
+    names = dict(_Checkpoint(files, torch.device("cpu")))  # tensor name -> its file
     with torch.device("meta"):
         model = _auto_class(config).from_config(config, dtype=dtype)
     if getattr(config, "tie_word_embeddings", False):

@@ -36,7 +36,7 @@ from .compiling import compile_blocks, transformer_blocks
 from .config import ConfigError, TrainConfig, to_dict
 from .contexts import autocast, saved_activations
 from ..distributed import Distributed, device_memory_bytes
-from ..distributed.sharded_loading import fill_shards, keep_real_tensors, skeleton_if_sharded
+from ..distributed.sharded_loading import fill_shards, keep_real_tensors, skeleton_if_sharded, tensor_bytes
 from .recompute import MIN_TOKENS as RECOMPUTE_MIN_TOKENS, cheap_recompute
 from .resume import read_checkpoint, write_checkpoint
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
@@ -208,7 +208,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             log(f"compile: {compiled} transformer blocks; the first step's time includes compiling")
     method = method_for(adapter_cfg)
     training_loss = TrainingLoss(model)
-    model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    model_bytes = tensor_bytes(model)
     if dist.choose(_strategy(cfg), model_bytes, device_memory_bytes(dist.device)) == "fsdp":
         check_sharding(cfg)  # auto may pick FSDP2: refuse what it does not run yet, by name
     # FSDP2 swaps a block's weights between shards and whole tensors: recipes would rerun norms on shards
