@@ -59,8 +59,7 @@ def test_fsdp_on_two_processes_equals_one_process(tmp_path, setup, method, extra
     proc = _torchrun({**same, "batch_size": 2, "distributed": "fsdp", "output_dir": str(tmp_path / "two")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed: fsdp over 2 processes" in proc.stdout + proc.stderr
-    if "quantize" not in extra:  # a 4-bit base is quantized whole on each rank, then sharded
-        assert "each rank read only its own rows" in proc.stdout + proc.stderr
+    assert "each rank read only its own rows" in proc.stdout + proc.stderr
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")
     assert a.keys() == b.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -180,58 +179,64 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoTokenizer, LlamaForCausalLM  # the modeling code, imported before measuring
 from deltatune.adapter_ops import add_adapter
 from deltatune.config import LoraConfig
+from deltatune.distributed import Distributed
 from deltatune.distributed.sharded_loading import fill_shards, keep_real_tensors, load_skeleton
 from deltatune.loading import load_model
+from deltatune.quant.convert import QuantizeConfig
+from deltatune.quant.layers import Linear4bit
 
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 dist.init_process_group("gloo")
-folder, mode = sys.argv[1], sys.argv[2]
+folder, mode, quantize = sys.argv[1], sys.argv[2], sys.argv[4] or None
 AutoTokenizer.from_pretrained(folder)  # the tokenizer's memory stays out of the measure
 before = peak_mib()
 if mode == "sharded":
-    model, _, source = load_skeleton(folder)
+    model, _, source = load_skeleton(folder, quant=QuantizeConfig(quantize) if quantize else None)
     add_adapter(model, LoraConfig(r=4, target_modules="all-linear"), "default")
     keep_real_tensors(model, source)
-    for block in model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
+    Distributed(dist.get_rank(), dist.get_world_size(), strategy="fsdp").wrap(model, model.model.layers)
     fill_shards(model, model, source, dist.get_rank(), dist.get_world_size(), torch.device("cpu"))
     held = [p.to_local() for p in model.parameters()]
 else:
-    model, _ = load_model(folder)
+    model, _ = load_model(folder, quantize=quantize)
     add_adapter(model, LoraConfig(r=4, target_modules="all-linear"), "default")
-    held = list(model.parameters())
+    held = list(model.parameters()) + [m.weight for m in model.modules() if isinstance(m, Linear4bit)]
 touched = sum(float(t.float().sum()) for t in held)  # every byte a rank holds is read once
 with open(f"{sys.argv[3]}/rank{dist.get_rank()}-{mode}.json", "w") as out:  # printed lines can interleave
-    json.dump({"rank": dist.get_rank(), "grown_mib": peak_mib() - before}, out)
+    json.dump({"rank": dist.get_rank(), "grown_mib": peak_mib() - before,
+               "model_mib": sum(t.numel() * t.element_size() for t in held) / 2**20}, out)
 dist.destroy_process_group()
 """
 
 
-def test_no_rank_holds_the_whole_model_while_loading(tmp_path, default_tokenizer):
+@pytest.mark.parametrize("quantize", ["", "nf4"], ids=["float32", "nf4"])
+def test_no_rank_holds_the_whole_model_while_loading(tmp_path, default_tokenizer, quantize):
     """Loaded into 2 FSDP2 shards, each rank's peak grows by about half the model's bytes; loaded
-    whole (as DDP does), by at least the whole model, so the measure would see a whole copy.
+    whole (as DDP does), by at least the whole model, so the measure would see a whole copy. With
+    ``nf4`` each rank quantizes its own rows: the model is its 4-bit size, and still split in two.
     glibc is told to return freed memory at once, so the peak follows the bytes actually held."""
     model = _larger_model_dir(tmp_path / "larger", default_tokenizer)
-    model_mib = (model / "model.safetensors").stat().st_size / 2**20
     script = tmp_path / "loader.py"
     script.write_text(LOADER)
-    grown = {}
+    grown, whole_mib = {}, 0.0
     for mode in ("sharded", "whole"):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                               str(script), str(model), mode, str(tmp_path)], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                "MALLOC_MMAP_THRESHOLD_": "131072"})
+                               str(script), str(model), mode, str(tmp_path), quantize], capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                           "MALLOC_MMAP_THRESHOLD_": "131072"})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        grown[mode] = [json.loads((tmp_path / f"rank{rank}-{mode}.json").read_text())["grown_mib"]
-                       for rank in range(2)]
-    print(f"model {model_mib:.0f} MiB; each rank's peak grew while loading by {grown['sharded']} MiB in shards, "
-          f"{grown['whole']} MiB whole")
+        ranks = [json.loads((tmp_path / f"rank{rank}-{mode}.json").read_text()) for rank in range(2)]
+        grown[mode] = [r["grown_mib"] for r in ranks]
+        if mode == "whole":
+            whole_mib = ranks[0]["model_mib"]  # the bytes of one whole copy (4-bit layers as packed)
+    print(f"model {whole_mib:.0f} MiB ({quantize or 'float32'}); each rank's peak grew while loading by "
+          f"{grown['sharded']} MiB in shards, {grown['whole']} MiB whole")
     assert len(grown["sharded"]) == len(grown["whole"]) == 2
-    assert min(grown["whole"]) >= 0.9 * model_mib, grown
-    assert max(grown["sharded"]) < 0.6 * model_mib, grown
+    assert min(grown["whole"]) >= 0.9 * whole_mib, grown
+    # half the model, plus a chunk of rows being read and (4-bit) one layer's quantization workspace
+    assert max(grown["sharded"]) < 0.7 * whole_mib, grown
 
 
 def _free_port() -> int:
@@ -271,40 +276,76 @@ import torch.distributed as dist
 from deltatune.adapter_ops import add_adapter
 from deltatune.config import LoraConfig
 from deltatune.distributed import Distributed
+from deltatune.distributed.sharded_loading import fill_shards, keep_real_tensors, load_skeleton
 from deltatune.loading import load_model
+from deltatune.quant.convert import QuantizeConfig
 from deltatune.quant.layers import Linear4bit
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
-model, _ = load_model(sys.argv[1], quantize="nf4")
-whole = {n: (m.weight.clone(), m.quant_state.absmax.clone()) for n, m in model.named_modules()
-         if isinstance(m, Linear4bit)}
-add_adapter(model, LoraConfig(r=4, target_modules="all-linear"), "default")
+folder, out, how, quant_type, double = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "double"
+one, _ = load_model(folder, quantize=quant_type, quant_double=double)  # what one process holds
+whole = {n: (m.weight.clone(), m.quant_state) for n, m in one.named_modules() if isinstance(m, Linear4bit)}
+lora = LoraConfig(r=4, target_modules="all-linear", use_dora=True)
+add_adapter(one, lora, "default")
+magnitudes = {n: p.detach().clone() for n, p in one.named_parameters() if "magnitude" in n}
+if how != "wrap":  # quantized from each rank's rows (or, saved quantized, read), as deltatune train loads
+    model, _, source = load_skeleton(folder, quant=QuantizeConfig(quant_type, double_quant=double))
+    add_adapter(model, lora, "default")
+    keep_real_tensors(model, source)
+else:  # loaded and quantized whole, then sharded
+    model = load_model(folder, quantize=quant_type, quant_double=double)[0]
+    add_adapter(model, lora, "default")
 Distributed(rank, world, strategy="fsdp").wrap(model, model.model.layers)
+if how != "wrap":
+    fill_shards(model, model, source, rank, world, torch.device("cpu"))
+    assert bool(source.saved_4bit) == (how == "saved")
 held = total = 0
 for name, layer in model.named_modules():
     if isinstance(layer, Linear4bit):
-        packed, scales = whole[name.replace(".base_layer", "")]
+        packed, state = whole[name.replace(".base_layer", "")]
+        scales = state.absmax
         held += layer.weight.to_local().numel() + layer.absmax.to_local().numel()
         total += packed.numel() + scales.numel() * scales.element_size()
         assert torch.equal(layer.weight.full_tensor(), packed), name  # gathered: the same bytes
         assert torch.equal(layer.absmax.full_tensor().view(scales.dtype), scales), name
-with open(f"{sys.argv[2]}/rank{rank}.json", "w") as out:  # one file a rank: printed lines can interleave
-    json.dump({"rank": rank, "held": held, "total": total, "layers": len(whole)}, out)
+        if state.nested is not None:
+            mine = layer.quant_state.nested
+            assert torch.equal(mine.absmax, state.nested.absmax) and torch.equal(mine.offset, state.nested.offset)
+        assert layer.quant_state.dtype == state.dtype, name
+for name, param in model.named_parameters():
+    if name in magnitudes:
+        assert torch.equal(param.full_tensor(), magnitudes[name]), name
+with open(f"{out}/rank{rank}.json", "w") as handle:  # one file a rank: printed lines can interleave
+    json.dump({"rank": rank, "held": held, "total": total, "layers": len(whole), "magnitudes": len(magnitudes)},
+              handle)
 dist.destroy_process_group()
 """
 
 
-def test_a_4bit_base_is_sharded_bytes_and_scales(tmp_path, setup):
+@pytest.mark.parametrize("how,quant_type,double", [("wrap", "nf4", "double"), ("skeleton", "nf4", "double"),
+                                                   ("skeleton", "fp4", "single"), ("saved", "nf4", "double"),
+                                                   ("saved", "fp4", "single")])
+def test_a_4bit_base_is_sharded_bytes_and_scales(tmp_path, setup, how, quant_type, double):
     """Under FSDP2 each 4-bit layer's packed bytes and block scales are split across the ranks
-    (each holds half) and gather back to exactly the bytes one process holds."""
+    (each holds half) and gather back to exactly the bytes one process holds, DoRA's magnitudes
+    too: whether the base was quantized whole and then sharded, or quantized from each rank's
+    rows of the checkpoint (``skeleton``, what deltatune train does), or read as saved by a
+    checkpoint already in 4 bits (``saved``)."""
+    from deltatune.loading import load_model
+    from deltatune.quant import save_model
+
+    model = setup["model"]
+    if how == "saved":
+        quantized, tokenizer = load_model(model, quantize=quant_type, quant_double=double == "double")
+        model = str(save_model(quantized, tmp_path / "saved", tokenizer))
     script = tmp_path / "sharded_4bit.py"
     script.write_text(SHARDED_4BIT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), setup["model"], str(tmp_path)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           str(script), model, str(tmp_path), how, quant_type, double],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert len(ranks) == 2 and all(r["layers"] > 0 for r in ranks)
+    assert len(ranks) == 2 and all(r["layers"] > 0 and r["magnitudes"] > 0 for r in ranks)
     assert sum(r["held"] for r in ranks) == ranks[0]["total"]  # every byte held once, by one rank
     assert all(r["held"] <= 0.55 * r["total"] for r in ranks), ranks

@@ -130,6 +130,8 @@ class Linear4bit(QuantLinear):
         return cls(packed, state, linear.bias, compute_dtype or weight.dtype)
 
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if self.weight.is_meta:  # a layer not yet loaded (FSDP2 quantizes it into shards later)
+            return torch.empty(self.quant_state.shape, dtype=dtype or self.compute_dtype, device="meta")
         return four_bit.dequantize(self.weight, self.live_state(), dtype or self.compute_dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +150,10 @@ class Linear4bit(QuantLinear):
         state = self.quant_state
         self.absmax = nn.Parameter(state.absmax.contiguous().view(torch.uint8), requires_grad=False)
         self._absmax_dtype = state.absmax.dtype
-        self.quant_state = dataclasses.replace(state, absmax=state.absmax[:0])  # the scales live in the parameter
+        # the scales live in the parameter (an empty stand-in on the CPU for a layer still on meta,
+        # which has no data to move when the model is given storage)
+        stand_in = torch.empty(0, dtype=state.absmax.dtype, device="cpu" if packed.is_meta else packed.device)
+        self.quant_state = dataclasses.replace(state, absmax=stand_in)
 
     def live_state(self) -> QuantState:
         """The quantization state, with the block scales the ``absmax`` parameter holds right now

@@ -28,6 +28,7 @@ from ..io import gathered_adapter_tensors, save_adapter
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
 from ..loss import TrainingLoss
+from ..quant.convert import QuantizeConfig
 from .auto_batch import choose_micro_batch
 from .batching import make_batches, padding_share
 from .checkpoint import latest_valid, rng_state, set_rng_state
@@ -134,10 +135,11 @@ def _strategy(cfg: TrainConfig) -> str:
 def _load_base(cfg: TrainConfig, dist: Distributed):
     """``(model, tokenizer, ShardSource or None)``. Where FSDP2 will shard the model, it is built on
     meta and each rank reads only its rows once sharded (``fill_shards``); else it loads whole."""
-    if dist.world > 1 and not cfg.quantize:
+    if dist.world > 1:
         device_bytes = device_memory_bytes(dist.device)
+        quant = QuantizeConfig(cfg.quantize) if cfg.quantize else None  # load_model's settings for it
         skeleton = skeleton_if_sharded(cfg.model or None,
-                                       lambda size: dist.choose(_strategy(cfg), size, device_bytes))
+                                       lambda size: dist.choose(_strategy(cfg), size, device_bytes), quant)
         if skeleton is not None:
             return skeleton
     model, tokenizer = load_model(cfg.model or None, quantize=cfg.quantize or None, device=dist.device)
@@ -235,9 +237,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     if shards is not None:  # offloaded shards live in CPU memory
         with timer.phase("load"):
             fill_shards(model, ddp_loss, shards, dist.rank, dist.world,
-                        torch.device("cpu") if cfg.fsdp_offload else dist.device)
+                        torch.device("cpu") if cfg.fsdp_offload else dist.device, dist.device)
         if dist.is_main:
-            log("load: built on meta, each rank read only its own rows of every weight")
+            log("load: built on meta, each rank read only its own rows of every weight"
+                + (f" and quantized them to {cfg.quantize}" if cfg.quantize else ""))
     if dist.is_main and dist.world > 1:
         log(f"distributed: {dist.strategy} over {dist.world} processes")
     scored = ddp_loss if dist.sharded else model  # a sharded model runs only through its root
