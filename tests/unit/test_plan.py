@@ -130,3 +130,61 @@ def test_the_readme_shows_the_planners_table_as_it_plans_today():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert table_markdown() in readme
+
+
+def test_each_part_of_a_step_runs_at_its_own_rate():
+    """The adapter's rank-r products and attention are timed at rates of their own on a CPU: a
+    step's matmul seconds add each part's FLOPs over its rate."""
+    from deltatune.distributed.plan_speed import StepCost, tokens_per_second
+
+    cost = StepCost({"base forward": 4e9, "adapter forward + backward": 1e9, "attention": 1e9, "DoRA norms": 1e9},
+                    {"element-wise ops": 2e9}, tokens=100)
+    per_s, compute, traffic = tokens_per_second(cost, 4e9, 1e9, low_rank_flops=1e9, attention_flops=0.5e9)
+    assert compute == pytest.approx(1 + 1 + 2 + 1) and traffic == pytest.approx(2)
+    assert per_s == pytest.approx(100 / 7)
+    same, compute_same, _ = tokens_per_second(cost, 4e9, 1e9)  # a GPU plan: one matmul rate for all
+    assert compute_same == pytest.approx(7e9 / 4e9) and same > per_s
+
+
+def test_cpu_rates_are_measured_at_the_models_shapes():
+    from deltatune.distributed.plan_shapes import load_shape
+    from deltatune.distributed.plan_speed import measure_cpu
+
+    shape = load_shape("")
+    counts = shape.linear_shapes()
+    assert sum(counts.values()) == 7 and counts[(shape.hidden, shape.intermediate)] == 2  # gate and up
+    rates = measure_cpu({(64, 128): 2, (128, 64): 1}, rows=64, r=4, repeats=1, attention_shape=(1, 2, 1, 32, 16))
+    assert all(0 < rate < 1e15 for rate in (rates.matmul, rates.low_rank, rates.bandwidth, rates.attention))
+
+
+def test_a_cpu_plan_times_one_block_and_adds_the_head_from_the_roofline():
+    from deltatune.distributed.plan_block import BlockTimer
+    from deltatune.distributed.plan_shapes import ModelShape
+    from deltatune.distributed.plan_speed import CpuRates
+
+    shape = ModelShape("tiny", hidden=32, intermediate=64, layers=3, heads=4, kv_heads=2, head_dim=8, vocab=300,
+                       tied=True)
+    run = Run(rows=2, seq_len=16)
+    rates = CpuRates(1e10, 1e9, 1e9, 1e9)
+    timer = BlockTimer(shape)
+    plan = make_plan(shape, run, None, 0, rates, timer)
+    s = plan.speed
+    assert s["block_seconds_measured"] > 0 and len(timer.seconds) == 1
+    assert plan.tokens_per_s == pytest.approx(32 / (3 * s["block_seconds_measured"] + s["seconds_in_head_and_loss"]))
+    assert s["roofline_tokens_per_s_per_rank"] != plan.tokens_per_s  # the roofline is kept beside it
+    sharded = make_plan(shape, dataclasses.replace(run, strategy="fsdp", world=2), None, 0, rates, timer)
+    assert len(timer.seconds) == 1  # the strategy does not change a block's time: it is timed once
+    assert sharded.tokens_per_s == pytest.approx(2 * plan.tokens_per_s)
+    slow = make_plan(shape, run, None, 0, CpuRates(1.0, 1.0, 1.0), BlockTimer(shape))
+    assert "block_seconds_measured" not in slow.speed  # too slow to time by the roofline: roofline alone
+
+
+@pytest.mark.parametrize("method,checkpointing", [("dora", False), ("qlora", True), ("qdora", False), ("full", False)])
+def test_a_block_of_every_method_can_be_timed(method, checkpointing):
+    from deltatune.distributed.plan_block import block_seconds
+    from deltatune.distributed.plan_shapes import ModelShape
+
+    shape = ModelShape("tiny", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=300,
+                       tied=True)
+    assert block_seconds(shape, Run(method=method, rows=2, seq_len=32, gradient_checkpointing=checkpointing),
+                         repeats=1) > 0

@@ -117,6 +117,7 @@ def plan_for(cfg: PlanConfig):
     """(choice, the run as asked) for ``cfg``: on this CPU, rates and runtime measured now."""
     from ..distributed.plan import Run, choose, command, cpu_runtime, gpu_runtime
     from ..distributed.plan_shapes import load_shape
+    from ..distributed.plan_block import BlockTimer
     from ..distributed.plan_speed import measure_cpu
     from ..distributed.processes import device_memory_bytes
 
@@ -130,13 +131,15 @@ def plan_for(cfg: PlanConfig):
         set_cpu_threads()  # the threads deltatune train would use
         from ..distributed.plan_shapes import tokenizer_folder
 
-        # the matmul rate at this run's rows: small matmuls run well below a large one's rate
-        rates = measure_cpu(shape.hidden, shape.intermediate, rows=cfg.batch * cfg.seq_len)
-        runtime = cpu_runtime(tokenizer_folder(cfg.model))
+        # rates at this run's shapes: small matmuls run well below a large one's rate
+        rates = measure_cpu(shape.linear_shapes(), rows=cfg.batch * cfg.seq_len, r=cfg.r,
+                            attention_shape=(cfg.batch, shape.heads, shape.kv_heads, cfg.seq_len, shape.head_dim))
+        runtime = cpu_runtime(tokenizer_folder(cfg.model))  # before any block is timed in this process
         memory = device_memory_bytes(torch.device("cpu"))
+        timer = BlockTimer(shape)
     else:
-        runtime, rates = gpu_runtime(), None
-    choice = choose(shape, base, cfg.gpus, memory, device, runtime, rates)
+        runtime, rates, timer = gpu_runtime(), None, None
+    choice = choose(shape, base, cfg.gpus, memory, device, runtime, rates, timer)
     if choice.plan is not None:
         choice.command = command(choice.plan, cfg.model, Run())
     return choice, base
@@ -158,9 +161,19 @@ def _lines(choice, cfg: PlanConfig) -> list[str]:
     lines += [f"  {k:<{width}}  {v / MiB:>11,.0f} MiB" for k, v in shown.memory.items()]
     lines.append(f"  {'peak':<{width}}  {shown.peak / MiB:>11,.0f} MiB")
     s = shown.speed
-    lines.append(f"speed: {shown.tokens_per_s:,.0f} tokens/s ({s['seconds_in_matmuls']:.3g} s of matmuls at "
-                 f"{s['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s + {s['seconds_in_traffic']:.3g} s of element-wise "
-                 f"traffic at {s['bandwidth_bytes_per_s'] / 1e9:.3g} GB/s per step; rates {s['rates']})")
+    rates = f"{s['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s"
+    if s["low_rank_flops_per_s"] != s["matmul_flops_per_s"] or s["attention_flops_per_s"] != s["matmul_flops_per_s"]:
+        rates += (f"; rank-r products {s['low_rank_flops_per_s'] / 1e12:.3g}, attention "
+                  f"{s['attention_flops_per_s'] / 1e12:.3g}")
+    roofline = (f"{s['seconds_in_matmuls']:.3g} s of matmuls at {rates} + {s['seconds_in_traffic']:.3g} s of "
+                f"element-wise traffic at {s['bandwidth_bytes_per_s'] / 1e9:.3g} GB/s per step")
+    if "block_seconds_measured" in s:
+        lines.append(f"speed: {shown.tokens_per_s:,.0f} tokens/s ({shown.run.rows}x{shown.run.seq_len} a micro-batch: "
+                     f"{s['seconds_in_blocks']:.3g} s in blocks, one timed here at {s['block_seconds_measured']:.3g} s, "
+                     f"+ {s['seconds_in_head_and_loss']:.3g} s in the head and loss; the roofline alone says "
+                     f"{s['roofline_tokens_per_s_per_rank'] * shown.run.world:,.0f} tokens/s: {roofline})")
+    else:
+        lines.append(f"speed: {shown.tokens_per_s:,.0f} tokens/s ({roofline}; rates {s['rates']})")
     lines.append("tried: " + "; ".join(f"{describe(p.run)}: {p.peak / 2**30:.1f} GiB" for p in choice.tried))
     if choice.plan is None:
         lines.append(f"fits: nothing tried fits 95% of {where}")

@@ -5,7 +5,7 @@ the base weights (sharded under FSDP2, packed under 4-bit), the adapter, its gra
 optimizer's states, the activations kept for backward, and the larger of two moments' working
 sets (one chunk of logits in the loss, or one block's backward). Each term is computed from the
 model's shape and the run's settings; ``plan_activations`` derives the activation terms and
-``plan_speed`` the roofline. ``choose`` walks the ways to run (one device, DDP, FSDP2, 4-bit,
+``plan_speed`` the roofline (on a CPU, ``plan_block`` times a block instead). ``choose`` walks the ways to run (one device, DDP, FSDP2, 4-bit,
 activation offload) and returns the first that fits, with the command that runs it.
 """
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from .plan_activations import StepShape, activations
 from .plan_shapes import LINEARS, ModelShape
-from .plan_speed import CUDA_CONTEXT_BYTES, GPU_BANDWIDTH_EFFICIENCY, GPU_MATMUL_EFFICIENCY, Device, step_cost, \
-    tokens_per_second
+from .plan_speed import CUDA_CONTEXT_BYTES, GPU_BANDWIDTH_EFFICIENCY, GPU_MATMUL_EFFICIENCY, CpuRates, Device, \
+    step_cost, tokens_per_second
 
 MiB, GiB = 2 ** 20, 2 ** 30
 METHODS = ("lora", "dora", "qlora", "qdora", "full")
@@ -159,14 +159,17 @@ def memory_terms(shape: ModelShape, run: Run, runtime: int) -> tuple[dict, int]:
 
 
 def make_plan(shape: ModelShape, run: Run, device: Optional[Device], runtime: int,
-              cpu_rates: Optional[tuple[float, float]] = None) -> Plan:
-    """The plan of ``run`` on ``device`` (None: this CPU, whose ``cpu_rates`` were measured)."""
+              cpu_rates: Optional[CpuRates] = None, block_timer: Optional[Callable] = None) -> Plan:
+    """The plan of ``run`` on ``device`` (None: this CPU, whose ``cpu_rates`` were measured, and
+    whose ``block_timer`` (``plan_block.BlockTimer``) times a block of the run)."""
     memory, trainable = memory_terms(shape, run, runtime)
     lean = run.cheap_recompute and not run.gradient_checkpointing and run.rows * run.seq_len >= 1024
     cost = step_cost(shape, run.rows, run.seq_len, run.targets, run.r, run.method == "full", run.dora,
                      run.gradient_checkpointing, lean, run.quantized, _activation_bytes(run)[1], run.labelled_share)
+    low_rank = attention = None
     if device is None:
-        flops_rate, bandwidth = cpu_rates or (1e11, 1e10)
+        rates = cpu_rates or CpuRates(1e11, 1e10, 1e10)
+        flops_rate, low_rank, bandwidth, attention = rates.matmul, rates.low_rank, rates.bandwidth, rates.attention
         source = "measured on this CPU"
     else:
         peak = device.bf16_flops if run.precision in ("bf16", "fp16") else device.fp32_flops
@@ -175,10 +178,20 @@ def make_plan(shape: ModelShape, run: Run, device: Optional[Device], runtime: in
                   "(bandwidth): assumed, not measured")
     if run.strategy == "fsdp":  # each rank runs its own micro-batch; gathers overlap with compute
         cost.traffic["FSDP2 all-gathers"] = 0
-    per_rank, compute, traffic = tokens_per_second(cost, flops_rate, bandwidth)
+    per_rank, compute, traffic = tokens_per_second(cost, flops_rate, bandwidth, low_rank, attention)
     speed = {"flops_per_step": cost.flops, "traffic_bytes_per_step": cost.traffic, "matmul_flops_per_s": flops_rate,
+             "low_rank_flops_per_s": low_rank or flops_rate, "attention_flops_per_s": attention or flops_rate,
              "bandwidth_bytes_per_s": bandwidth, "rates": source, "seconds_in_matmuls": compute,
              "seconds_in_traffic": traffic, "tokens_per_s_per_rank": per_rank}
+    if device is None and block_timer is not None:  # the blocks timed, the head and loss from the roofline
+        head = cost.flops.get("output head and loss", 0) / flops_rate
+        block = block_timer(run, (compute + traffic - head) / shape.layers)
+        if block is not None:
+            per_rank = cost.tokens / (shape.layers * block + head)
+            speed.update({"roofline_tokens_per_s_per_rank": speed["tokens_per_s_per_rank"],
+                          "block_seconds_measured": block, "seconds_in_blocks": shape.layers * block,
+                          "seconds_in_head_and_loss": head, "tokens_per_s_per_rank": per_rank,
+                          "rates": "measured on this CPU; one block timed at the run's micro-batch"})
     return Plan(shape, run, memory, trainable, per_rank * run.world, speed)
 
 
@@ -282,9 +295,10 @@ def ladder(run: Run, gpus: int, cuda: bool) -> list[Run]:
 
 
 def choose(shape: ModelShape, run: Run, gpus: int, memory: int, device: Optional[Device], runtime: int,
-           cpu_rates: Optional[tuple[float, float]] = None) -> Choice:
+           cpu_rates: Optional[CpuRates] = None, block_timer: Optional[Callable] = None) -> Choice:
     """The first way in ``ladder`` whose per-rank peak fits ``FIT_SHARE`` of ``memory``."""
-    tried = [make_plan(shape, way, device, runtime, cpu_rates) for way in ladder(run, gpus, device is not None)]
+    tried = [make_plan(shape, way, device, runtime, cpu_rates, block_timer)
+             for way in ladder(run, gpus, device is not None)]
     fits = [p for p in tried if p.peak <= FIT_SHARE * memory]
     return Choice(fits[0] if fits else None, tried, memory)
 

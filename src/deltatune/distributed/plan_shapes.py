@@ -55,6 +55,14 @@ class ModelShape:
         return {"q_proj": self.heads * self.head_dim, "k_proj": kv, "v_proj": kv, "o_proj": self.hidden,
                 "gate_proj": self.intermediate, "up_proj": self.intermediate, "down_proj": self.hidden}
 
+    def linear_shapes(self) -> dict[tuple[int, int], int]:
+        """How many of a block's linear layers have each (in, out) shape."""
+        ins, outs = self.linear_inputs(), self.linear_outputs()
+        counts: dict[tuple[int, int], int] = {}
+        for n in LINEARS:
+            counts[(ins[n], outs[n])] = counts.get((ins[n], outs[n]), 0) + 1
+        return counts
+
     def block_linear_parameters(self) -> int:
         """Weights of one block's linear layers (the ones 4-bit quantization stores packed)."""
         ins, outs = self.linear_inputs(), self.linear_outputs()

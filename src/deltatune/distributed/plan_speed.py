@@ -1,8 +1,10 @@
 """Tokens per second from a roofline: a step's matmul FLOPs at the device's matmul rate plus its
 element-wise traffic at the device's memory bandwidth.
 
-On a CPU both rates are measured when the plan is made (a float32 matmul of the model's widths
-with as many rows as a micro-batch has positions, a copy of a large tensor), so the figure describes this machine as it is loaded now. On a GPU
+On a CPU the rates are measured when the plan is made: every matmul shape of the model's linears
+with as many rows as a micro-batch has positions, in the layouts of forward and backward, the
+adapter's rank-r products on their own (they run far below a large matmul's rate), and a copy of a
+large tensor; so the figure describes this machine as it is loaded now. On a GPU
 they are the data-sheet peaks times an efficiency (``GPU_MATMUL_EFFICIENCY``,
 ``GPU_BANDWIDTH_EFFICIENCY``): an assumption until a GPU run measures it. The two terms are
 added, not overlapped: each op of a training step is bound by one or the other, and a CPU runs
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 GIB = 2 ** 30
 # Usual shares of peak for LoRA training of 7B-70B models in bf16 (published MFU of 35-55%
@@ -46,29 +49,80 @@ DEVICES: dict[str, Device] = {
 }
 
 
-def measure_cpu(hidden: int, intermediate: int, rows: int = 1024, repeats: int = 3) -> tuple[float, float]:
-    """(float32 matmul FLOP/s, copy bytes/s) of this CPU now, with the threads training would use:
-    the best of ``repeats`` timings of ``(rows x hidden) @ (hidden x intermediate)`` (``rows``: the
-    positions of a micro-batch, as the run's matmuls have) and of a 256 MiB copy."""
+@dataclass(frozen=True)
+class CpuRates:
+    """Rates of this CPU measured at a run's shapes: FLOP/s of the base model's matmuls (forward
+    and input-gradient orientations), of the adapter's rank-r matmuls, and copy bytes/s."""
+
+    matmul: float
+    low_rank: float
+    bandwidth: float
+    attention: Optional[float] = None  # FLOP/s of attention's forward and backward, where measured
+
+
+MEASURED_ROWS = 2048  # rows beyond this run at the same rate; fewer keeps planning a big model quick
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()  # first call: allocation and kernel choice outside the timing
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_cpu(shapes: dict, rows: int, r: int, repeats: int = 3,
+                attention_shape: Optional[tuple[int, int, int, int, int]] = None) -> CpuRates:
+    """``CpuRates`` of this CPU now, with the threads training would use. ``shapes`` maps each
+    (in, out) of a block's linears to how many linears have it; ``rows`` is the positions of a
+    micro-batch. Each matmul a step runs for those linears is timed as the step lays it out
+    (``x @ W.T`` forward, ``g @ W`` for the input gradient; the adapter's six rank-``r`` products),
+    the median of ``repeats``; a rate is the FLOPs of all of them over their seconds, so each shape
+    counts as often as the model has it. A 256 MiB copy gives the bandwidth; ``attention_shape``
+    (see ``measure_attention``) the attention rate."""
     import torch
 
-    a, b = torch.randn(rows, hidden), torch.randn(hidden, intermediate)
-    out = a @ b  # first call: allocation and kernel choice outside the timing
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        best = min(best, time.perf_counter() - started)
-    flops = 2 * rows * hidden * intermediate / best
+    rows = max(1, min(rows, MEASURED_ROWS))
+    base = [0.0, 0.0]  # FLOPs, seconds
+    low = [0.0, 0.0]
+    for (fan_in, fan_out), count in shapes.items():
+        x, g = torch.randn(rows, fan_in), torch.randn(rows, fan_out)
+        w, a, b = torch.randn(fan_out, fan_in), torch.randn(r, fan_in), torch.randn(fan_out, r)
+        xa, gb = x @ a.T, g @ b
+        flops = 2 * rows * fan_in * fan_out
+        base[0] += count * 2 * flops
+        base[1] += count * (_median_seconds(lambda: x @ w.T, repeats) + _median_seconds(lambda: g @ w, repeats))
+        products = (lambda: x @ a.T, lambda: xa @ b.T, lambda: g @ b, lambda: gb @ a, lambda: g.T @ xa,
+                    lambda: gb.T @ x)
+        low[0] += count * (3 * 2 * rows * r * fan_in + 3 * 2 * rows * r * fan_out)
+        low[1] += count * sum(_median_seconds(p, repeats) for p in products)
     src = torch.ones(64 * 2 ** 20)  # 256 MiB
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - started)
-    return flops, 2 * src.numel() * 4 / best  # read and write
+    copy = _median_seconds(lambda: dst.copy_(src), repeats)
+    attention = measure_attention(attention_shape, repeats) if attention_shape else None
+    return CpuRates(base[0] / base[1], low[0] / low[1], 2 * src.numel() * 4 / copy, attention)  # read and write
+
+
+def measure_attention(shape: tuple[int, int, int, int, int], repeats: int = 3) -> float:
+    """FLOP/s of causal scaled-dot-product attention, forward and backward, at ``shape`` = (rows,
+    heads, key/value heads, positions, head width): one block's attention as a step runs it (an
+    attention kernel runs far below a large matmul's rate on a CPU). FLOPs as ``step_cost`` counts them."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, heads, _, seq, width = shape
+    rows = max(1, min(rows, max(1, MEASURED_ROWS // seq)))
+    # keys and values repeated to every head, as the model's attention hands them to the kernel
+    q, k, v = (torch.randn(rows, heads, seq, width, requires_grad=True) for _ in range(3))
+    grad = torch.randn(rows, heads, seq, width)
+
+    def forward_backward():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+    flops = 3 * 2 * 2 * seq * heads * width / 2 * rows * seq  # forward over the causal half; backward twice
+    return flops / _median_seconds(forward_backward, repeats)
 
 
 @dataclass(frozen=True)
@@ -114,8 +168,16 @@ def step_cost(shape, rows: int, seq_len: int, targets: frozenset, r: int, full: 
     return StepCost(flops, traffic, T)
 
 
-def tokens_per_second(cost: StepCost, matmul_flops: float, bandwidth: float) -> tuple[float, float, float]:
-    """(tokens/s, seconds in matmuls, seconds in element-wise traffic) of one step."""
-    compute = sum(cost.flops.values()) / matmul_flops
+LOW_RANK_PARTS = ("adapter forward + backward", "DoRA norms")  # products with a side of r
+
+
+def tokens_per_second(cost: StepCost, matmul_flops: float, bandwidth: float, low_rank_flops: Optional[float] = None,
+                      attention_flops: Optional[float] = None) -> tuple[float, float, float]:
+    """(tokens/s, seconds in matmuls, seconds in element-wise traffic) of one step; the adapter's
+    rank-r products at ``low_rank_flops`` and attention at ``attention_flops`` where they are known
+    (both run far below a large matmul's rate on a CPU)."""
+    rate = {part: low_rank_flops or matmul_flops for part in LOW_RANK_PARTS}
+    rate["attention"] = attention_flops or matmul_flops
+    compute = sum(f / rate.get(part, matmul_flops) for part, f in cost.flops.items())
     memory = sum(cost.traffic.values()) / bandwidth
     return cost.tokens / (compute + memory), compute, memory
