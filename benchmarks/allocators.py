@@ -2,7 +2,8 @@
 
 The same short ``deltatune train`` (the default model, 4 rows of 400-512 tokens, the long
 records of peak_memory.py) runs under glibc's malloc (``DELTATUNE_ALLOCATOR=system``), under
-each of jemalloc and tcmalloc that the system has, and once more under glibc told to return
+each of jemalloc and tcmalloc that the system has, under mimalloc from its wheel (a deltatune
+dependency on Linux), and once more under glibc told to return
 every freed block at once (``MALLOC_MMAP_THRESHOLD_=131072``), whose peak is the bytes alive at
 once and whose time shows what returning memory costs. The runs alternate, twice each, so a
 slow spell of the machine hits every allocator alike. Writes ``allocators-cpu.json``.
@@ -29,6 +30,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from peak_memory import long_records  # noqa: E402
 
+from deltatune.allocator import mimalloc_from_wheel  # noqa: E402
+
 
 def allocators() -> dict[str, dict[str, str]]:
     """Name -> the environment that selects it."""
@@ -37,6 +40,9 @@ def allocators() -> dict[str, dict[str, str]]:
         found = ctypes.util.find_library(library)
         if found:
             runs[name] = {"DELTATUNE_ALLOCATOR": found}
+    wheel = mimalloc_from_wheel()
+    if wheel:
+        runs["mimalloc"] = {"DELTATUNE_ALLOCATOR": wheel}
     runs["glibc, freed blocks returned"] = {"DELTATUNE_ALLOCATOR": "system", "MALLOC_MMAP_THRESHOLD_": "131072"}
     return runs
 

@@ -6,8 +6,8 @@ prompts, built long), so every batch is near 4 x 512 or 8 x 512 tokens, the shap
 issue that asked for this measured 6.4 GiB (batch 4) and 12.2 GB (batch 8). Both run a few
 steps at the loop's settings; the figure is the process's peak resident memory (max RSS),
 next to the steps' seconds. More deltatune runs per batch size: under glibc's malloc instead of
-the allocator the command picks (``allocator.py``: jemalloc or tcmalloc where the system has
-one), with gradient checkpointing (the memory a user can trade time for), without
+the allocator the command picks (``allocator.py``: tcmalloc where the system has it, else
+mimalloc from its wheel, else jemalloc), with gradient checkpointing (the memory a user can trade time for), without
 ``cheap_recompute`` (what it saves and costs), and, with ``--before-src``, the source tree of an
 earlier commit (the figure this issue's target is measured against, on the same records and
 machine; it ran under glibc's malloc, as the plain loop does).

@@ -5,10 +5,12 @@ for the backward pass. glibc's malloc keeps the freed pages between those kept t
 process's resident size grows well past the bytes it holds: on the default model at 4 rows of
 400-512 tokens, a peak of 4.7 GiB where the bytes alive at once peak near 3.0 GiB. tcmalloc and
 jemalloc reuse freed blocks by size and stay at 3.1 and 3.0 GiB on the same run, tcmalloc with
-no slower steps (``benchmarks/allocators.py``). So on Linux without a GPU, the ``deltatune``
-command runs itself once more with one of them preloaded, when the system has one (Debian and
-Ubuntu package them as ``libtcmalloc-minimal4`` and ``libjemalloc2``); PyTorch's own CPU
-launcher preloads them the same way. ``DELTATUNE_ALLOCATOR=system`` keeps glibc's; ``DELTATUNE_ALLOCATOR=/path/lib.so``
+no slower steps (``benchmarks/allocators.py``); so does mimalloc, which deltatune installs on
+Linux from its wheel (``cmeel-mimalloc``), so that a machine with nothing but pip gets it too.
+So on Linux without a GPU, the ``deltatune`` command runs itself once more with one of them
+preloaded: tcmalloc where the system has it (Debian and Ubuntu package it as
+``libtcmalloc-minimal4``), else mimalloc, else jemalloc (``libjemalloc2``); PyTorch's own CPU
+launcher preloads allocators the same way. ``DELTATUNE_ALLOCATOR=system`` keeps glibc's; ``DELTATUNE_ALLOCATOR=/path/lib.so``
 names another library.
 """
 
@@ -18,17 +20,22 @@ import ctypes.util
 import os
 import sys
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 SETTING = "DELTATUNE_ALLOCATOR"
 ACTIVE = "DELTATUNE_ALLOCATOR_ACTIVE"  # set in the relaunched process: what it runs with
 # (name, ctypes.util.find_library's name), the first one found is used: tcmalloc first, as it
-# was as lean as jemalloc and the only one of the two not slower than glibc per step
-CANDIDATES = (("tcmalloc", "tcmalloc_minimal"), ("tcmalloc", "tcmalloc"), ("jemalloc", "jemalloc"))
+# was as lean as jemalloc and the only one of the two not slower than glibc per step; then
+# mimalloc from its wheel (as lean, and not slower than glibc either); jemalloc last
+SYSTEM_FIRST = (("tcmalloc", "tcmalloc_minimal"), ("tcmalloc", "tcmalloc"))
+SYSTEM_LAST = (("jemalloc", "jemalloc"),)
+CANDIDATES = SYSTEM_FIRST + SYSTEM_LAST
 
 
-def find_allocator(env: Mapping[str, str], find=ctypes.util.find_library) -> Optional[tuple[str, str]]:
-    """``(name, library)`` to preload as ``env`` asks (``auto`` when unset), or ``None`` for glibc's."""
+def find_allocator(env: Mapping[str, str], find=ctypes.util.find_library,
+                   wheel: Callable[[], Optional[str]] = lambda: mimalloc_from_wheel()) -> Optional[tuple[str, str]]:
+    """``(name, library)`` to preload as ``env`` asks (``auto`` when unset), or ``None`` for glibc's.
+    ``find`` looks a system library up by name, ``wheel`` gives mimalloc's from its wheel."""
     setting = env.get(SETTING, "auto").strip() or "auto"
     if setting == "system":
         return None
@@ -40,11 +47,30 @@ def find_allocator(env: Mapping[str, str], find=ctypes.util.find_library) -> Opt
         return Path(path).name.split(".")[0].removeprefix("lib"), path
     if not sys.platform.startswith("linux") or Path("/dev/nvidiactl").exists():
         return None  # a GPU run's tensors live in CUDA's own caching allocator
-    for name, library in CANDIDATES:
+    for name, library in SYSTEM_FIRST:
+        found = find(library)
+        if found:
+            return name, found
+    mimalloc = wheel()
+    if mimalloc:
+        return "mimalloc", mimalloc
+    for name, library in SYSTEM_LAST:
         found = find(library)
         if found:
             return name, found
     return None
+
+
+def mimalloc_from_wheel() -> Optional[str]:
+    """The path of mimalloc's library from the ``cmeel-mimalloc`` wheel (installed with deltatune
+    on Linux), or ``None`` where it is not installed."""
+    from importlib import metadata
+
+    try:
+        path = Path(str(metadata.distribution("cmeel-mimalloc").locate_file("cmeel.prefix/lib/libmimalloc.so.3")))
+    except metadata.PackageNotFoundError:
+        return None
+    return str(path) if path.is_file() else None
 
 
 def _library_path(name: str) -> Optional[str]:

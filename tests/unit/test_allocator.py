@@ -22,10 +22,22 @@ def test_system_keeps_glibc_and_auto_takes_the_first_library_found(monkeypatch):
     assert find_allocator({SETTING: "system"}, _finder(present)) is None
     if os.path.exists("/dev/nvidiactl"):
         pytest.skip("a GPU machine keeps the system allocator")
-    assert find_allocator({}, _finder(present)) == ("tcmalloc", "libtcmalloc_minimal.so.4")
-    assert find_allocator({SETTING: "auto"}, _finder({"jemalloc": "libjemalloc.so.2"})) == (
+    none, wheel = (lambda: None), (lambda: "/site-packages/cmeel.prefix/lib/libmimalloc.so.3")
+    assert find_allocator({}, _finder(present), none) == ("tcmalloc", "libtcmalloc_minimal.so.4")
+    assert find_allocator({}, _finder(present), wheel) == ("tcmalloc", "libtcmalloc_minimal.so.4")
+    assert find_allocator({SETTING: "auto"}, _finder({"jemalloc": "libjemalloc.so.2"}), none) == (
         "jemalloc", "libjemalloc.so.2")
-    assert find_allocator({}, _finder({})) is None  # nothing installed: glibc's, no error
+    assert find_allocator({}, _finder({"jemalloc": "libjemalloc.so.2"}), wheel) == ("mimalloc", wheel())
+    assert find_allocator({}, _finder({}), wheel) == ("mimalloc", wheel())  # pip alone brings mimalloc
+    assert find_allocator({}, _finder({}), none) is None  # nothing installed: glibc's, no error
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the wheel is a Linux dependency")
+def test_mimalloc_comes_with_deltatune_on_linux():
+    from deltatune.allocator import mimalloc_from_wheel
+
+    library = mimalloc_from_wheel()
+    assert library is not None and os.path.isfile(library) and "libmimalloc.so" in library
 
 
 def test_a_named_library_must_exist(tmp_path):
