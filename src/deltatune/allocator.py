@@ -10,8 +10,8 @@ Linux from its wheel (``cmeel-mimalloc``), so that a machine with nothing but pi
 So on Linux without a GPU, the ``deltatune`` command runs itself once more with one of them
 preloaded: tcmalloc where the system has it (Debian and Ubuntu package it as
 ``libtcmalloc-minimal4``), else mimalloc, else jemalloc (``libjemalloc2``); PyTorch's own CPU
-launcher preloads allocators the same way. ``DELTATUNE_ALLOCATOR=system`` keeps glibc's; ``DELTATUNE_ALLOCATOR=/path/lib.so``
-names another library.
+launcher preloads allocators the same way. ``DELTATUNE_ALLOCATOR=system`` keeps glibc's;
+``DELTATUNE_ALLOCATOR=/path/lib.so`` names another library.
 """
 
 from __future__ import annotations
@@ -24,16 +24,28 @@ from typing import Callable, Mapping, Optional, Sequence
 
 SETTING = "DELTATUNE_ALLOCATOR"
 ACTIVE = "DELTATUNE_ALLOCATOR_ACTIVE"  # set in the relaunched process: what it runs with
-# (name, ctypes.util.find_library's name), the first one found is used: tcmalloc first, as it
-# was as lean as jemalloc and the only one of the two not slower than glibc per step; then
-# mimalloc from its wheel (as lean, and not slower than glibc either); jemalloc last
-SYSTEM_FIRST = (("tcmalloc", "tcmalloc_minimal"), ("tcmalloc", "tcmalloc"))
-SYSTEM_LAST = (("jemalloc", "jemalloc"),)
-CANDIDATES = SYSTEM_FIRST + SYSTEM_LAST
+# (name, ctypes.util.find_library's name, or None for mimalloc's wheel), the first one found is
+# used: tcmalloc first, as it was as lean as jemalloc and the only one of the two not slower than
+# glibc per step; then mimalloc from its wheel (as lean, within noise of glibc's step time);
+# jemalloc last
+CANDIDATES = (("tcmalloc", "tcmalloc_minimal"), ("tcmalloc", "tcmalloc"), ("mimalloc", None),
+              ("jemalloc", "jemalloc"))
+
+
+def mimalloc_from_wheel() -> Optional[str]:
+    """The path of mimalloc's library from the ``cmeel-mimalloc`` wheel (installed with deltatune
+    on Linux), or ``None`` where it is not installed."""
+    from importlib import metadata
+
+    try:
+        path = Path(str(metadata.distribution("cmeel-mimalloc").locate_file("cmeel.prefix/lib/libmimalloc.so.3")))
+    except metadata.PackageNotFoundError:
+        return None
+    return str(path) if path.is_file() else None
 
 
 def find_allocator(env: Mapping[str, str], find=ctypes.util.find_library,
-                   wheel: Callable[[], Optional[str]] = lambda: mimalloc_from_wheel()) -> Optional[tuple[str, str]]:
+                   wheel: Callable[[], Optional[str]] = mimalloc_from_wheel) -> Optional[tuple[str, str]]:
     """``(name, library)`` to preload as ``env`` asks (``auto`` when unset), or ``None`` for glibc's.
     ``find`` looks a system library up by name, ``wheel`` gives mimalloc's from its wheel."""
     setting = env.get(SETTING, "auto").strip() or "auto"
@@ -47,30 +59,11 @@ def find_allocator(env: Mapping[str, str], find=ctypes.util.find_library,
         return Path(path).name.split(".")[0].removeprefix("lib"), path
     if not sys.platform.startswith("linux") or Path("/dev/nvidiactl").exists():
         return None  # a GPU run's tensors live in CUDA's own caching allocator
-    for name, library in SYSTEM_FIRST:
-        found = find(library)
-        if found:
-            return name, found
-    mimalloc = wheel()
-    if mimalloc:
-        return "mimalloc", mimalloc
-    for name, library in SYSTEM_LAST:
-        found = find(library)
+    for name, library in CANDIDATES:
+        found = wheel() if library is None else find(library)
         if found:
             return name, found
     return None
-
-
-def mimalloc_from_wheel() -> Optional[str]:
-    """The path of mimalloc's library from the ``cmeel-mimalloc`` wheel (installed with deltatune
-    on Linux), or ``None`` where it is not installed."""
-    from importlib import metadata
-
-    try:
-        path = Path(str(metadata.distribution("cmeel-mimalloc").locate_file("cmeel.prefix/lib/libmimalloc.so.3")))
-    except metadata.PackageNotFoundError:
-        return None
-    return str(path) if path.is_file() else None
 
 
 def _library_path(name: str) -> Optional[str]:

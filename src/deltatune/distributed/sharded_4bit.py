@@ -113,10 +113,11 @@ def _gather_scales(piece: _Piece, blocks: int, rank: int, world: int, device: to
 
 
 def fill_4bit_layer(layer: Linear4bit, read: RowReader, key: str, rank: int, world: int,
-                    compute_device: torch.device) -> Optional[torch.Tensor]:
+                    compute_device: torch.device, want_scales: bool) -> Optional[torch.Tensor]:
     """Give ``layer`` (exposed to sharding and sharded by ``fully_shard``) its rank's packed bytes
-    and scales, and its full quantization state on ``compute_device``. Returns the float32 scale
-    of every block as dequantizing decodes it (double quantization), else None."""
+    and scales, and its full quantization state on ``compute_device``. With ``want_scales`` and
+    double quantization, returns every block's float32 scale as dequantizing decodes it (DoRA's
+    starting norms need them; plain float32 scales are recomputed where needed), else None."""
     state = layer.quant_state
     blocks = -(-state.shape.numel() // state.blocksize)
     piece = _quantize_share(layer, read, key, rank, world)
@@ -126,12 +127,11 @@ def fill_4bit_layer(layer: Linear4bit, read: RowReader, key: str, rank: int, wor
         offset = every.mean()
         codes, nested_scales = quantize_blockwise_8bit(every - offset, NESTED_BLOCKSIZE)
         nested = NestedState(nested_scales, dynamic_map().to(codes.device), NESTED_BLOCKSIZE, offset)
-        decoded = dataclasses.replace(state, absmax=codes, code=state.code.to(codes.device),
-                                      nested=nested).block_scales()
+        if want_scales:
+            decoded = dataclasses.replace(state, absmax=codes, code=state.code.to(codes.device),
+                                          nested=nested).block_scales()
         start, stop = rows_of(blocks, rank, world)
         scale_bytes = codes[start:stop]
-        nested = NestedState(nested.absmax.to(compute_device), nested.code.to(compute_device), NESTED_BLOCKSIZE,
-                             offset.to(compute_device))
     else:
         start, stop = rows_of(4 * blocks, rank, world)
         as_bytes = piece.scales.contiguous().view(torch.uint8)
@@ -160,17 +160,14 @@ def fill_saved_4bit_layer(layer: Linear4bit, read: RowReader, key: str, rank: in
         every = read(key + ".absmax", 0, blocks)
         decoded = dataclasses.replace(state, absmax=every).block_scales() if state.nested is not None \
             else every.float()
-    nested = state.nested
-    if nested is not None:
-        nested = NestedState(nested.absmax.to(compute_device), nested.code.to(compute_device), nested.blocksize,
-                             nested.offset.to(compute_device))
-    _place(layer, key, rank, packed, scale_bytes, nested, compute_device)
+    _place(layer, key, rank, packed, scale_bytes, state.nested, compute_device)
     return decoded
 
 
 def _place(layer: Linear4bit, key: str, rank: int, packed: torch.Tensor, scale_bytes: torch.Tensor,
            nested: Optional[NestedState], compute_device: torch.device) -> None:
-    """Copy a rank's packed bytes and scale bytes into its shards; the state goes to ``compute_device``."""
+    """Copy a rank's packed bytes and scale bytes into its shards; the state, with ``nested``, goes
+    to ``compute_device``."""
     from torch.distributed.tensor import DTensor
 
     with torch.no_grad():
@@ -179,10 +176,8 @@ def _place(layer: Linear4bit, key: str, rank: int, packed: torch.Tensor, scale_b
             if local.shape[0] != value.shape[0]:
                 raise RuntimeError(f"{key}: rank {rank} holds {local.shape[0]} rows, was given {value.shape[0]}")
             local.copy_(value.reshape(local.shape))
-    state = layer.quant_state
-    layer.quant_state = dataclasses.replace(state, absmax=torch.empty(0, dtype=layer._absmax_dtype,
-                                                                       device=compute_device),
-                                            code=state.code.to(compute_device), nested=nested)
+    stand_in = torch.empty(0, dtype=layer._absmax_dtype)  # the scales live in the ``absmax`` parameter
+    layer.quant_state = dataclasses.replace(layer.quant_state, absmax=stand_in, nested=nested).to(compute_device)
 
 
 def _collective_device(compute_device: torch.device) -> torch.device:

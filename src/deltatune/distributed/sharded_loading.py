@@ -95,7 +95,7 @@ def _make_4bit_on_meta(model: nn.Module, quant: QuantizeConfig, source: ShardSou
     for key in targets:
         linear = model.get_submodule(key)
         layer = _saved_4bit_layer(files, key, linear, quant) if saved else \
-            meta_linear4bit(linear, quant, _read_rows(files, key + ".weight", 0, 0).dtype)
+            meta_linear4bit(linear, quant, _meta_like(files, key + ".weight").dtype)
         replace_module(model, key, layer)
     if saved:
         source.saved_4bit = {k + ".weight" for k in targets}
@@ -110,9 +110,7 @@ def _saved_4bit_layer(files: dict[str, Path], key: str, linear: nn.Module, quant
     for name in [k for k in files if k.startswith(key + ".weight")]:
         suffix = name[len(key) + 1:]
         if suffix in ("weight", "weight.absmax"):  # shapes and dtypes only
-            with safe_open(str(files[name]), framework="pt") as handle:
-                view = handle.get_slice(name)
-                small[suffix] = torch.empty(view.get_shape(), dtype=view[0:0].dtype, device="meta")
+            small[suffix] = _meta_like(files, name)
         else:
             small[suffix] = _read_rows(files, name, 0, None)
     packed, state = state_from_tensors(small, key + ".")
@@ -120,6 +118,13 @@ def _saved_4bit_layer(files: dict[str, Path], key: str, linear: nn.Module, quant
         raise ValueError(f"{key}: the checkpoint holds a {state.shape[0]}x{state.shape[1]} weight, the model "
                          f"expects {linear.weight.shape[0]}x{linear.weight.shape[1]}")
     return Linear4bit(packed, state, linear.bias, quant.compute_dtype)
+
+
+def _meta_like(files: dict[str, Path], key: str) -> torch.Tensor:
+    """A meta tensor with the shape and dtype of the checkpoint tensor ``key`` (nothing is read)."""
+    with safe_open(str(files[key]), framework="pt") as handle:
+        view = handle.get_slice(key)
+        return torch.empty(view.get_shape(), dtype=view[0:0].dtype, device="meta")
 
 
 def keep_real_tensors(model: nn.Module, source: ShardSource) -> None:
@@ -148,7 +153,7 @@ def fill_shards(model: nn.Module, root: nn.Module, source: ShardSource, rank: in
                 scales = fill_saved_4bit_layer(layer, read, key, rank, world, compute_device or device,
                                                name in with_norms)
             else:
-                scales = fill_4bit_layer(layer, read, key, rank, world, compute_device or device)
+                scales = fill_4bit_layer(layer, read, key, rank, world, compute_device or device, name in with_norms)
             if name in with_norms:
                 decoded[name] = scales
             filled |= {name + ".weight", name + ".absmax"}
@@ -157,8 +162,8 @@ def fill_shards(model: nn.Module, root: nn.Module, source: ShardSource, rank: in
         for name, param in model.named_parameters():
             if name in filled:
                 continue
-            local = param.to_local() if isinstance(param, DTensor) else param
             sharded = isinstance(param, DTensor)
+            local = param.to_local() if sharded else param
             start, stop = rows_of(param.shape[0], rank, world) if sharded else (0, param.shape[0])
             if local.shape[:1] != (stop - start,):
                 raise RuntimeError(f"{name}: rank {rank} holds {tuple(local.shape)}, expected rows {start}:{stop}")

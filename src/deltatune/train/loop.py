@@ -239,8 +239,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             fill_shards(model, ddp_loss, shards, dist.rank, dist.world,
                         torch.device("cpu") if cfg.fsdp_offload else dist.device, dist.device)
         if dist.is_main:
+            quantized_here = cfg.quantize and not shards.saved_4bit  # a checkpoint saved in 4 bits is read as is
             log("load: built on meta, each rank read only its own rows of every weight"
-                + (f" and quantized them to {cfg.quantize}" if cfg.quantize else ""))
+                + (f" and quantized them to {cfg.quantize}" if quantized_here else ""))
     if dist.is_main and dist.world > 1:
         log(f"distributed: {dist.strategy} over {dist.world} processes")
     scored = ddp_loss if dist.sharded else model  # a sharded model runs only through its root
