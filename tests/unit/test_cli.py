@@ -132,3 +132,18 @@ def test_a_model_folder_with_pickled_weights_only_is_refused(tmp_path):
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the old pickled layout
     with pytest.raises((OSError, ValueError), match="safetensors"):
         dt.load_model(tmp_path)
+
+
+def test_serve_help_and_bad_flags(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--adapter NAME=DIR", "--adapters-dir", "--api-key", "--max-batch", "--max-queue",
+                 "--max-loaded-adapters", "--quantize", "--drain-timeout"):
+        assert flag in help_text
+    for argv, words in ((["--adapter", "nofolder"], "expected NAME=DIR"),
+                        (["--adapter", f"base={tmp_path}"], "'base' names the model"),
+                        (["--adapters-dir", str(tmp_path / "missing")], "no such folder"),
+                        (["--batching", "sometimes"], "expected mixed or swap")):
+        assert main(["serve", *argv]) == 2
+        assert words in capsys.readouterr().err

@@ -179,7 +179,10 @@ class AdapterLayer(AddedModule):
             for name, rows in self.row_plan.groups(x.shape[0], x.device):
                 if self.has_adapter(name) and name not in self.merged_adapters:
                     routed = self.apply(name, x.index_select(0, rows), result.index_select(0, rows))
-                    result = result.index_copy(0, rows, routed.to(out_dtype))
+                    if torch.is_grad_enabled():
+                        result = result.index_copy(0, rows, routed.to(out_dtype))
+                    else:  # inference: this forward's own tensor, filled in place instead of copied per adapter
+                        result.index_copy_(0, rows, routed.to(out_dtype))
             return result
         for name in self.active_adapters:
             if name in self.merged_adapters or not self.has_adapter(name):

@@ -164,6 +164,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     to autocast's dtype, as ``F.linear`` would be; gradients flow back to the stored dtypes.
     """
     cast = cast_all(compute_dtype(x), x, weight, bias, A, B, lora_bias)
+    if dropout_p == 0 and not torch.is_grad_enabled():  # inference: the forward's ops, no autograd node
+        x, weight, bias, A, B, lora_bias = cast
+        x2 = x.reshape(-1, x.shape[-1])
+        W_t = weight if transposed else weight.T
+        out = torch.addmm(bias, x2, W_t) if bias is not None else x2 @ W_t
+        out.addmm_(x2 @ A.T, B.T, alpha=float(scale))
+        if lora_bias is not None:
+            out.add_(lora_bias, alpha=float(scale))
+        return out.view(*x.shape[:-1], out.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
         return _LoraLinear.apply(*cast, float(scale), float(dropout_p), transposed)
 
@@ -175,5 +184,14 @@ def lora_add(x: torch.Tensor, result: torch.Tensor, A: torch.Tensor, B: torch.Te
     It runs in the adapter's dtype (autocast's under autocast) promoted with ``result``'s, the
     dtype that adding the composed ops' low-rank output to ``result`` would give."""
     cast = cast_all(torch.promote_types(result.dtype, compute_dtype(A)), x, result, A, B, lora_bias)
+    if dropout_p == 0 and not torch.is_grad_enabled():
+        # inference (generation, serving): the forward's own ops, without autograd's bookkeeping,
+        # which costs more than the rank-r matmuls of a decoding step's few rows
+        x, result, A, B, lora_bias = cast
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]) @ A.T, B.T,
+                          alpha=float(scale))
+        if lora_bias is not None:
+            out.add_(lora_bias, alpha=float(scale))
+        return out.view(result.shape)
     with torch.autocast(x.device.type, enabled=False):
         return _LoraAdd.apply(*cast, float(scale), float(dropout_p))
