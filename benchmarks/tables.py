@@ -262,6 +262,21 @@ def parity_table(results: dict) -> str:
                   [[case, f"{diff:.1e}" if diff else "0"] for case, diff in rows])
 
 
+def serve_load_table(report: dict) -> str:
+    """``serve_load.py``: mixed batches against one adapter at a time, throughput and latency."""
+    rows = []
+    for mode, label in (("mixed", "mixed batches (default)"), ("swap", "one adapter at a time")):
+        m = report["modes"][mode]
+        rows.append([label, f"{m['tokens_per_second']:.1f}", f"{m['ttft_p50']:.2f}", f"{m['ttft_p99']:.2f}",
+                     f"{1000 * m['per_token_p50']:.0f}", f"{1000 * m['per_token_p99']:.0f}",
+                     f"{m['answered']}/{m['requests']}", str(m["mismatched_offline"])])
+    ratios = report["ratios"]
+    rows.append(["gain of mixed batches", f"{ratios['throughput_mixed_over_swap']:.2f}×", "",
+                 f"{ratios['ttft_p99_swap_over_mixed']:.1f}× sooner", "", "", "", ""])
+    return _table(["serving", "tokens/s", "first token p50 (s)", "first token p99 (s)", "per token p50 (ms)",
+                   "per token p99 (ms)", "answered", "unlike offline"], rows)
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "results-*.json": side_by_side_table,
     "bench-*.json": bench_table,
@@ -280,6 +295,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "saved-activations-*.json": saved_activations_table,
     "allocators-*.json": allocators_table,
     "plan-check-*.json": plan_check_table,
+    "serve-load-*.json": serve_load_table,
 }
 # A second table of the same file: "<path>#<view>".
 VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table, "ratios": quality_ratio_table}
