@@ -107,6 +107,19 @@ def read_adapter_config(path: Union[str, os.PathLike]):
     return config_from_dict(data, source=str(config_file))
 
 
+def weights_file(folder: Path) -> Path:
+    """``folder``'s safetensors weights; a missing file is an error that names any pickled
+    weights found instead (never read), and a link out of the folder is refused."""
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")) \
+            if folder.is_dir() else []
+        hint = f" (found {pickles}: deltatune reads only safetensors, never pickled files)" if pickles else ""
+        raise FileNotFoundError(f"{weights} not found{hint}")
+    _check_link(folder, weights)
+    return weights
+
+
 def load_adapter(
     model: nn.Module, path: Union[str, os.PathLike], name: str = "default", trainable: bool = False
 ) -> nn.Module:
@@ -117,12 +130,7 @@ def load_adapter(
     """
     folder = Path(path)
     config = read_adapter_config(folder)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        hint = f" (found {pickles}: deltatune reads only safetensors, never pickled files)" if pickles else ""
-        raise FileNotFoundError(f"{weights} not found{hint}")
-    _check_link(folder, weights)
+    weights = weights_file(folder)
     tensors = _read_weights(weights)
 
     base_tensors = {id(p) for p in model.parameters()}  # before the adapter adds its own

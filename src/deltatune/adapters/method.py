@@ -65,6 +65,10 @@ class Method:
         """Restore ``training_state`` in a resumed run."""
 
 
+class MethodConflict(TypeError):
+    """A targeted module already holds adapters of another method (one method per module)."""
+
+
 class LayerMethod(Method):
     """A method that wraps each targeted module in ``layer_class`` (made by ``make_layer``)."""
 
@@ -91,7 +95,7 @@ class LayerMethod(Method):
         for key, module in targets:
             layer = module
             if isinstance(module, AdapterLayer) and not isinstance(module, self.layer_class):
-                raise TypeError(
+                raise MethodConflict(
                     f"module {key!r} already holds a {type(module).__name__} adapter; one method per module "
                     f"(add the {config.peft_type} adapter to other modules, or delete the other adapter)"
                 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_options, config_from_args, field_docs
+from .options import add_options, add_repeated_flag, config_from_args
 
 
 def add_parser(subcommands) -> None:
@@ -13,8 +13,7 @@ def add_parser(subcommands) -> None:
     parser = subcommands.add_parser("eval", help="generate with the base model and adapters on held-out data; "
                                     "ROUGE/BLEU/chrF/exact match/F1/perplexity side by side")
     # Adapters are given one flag each (--adapter A --adapter B), the rest as usual.
-    parser.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR",
-                        help=f"{field_docs(EvalConfig)['adapters']} Repeat for several.")
+    add_repeated_flag(parser, EvalConfig, "adapters", "adapter", "DIR")
     add_options(parser, EvalConfig, skip=("adapters",))
     parser.set_defaults(func=run)
 

@@ -154,6 +154,13 @@ def _metavar(leaf: Leaf) -> str:
     return {"int": "N", "float": "X"}.get(kind, "A,B" if kind.startswith("list") else "TEXT")
 
 
+def add_repeated_flag(parser: argparse.ArgumentParser, cls, field: str, flag: str, metavar: str) -> None:
+    """``--flag X --flag Y`` collects into list field ``field`` of ``cls`` (one value per flag, so a
+    value may hold commas); add the other fields with ``add_options(..., skip=(field,))``."""
+    parser.add_argument(f"--{flag}", dest=field, action="append", default=[], metavar=metavar,
+                        help=f"{field_docs(cls)[field]} Repeat for several.")
+
+
 def add_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (),
                 aliases: Optional[dict[str, str]] = None, only_given: bool = False) -> None:
     """One flag per leaf field of ``cls``; ``aliases`` adds short flags for dotted fields

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .options import add_options, config_from_args, field_docs
+from .options import add_options, add_repeated_flag, config_from_args
 
 
 @dataclass
@@ -47,8 +47,7 @@ class ServeConfig:
 def add_parser(subcommands) -> None:
     parser = subcommands.add_parser("serve", help="serve the base model and adapters over OpenAI's API, "
                                                   "mixing adapters in one batch")
-    parser.add_argument("--adapter", dest="adapter", action="append", default=[], metavar="NAME=DIR",
-                        help=f"{field_docs(ServeConfig)['adapter']} Repeat for several.")
+    add_repeated_flag(parser, ServeConfig, "adapter", "adapter", "NAME=DIR")
     add_options(parser, ServeConfig, skip=("adapter",))
     parser.set_defaults(func=lambda args: serve(config_from_args(args, ServeConfig)))
 
@@ -102,7 +101,7 @@ def serve(cfg: ServeConfig) -> int:
     import uvicorn
 
     _, engine, app = build(cfg)
-    names = ", ".join(["base", *engine.adapters.entries]) or "base"
+    names = ", ".join(["base", *engine.adapters.entries])
     print(f"deltatune serve: http://{cfg.host}:{cfg.port}/ (models: {names}; batching {cfg.batching})", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning",
                 timeout_graceful_shutdown=max(cfg.drain_timeout, 0.1))

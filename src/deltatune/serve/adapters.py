@@ -21,9 +21,9 @@ from typing import Optional
 from torch import nn
 
 from ..adapter_ops import delete_adapter
-from ..io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config
-
-SOFT_PROMPTS = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+from ..adapters.method import MethodConflict
+from ..config import PromptLearningConfig
+from ..io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, weights_file
 
 
 class AdapterError(ValueError):
@@ -67,12 +67,8 @@ class Entry:
     method: str
     rank: Optional[int]
     created: int
+    routable: bool  # its rows can share a forward pass with other adapters' rows (not soft prompts)
     virtual_tokens: int = 0  # soft prompts: positions added in front of every prompt
-
-    @property
-    def routable(self) -> bool:
-        """Whether its rows can share a forward pass with other adapters' rows."""
-        return self.method not in SOFT_PROMPTS
 
 
 @dataclass
@@ -88,17 +84,15 @@ class Instance:
 
 def describe(folder: Path, name: str) -> Entry:
     """Read ``folder``'s config and digest; errors name the folder."""
-    if not (folder / WEIGHTS_NAME).is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
-        hint = f" (found {pickles}: only safetensors are read, never pickled files)" if pickles else ""
-        raise AdapterError(f"{folder / WEIGHTS_NAME} not found{hint}")
     try:
+        weights_file(folder)
         config = read_adapter_config(folder)
     except (ValueError, FileNotFoundError) as err:
         raise AdapterError(str(err)) from None
     rank = getattr(config, "r", None)
+    soft_prompt = isinstance(config, PromptLearningConfig)
     return Entry(name, folder, folder_digest(folder), config.peft_type, rank if isinstance(rank, int) else None,
-                 int(time.time()), int(getattr(config, "num_virtual_tokens", 0) or 0))
+                 int(time.time()), not soft_prompt, config.num_virtual_tokens if soft_prompt else 0)
 
 
 class Adapters:
@@ -187,9 +181,7 @@ class Adapters:
             try:
                 load_adapter(self.model, entry.path, name=key, trainable=False)  # adds nothing if it fails
                 break
-            except TypeError as err:
-                if "already holds" not in str(err):
-                    raise
+            except MethodConflict:
                 if not self._evict_idle(lambda i: i.entry.method != entry.method):
                     return False
         self.instances[key] = Instance(key, entry, last_used=time.monotonic())

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .adapters import AdapterError, Adapters
 from .engine import Engine, QueueFull, Sequence
 from .protocol import ApiError, Request, bad, parse
-from .responses import Collector, chunk, final_body, usage
+from .responses import Collector, chunk, final_body, stream_head, usage
 
 BASE = "base"
 HOT_LOADING_OFF = "hot loading is off; start deltatune serve with --adapters-dir DIR to load and unload adapters"
@@ -80,8 +80,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, context: int = 204
 
     @app.get("/v1/models")
     async def models():
-        started = int(engine.started) if hasattr(engine, "started") else 0
-        data = [{"id": BASE, "object": "model", "created": started, "owned_by": "deltatune", "method": None}]
+        data = [{"id": BASE, "object": "model", "created": int(engine.started), "owned_by": "deltatune", "method": None}]
         for entry in list(adapters.entries.values()):
             data.append({"id": entry.name, "object": "model", "created": entry.created, "owned_by": "deltatune",
                          "parent": BASE, "method": entry.method, "rank": entry.rank,
@@ -123,7 +122,7 @@ def create_app(engine: Engine, api_key: Optional[str] = None, context: int = 204
         adapter = None if request.model == BASE else request.model
         out = [Sequence(adapter, p, request.sampling, sink, index=i * request.n + j)
                for i, p in enumerate(prompts) for j in range(request.n)]
-        return out, sum(len(p) for p in prompts) * 1  # prompt tokens are counted once per prompt
+        return out, sum(len(p) for p in prompts)  # counted once per prompt, whatever n is
 
     async def complete(http: HttpRequest, chat: bool):
         request = parse(await body_of(http), chat)
@@ -246,16 +245,11 @@ async def _stream(engine: Engine, request: Request, sequences: list[Sequence], q
                 completion_tokens += event["completion_tokens"]
                 yield _event(chunk(request, meta, event["index"], "", finish, None, tokenizer))
         if request.include_usage:
-            yield _event({**_head(request, meta), "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+            yield _event({**stream_head(request, meta), "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         yield "data: [DONE]\n\n"
     finally:
         if done < len(sequences):  # the client went away: free the rows
             engine.cancel(sequences)
-
-
-def _head(request: Request, meta: dict) -> dict:
-    kind = "chat.completion.chunk" if request.chat else "text_completion"
-    return {"id": meta["id"], "object": kind, "created": meta["created"], "model": meta["model"]}
 
 
 def _event(data: dict) -> str:

@@ -48,7 +48,6 @@ class Sequence:
     key: Optional[str] = None  # the adapter instance it runs on
     cancelled: bool = False
     finish: Optional[str] = None
-    submitted: float = field(default_factory=time.monotonic)
 
 
 @dataclass

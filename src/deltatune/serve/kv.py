@@ -8,7 +8,7 @@ puts them there and prepends their mask itself), so padding goes in after them.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from transformers import DynamicCache
@@ -23,32 +23,28 @@ def _layers(cache: DynamicCache) -> list:
     return [layer for layer in cache.layers if layer.is_initialized]
 
 
+def _rewrite(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every layer's keys and values (batch, heads, columns, head size) by ``fn`` of them."""
+    for layer in _layers(cache):
+        layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+
+
 def pad_front(cache: DynamicCache, columns: int, prefix: int = 0) -> None:
     """Insert ``columns`` zero columns after the first ``prefix`` columns of every row, in place."""
-    if columns <= 0:
-        return
-    for layer in _layers(cache):
-        for attr in ("keys", "values"):
-            t = getattr(layer, attr)
-            zeros = t.new_zeros(t.shape[0], t.shape[1], columns, t.shape[3])
-            setattr(layer, attr, torch.cat([t[:, :, :prefix], zeros, t[:, :, prefix:]], dim=2))
+    if columns > 0:
+        _rewrite(cache, lambda t: torch.cat([t[:, :, :prefix], t.new_zeros(*t.shape[:2], columns, t.shape[3]),
+                                             t[:, :, prefix:]], dim=2))
 
 
 def drop_front(cache: DynamicCache, columns: int, prefix: int = 0) -> None:
     """Remove ``columns`` columns after the first ``prefix`` (padding no row needs any more)."""
-    if columns <= 0:
-        return
-    for layer in _layers(cache):
-        for attr in ("keys", "values"):
-            t = getattr(layer, attr)
-            setattr(layer, attr, torch.cat([t[:, :, :prefix], t[:, :, prefix + columns:]], dim=2))
+    if columns > 0:
+        _rewrite(cache, lambda t: torch.cat([t[:, :, :prefix], t[:, :, prefix + columns:]], dim=2))
 
 
 def keep_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     """Keep only ``rows`` (indices into the batch), in place."""
-    for layer in _layers(cache):
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
+    _rewrite(cache, lambda t: t.index_select(0, rows))
 
 
 def append_rows(cache: DynamicCache, other: DynamicCache) -> None:

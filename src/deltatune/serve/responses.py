@@ -88,11 +88,16 @@ def final_body(request: Request, meta: dict, collector: Collector, prompt_tokens
             "usage": usage(prompt_tokens, collector.completion_tokens)}
 
 
+def stream_head(request: Request, meta: dict) -> dict:
+    """The fields every streamed chunk starts with."""
+    return {"id": meta["id"], "object": "chat.completion.chunk" if request.chat else "text_completion",
+            "created": meta["created"], "model": meta["model"]}
+
+
 def chunk(request: Request, meta: dict, index: int, content, finish: Optional[str], choice: Optional[Choice],
           tokenizer) -> dict:
     """One streamed chunk: ``content`` is text (or, for chat's first chunk, the delta itself)."""
-    head = {"id": meta["id"], "object": "chat.completion.chunk" if request.chat else "text_completion",
-            "created": meta["created"], "model": meta["model"]}
+    head = stream_head(request, meta)
     logprobs = None
     if choice is not None and request.sampling.logprobs and choice.logprob is not None:
         logprobs = ({"content": [chat_logprob(choice, tokenizer)]} if request.chat
