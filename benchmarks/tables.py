@@ -277,6 +277,19 @@ def serve_load_table(report: dict) -> str:
                    "per token p99 (ms)", "answered", "unlike offline"], rows)
 
 
+def dylora_ranks_table(report: dict) -> str:
+    """``dylora_ranks.py``: per rank, the one DyLoRA adapter cut to it against a LoRA trained at it."""
+    rows = [["base (no adapter)", f"{report['base']['rougeL']:.3f}", "", "", f"{report['base']['exact_match']:.3f}",
+             "", f"{report['base']['perplexity']:.3f}", ""]]
+    for row in report["rows"]:
+        dy, lo = row["dylora"], row["lora"]
+        rows.append([str(row["rank"]), f"{dy['rougeL']:.3f}", f"{lo['rougeL']:.3f}",
+                     f"{dy['rougeL'] - lo['rougeL']:+.3f}", f"{dy['exact_match']:.3f}", f"{lo['exact_match']:.3f}",
+                     f"{dy['perplexity']:.3f}", f"{lo['perplexity']:.3f}"])
+    return _table(["rank", "ROUGE-L: DyLoRA cut", "LoRA at the rank", "difference", "exact match: DyLoRA cut",
+                   "LoRA", "perplexity: DyLoRA cut", "LoRA"], rows)
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "results-*.json": side_by_side_table,
     "bench-*.json": bench_table,
@@ -296,6 +309,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "allocators-*.json": allocators_table,
     "plan-check-*.json": plan_check_table,
     "serve-load-*.json": serve_load_table,
+    "dylora-ranks-*.json": dylora_ranks_table,
 }
 # A second table of the same file: "<path>#<view>".
 VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table, "ratios": quality_ratio_table}

@@ -14,12 +14,12 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     from . import quant, train
     from .adapter_ops import (
         active_adapters, adapter_per_row, add_adapter, delete_adapter, disable_adapters, merge,
-        print_trainable_parameters, set_adapter, trainable_parameters, unload, unmerge,
+        print_trainable_parameters, set_adapter, set_adapter_rank, trainable_parameters, unload, unmerge,
     )
     from .combine import add_weighted_adapter
     from .config import (
-        AdaLoraConfig, AdapterConfig, BottleneckConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig,
-        NolaConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SelectiveConfig,
+        AdaLoraConfig, AdapterConfig, BottleneckConfig, DyLoraConfig, IA3Config, LoHaConfig, LoKrConfig,
+        LoraConfig, NolaConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SelectiveConfig,
         VeraConfig, config_from_dict,
     )
     from .io import load_adapter, read_adapter_config, save_adapter
@@ -28,12 +28,12 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
 
 # public name -> the module that defines it
 _HOMES = {
-    **dict.fromkeys(("AdaLoraConfig", "AdapterConfig", "BottleneckConfig", "IA3Config", "LoHaConfig",
+    **dict.fromkeys(("AdaLoraConfig", "AdapterConfig", "BottleneckConfig", "DyLoraConfig", "IA3Config", "LoHaConfig",
                      "LoKrConfig", "LoraConfig", "NolaConfig", "PrefixTuningConfig", "PromptEncoderConfig",
                      "PromptTuningConfig", "SelectiveConfig", "VeraConfig", "config_from_dict"), ".config"),
     **dict.fromkeys(("active_adapters", "add_adapter", "adapter_per_row", "delete_adapter", "disable_adapters",
-                     "merge", "print_trainable_parameters", "set_adapter", "trainable_parameters", "unload",
-                     "unmerge"), ".adapter_ops"),
+                     "merge", "print_trainable_parameters", "set_adapter", "set_adapter_rank",
+                     "trainable_parameters", "unload", "unmerge"), ".adapter_ops"),
     **dict.fromkeys(("load_adapter", "read_adapter_config", "save_adapter"), ".io"),
     "add_weighted_adapter": ".combine",
     "MergeReport": ".merge_report",
@@ -62,6 +62,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterConfig",
     "BottleneckConfig",
+    "DyLoraConfig",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",
@@ -88,6 +89,7 @@ __all__ = [
     "read_adapter_config",
     "save_adapter",
     "set_adapter",
+    "set_adapter_rank",
     "train",
     "trainable_parameters",
     "unload",

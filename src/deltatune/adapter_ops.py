@@ -114,6 +114,20 @@ def set_adapter(model: nn.Module, names: Union[str, Sequence[str], None]) -> Non
         layer.active_adapters = list(wanted)
 
 
+def set_adapter_rank(model: nn.Module, rank: Optional[int], name: str = "default") -> None:
+    """Run DyLoRA adapter ``name`` cut to its first ``rank`` components (``None``: all ``r``), as
+    the LoRA adapter of that rank it holds; training steps keep drawing their own ranks."""
+    from .adapters.dylora import check_rank, dylora_layers
+
+    state = get_state(model)
+    if name not in state.configs:
+        raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
+    if rank is not None:
+        check_rank(state.configs[name], rank)
+    for layer in dylora_layers(model, name):
+        layer.set_rank_limit(name, rank)
+
+
 def active_adapters(model: nn.Module) -> list[str]:
     """Names of the active adapters."""
     return list(get_state(model).active)

@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .adapters.dylora import cut_to_rank
 from .adapters.method import method_for
 from .config import config_from_dict
 from .files import replace_folder_files, utf8_text
@@ -52,15 +53,24 @@ def gathered_adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Ten
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default",
-                 tensors: Optional[dict[str, torch.Tensor]] = None) -> Path:
+                 tensors: Optional[dict[str, torch.Tensor]] = None, rank: Optional[int] = None) -> Path:
     """Write adapter ``name`` as PEFT writes it. Config and weights are replaced together: a
     reader never finds new weights beside an old config; other files in the folder stay.
-    ``tensors``: the weights already gathered (``gathered_adapter_tensors``), for sharded models."""
+    ``tensors``: the weights already gathered (``gathered_adapter_tensors``), for sharded models.
+    ``rank``: write a DyLoRA adapter's first ``rank`` components as a plain PEFT LoRA adapter."""
     state = get_state(model)
     if name not in state.configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
     tensors = gathered_adapter_tensors(model, name) if tensors is None else tensors
-    config = state.configs[name].to_dict()
+    adapter_config = state.configs[name]
+    if rank is not None:
+        adapter_config, tensors = cut_to_rank(adapter_config, tensors, rank)
+    return write_adapter_files(path, adapter_config, tensors)
+
+
+def write_adapter_files(path: Union[str, os.PathLike], adapter_config, tensors: dict[str, torch.Tensor]) -> Path:
+    """Replace ``path``'s config and weights together with ``adapter_config`` and ``tensors``."""
+    config = adapter_config.to_dict()
     config["inference_mode"] = True  # PEFT records saved adapters as inference-mode
     text = json.dumps(config, indent=2, sort_keys=True)
     return replace_folder_files(path, {
@@ -131,7 +141,7 @@ def load_adapter(
     folder = Path(path)
     config = read_adapter_config(folder)
     weights = weights_file(folder)
-    tensors = _read_weights(weights)
+    tensors = read_weights(weights)
 
     base_tensors = {id(p) for p in model.parameters()}  # before the adapter adds its own
 
@@ -147,7 +157,7 @@ def load_adapter(
         raise ValueError(f"{folder}: {err}") from None
 
 
-def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
+def read_weights(weights: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; a pickle or a damaged file is a ValueError naming it."""
     try:
         tensors = load_file(str(weights))

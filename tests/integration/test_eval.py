@@ -136,3 +136,29 @@ def test_eval_compares_adapters_of_different_methods(tmp_path, trained):
     # each adapter was really in place for its turn (the tiny model's greedy text barely differs)
     perplexities = [results[m]["perplexity"] for m in ("base", "run", "ia3", "prompt_tuning")]
     assert len(set(perplexities)) == 4
+
+
+def test_eval_ranks_scores_each_cut_of_a_dylora_adapter(tmp_path, default_tokenizer):
+    model = tiny_chat_model_dir(tmp_path / "model", default_tokenizer)
+    data = word_meaning_data(tmp_path / "data.jsonl", 24)
+    run = tmp_path / "dy"
+    train(load_config(None, {"model": str(model), "data.path": str(data), "output_dir": str(run), "max_steps": 4,
+                             "lr": 1e-2, "method": "dylora", "lora.r": 4, "batch_size": 4}), log=lambda *_: None)
+    out = tmp_path / "eval"
+    assert main(["eval", "--adapter", str(run), "--data", str(data), "--model", str(model), "--ranks", "1,2,4",
+                 "--output-dir", str(out), "--max-new-tokens", "4", "--limit", "6"]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert list(results) == ["base", "dy@r1", "dy@r2", "dy@r4"]
+    # each cut is its own model: the perplexities of the references differ between ranks
+    assert len({round(results[k]["perplexity"], 6) for k in results}) == 4
+    report = (out / "report.md").read_text()
+    assert "## Score against rank" in report and "| dy | 2 |" in report
+    assert (out / "ranks.png").stat().st_size > 0
+    # the rank-2 row is what the adapter exported at rank 2 scores as a plain LoRA adapter
+    assert main(["export", "--adapter", str(run / "adapter"), "--rank", "2", "--out", str(tmp_path / "r2")]) == 0
+    alone = run_eval(EvalConfig(adapters=[str(tmp_path / "r2")], data=str(data), model=str(model),
+                                output_dir=str(tmp_path / "eval2"), max_new_tokens=4, limit=6), log=lambda *_: None)
+    assert alone["r2"]["perplexity"] == pytest.approx(results["dy@r2"]["perplexity"], rel=1e-5)
+    with pytest.raises(DataError, match="--ranks"):
+        run_eval(EvalConfig(adapters=[str(run)], data=str(data), model=str(model), ranks=[8],
+                            output_dir=str(tmp_path / "bad")), log=lambda *_: None)

@@ -88,3 +88,18 @@ def test_saved_activations_counts_less_with_cheap_recompute(tmp_path, tiny_dir):
     kept, lean = result["runs"]["kept"], result["runs"]["cheap_recompute"]
     assert 0 < lean["saved_bytes"] < 0.85 * kept["saved_bytes"]
     assert result["saved_ratio"] == lean["saved_bytes"] / kept["saved_bytes"] and len(kept["seconds"]) == 2
+
+
+def test_dylora_rank_benchmark_scores_every_cut_beside_a_lora_per_rank(tmp_path, tiny_dir):
+    out = tmp_path / "ranks.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "dylora_ranks.py"), "--small", "--ranks", "2,4", "--model",
+                    str(tiny_dir), "--work", str(tmp_path / "work"), "--out", str(out)], check=True,
+                   capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["quantize"] == "nf4" and [row["rank"] for row in report["rows"]] == [2, 4]
+    for row in report["rows"]:
+        for who in ("dylora", "lora"):
+            assert 0 <= row[who]["rougeL"] <= 1 and row[who]["perplexity"] > 1
+    assert set(report["train_seconds"]) == {"dylora", "lora-r2", "lora-r4"}
+    # the two cuts of the one DyLoRA adapter are different models
+    assert report["rows"][0]["dylora"]["perplexity"] != report["rows"][1]["dylora"]["perplexity"]

@@ -26,7 +26,7 @@ def setup(tmp_path, default_tokenizer):
 
 
 METHOD_OPTIONS = {
-    "loha": {"r": 4}, "lokr": {"r": 4}, "adalora": {"init_r": 6, "target_r": 2}, "ia3": {}, "vera": {"r": 16},
+    "dylora": {"r": 8, "r_min": 2}, "loha": {"r": 4}, "lokr": {"r": 4}, "adalora": {"init_r": 6, "target_r": 2}, "ia3": {}, "vera": {"r": 16},
     "nola": {"num_basis_A": 16, "num_basis_B": 16}, "bottleneck": {"reduction_factor": 4},
     "prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4},
     "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, "top_layers": {},
@@ -70,6 +70,21 @@ def test_adalora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
     ranks = [json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
              for run in ("straight", "killed")]
     assert ranks[0] == ranks[1]
+
+
+def test_dylora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
+    # each step's rank comes from the seed and the step, so a resumed run draws the same ranks
+    common = {**setup, "method": "dylora", "adapter": {"r": 8, "r_min": 1}, "save_steps": 3}
+    train(load_config(None, {**common, "output_dir": str(tmp_path / "straight")}), log=lambda *_: None)
+    killed = {**common, "output_dir": str(tmp_path / "killed")}
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(TESTS), json.dumps(killed), "5"],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    train(load_config(None, {**killed, "resume": True}), log=lambda *_: None)
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert dt.read_adapter_config(tmp_path / "killed" / "adapter").peft_type == "DYLORA"
 
 
 def test_adalora_training_adds_the_orthogonality_penalty(tmp_path, setup, monkeypatch):

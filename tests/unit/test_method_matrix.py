@@ -14,6 +14,7 @@ from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 # name -> (architecture, config, a new adapter leaves outputs unchanged)
 METHODS = {
     "lora": ("llama", lambda: dt.LoraConfig(r=4, target_modules="all-linear"), True),
+    "dylora": ("llama", lambda: dt.DyLoraConfig(r=4, r_min=1, target_modules="all-linear"), True),
     "dora": ("llama", lambda: dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True), True),
     "loha": ("llama", lambda: dt.LoHaConfig(r=4, alpha=8, target_modules="all-linear"), True),
     "lokr": ("llama", lambda: dt.LoKrConfig(r=4, alpha=8, target_modules="all-linear"), True),
@@ -144,7 +145,7 @@ def test_bitfit_on_a_model_without_biases_says_so():
         dt.add_adapter(tiny_model("llama"), dt.SelectiveConfig(bitfit=True))
 
 
-ROUTED = ["loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck-houlsby", "top-layer"]
+ROUTED = ["dylora", "loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck-houlsby", "top-layer"]
 
 
 @pytest.mark.parametrize("method", ROUTED)
@@ -177,7 +178,7 @@ def test_soft_prompts_refuse_per_row_routing():
         model(sample_ids())
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck-houlsby"])
+@pytest.mark.parametrize("method", ["dylora", "loha", "lokr", "adalora", "ia3", "vera", "nola", "bottleneck-houlsby"])
 def test_weight_methods_on_an_nf4_base(method):
     from deltatune.quant import QuantizeConfig, dequantize_model, quantize_model
 

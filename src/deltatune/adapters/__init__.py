@@ -22,4 +22,4 @@ __all__ = [
     "register_method",
 ]
 
-from . import adalora, bottleneck, ia3, lokr_loha, nola, prompt, selective, vera  # noqa: E402,F401  (register their methods)
+from . import adalora, bottleneck, dylora, ia3, lokr_loha, nola, prompt, selective, vera  # noqa: E402,F401  (register their methods)

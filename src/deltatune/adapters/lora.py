@@ -53,21 +53,61 @@ class LoraLayer(LinearAdapterLayer):
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        # DyLoRA's nested ranks: the rank an adapter is cut to outside training (merging, saving at
+        # a rank, evaluation), and the rank drawn for the current training step; absent: all of r
+        self.rank_limit: dict[str, int] = {}
+        self.step_rank: dict[str, int] = {}
         # DoRA norms per adapter, and the base weight's squared row norms: (what they were computed from, value)
         self._dora_norms: dict[str, tuple] = {}
         self._weight_rows_sq: Optional[tuple] = None
 
     def _forget(self, name: str) -> None:
         super()._forget(name)
-        for table in (self.r, self.lora_alpha, self._dora_norms):
+        for table in (self.r, self.lora_alpha, self.use_rslora, self.rank_limit, self.step_rank, self._dora_norms):
             table.pop(name, None)
         if name in self.lora_dropout:
             del self.lora_dropout[name]
 
     # ----- factors -----------------------------------------------------------------------
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) with ``B @ A`` the unscaled update in (out, in) layout."""
+    def full_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as stored, all ``r`` components: ``B @ A`` in (out, in) layout."""
         raise NotImplementedError
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with ``B @ A`` the unscaled update in (out, in) layout, cut to the adapter's
+        rank limit (views: writes and gradients reach the stored tensors)."""
+        return self._cut(name, self.rank_limit.get(name))
+
+    def live_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, scale) the next forward pass uses: in training, the rank drawn for the step."""
+        rank = self.step_rank.get(name) if self.training else None
+        if rank is None:
+            return (*self.factors(name), self.scaling[name])
+        return (*self._cut(name, rank), self.rank_scale(name, rank))
+
+    def _cut(self, name: str, rank: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = self.full_factors(name)
+        if rank is None or rank >= A.shape[0]:
+            return A, B
+        return A[:rank], B[:, :rank]
+
+    def rank_scale(self, name: str, rank: int) -> float:
+        """The update's scale at ``rank`` components: alpha / rank (alpha / √rank for rsLoRA), as
+        a LoRA adapter of that rank would have."""
+        rank = min(rank, self.r[name])
+        return self.lora_alpha[name] / (math.sqrt(rank) if self.use_rslora[name] else rank)
+
+    def set_rank_limit(self, name: str, rank: Optional[int]) -> None:
+        """Cut adapter ``name`` to its first ``rank`` components (None: all ``r``) for everything
+        but training steps; the scale follows the rank."""
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before changing its rank")
+        if rank is None or rank >= self.r[name]:
+            self.rank_limit.pop(name, None)
+        else:
+            self.rank_limit[name] = rank
+        self.scaling[name] = self.rank_scale(name, self.rank_limit.get(name, self.r[name]))
 
     def set_factors(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Overwrite adapter ``name``'s factors (shapes must match)."""
@@ -91,7 +131,8 @@ class LoraLayer(LinearAdapterLayer):
         alpha = pattern_value(config.alpha_pattern, key, config.lora_alpha)
         self.r[name] = r
         self.lora_alpha[name] = alpha
-        self.scaling[name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.use_rslora[name] = config.use_rslora
+        self.scaling[name] = self.rank_scale(name, r)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self._create(name, r, config)
         if not from_file:
@@ -154,7 +195,7 @@ class LoraLinear(LoraLayer):
         is_conv1d = type(base_layer).__name__ == "Conv1D"
         super().__init__(base_layer, transposed=is_conv1d or fan_in_fan_out)
 
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def full_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def _create(self, name: str, r: int, config: LoraConfig) -> None:
@@ -238,15 +279,16 @@ class LoraLinear(LoraLayer):
         name = None if args or kwargs else self._single_fused_adapter()
         if name is None:
             return super().forward(x, *args, **kwargs)
-        A, B = self.lora_A[name], self.lora_B[name]
-        return kernels.lora_linear(x, self.base_layer.weight, self.base_layer.bias, A.weight, B.weight, B.bias,
-                                   self.scaling[name], self.dropout_p(name), transposed=self.transposed)
+        A, B, scale = self.live_factors(name)
+        return kernels.lora_linear(x, self.base_layer.weight, self.base_layer.bias, A, B, self.lora_B[name].bias,
+                                   scale, self.dropout_p(name), transposed=self.transposed)
 
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        scale = self.scaling[name]
         if name not in self.lora_magnitude_vector:
-            return kernels.lora_add(x, result, A.weight, B.weight, B.bias, scale, self.dropout_p(name))
+            A, B, scale = self.live_factors(name)
+            return kernels.lora_add(x, result, A, B, self.lora_B[name].bias, scale, self.dropout_p(name))
+        A, B = self.lora_A[name], self.lora_B[name]  # DoRA has no rank limit (DyLoRA refuses it)
+        scale = self.scaling[name]
         magnitude = self.lora_magnitude_vector[name].weight
         norm = self._dora_norm(name)
         p = self.dropout_p(name)
@@ -322,7 +364,7 @@ class LoraEmbedding(LoraLayer):
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer, transposed=True)
 
-    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def full_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[name], self.lora_embedding_B[name]
 
     def _create(self, name: str, r: int, config: LoraConfig) -> None:
@@ -341,8 +383,7 @@ class LoraEmbedding(LoraLayer):
         nn.init.normal_(self.lora_embedding_B[name])
 
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        A, B = self.factors(name)
-        scale = self.scaling[name]
+        A, B, scale = self.live_factors(name)
         delta = kernels.embedding_delta(x, A, B, scale, self.base_layer)
         embed_scale = kernels.embed_scale_of(self.base_layer)
         if embed_scale is not None:

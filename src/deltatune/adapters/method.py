@@ -54,6 +54,10 @@ class Method:
         """A term the training loop adds to the loss (AdaLoRA's orthogonality penalty)."""
         return None
 
+    def before_step(self, model: nn.Module, name: str, config: AdapterConfig, step: int) -> None:
+        """Called by the training loop before optimizer step ``step`` (0-based) takes its first
+        micro-batch (DyLoRA draws the step's rank)."""
+
     def after_step(self, model: nn.Module, name: str, config: AdapterConfig, step: int) -> None:
         """Called by the training loop after each optimizer step, gradients still present."""
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from ..allocator import relaunch_with_allocator
 
 # the subcommand modules, in --help's order (imported by build_parser: they bring in torch)
-SUBCOMMANDS = ("demo", "train", "eval", "merge", "compare", "bench", "plan", "serve", "info")
+SUBCOMMANDS = ("demo", "train", "eval", "merge", "compare", "bench", "plan", "serve", "export", "info")
 
 # What deltatune raises for input it cannot use (ConfigError and DataError are ValueErrors);
 # set DELTATUNE_TRACEBACK=1 to see the traceback instead of the one line.

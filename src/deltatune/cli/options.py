@@ -128,6 +128,16 @@ def _list_value(text: str) -> list:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _int_list(text: str) -> list:
+    values = _list_value(text)
+    if not all(isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in values):
+        raise ValueError(text)
+    return [int(v) for v in values]
+
+
+_int_list.__name__ = "list of integers"  # argparse's "invalid list of integers value: 'x'"
+
+
 def _text_value(text: str) -> Any:
     # A text field stays text, except a list or mapping written inline ("[q_proj, v_proj]").
     return _yaml_value(text) if text.lstrip()[:1] in ("[", "{") else text
@@ -142,6 +152,8 @@ def converter(leaf: Leaf) -> Callable[[str], Any]:
         raise TypeError("booleans are switches, not values")
     if kind in ("int", "float"):
         return _number(int if kind == "int" else float)
+    if kind == "list[int]":
+        return _int_list
     if kind == "list" or kind.startswith("list["):
         return _list_value
     return _text_value

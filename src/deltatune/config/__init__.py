@@ -8,7 +8,7 @@ from .base import (
     config_from_dict,
     register_config,
 )
-from .lora import LoraConfig
+from .lora import DyLoraConfig, LoraConfig
 from .methods import (
     AdaLoraConfig,
     BottleneckConfig,
@@ -25,6 +25,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterConfig",
     "BottleneckConfig",
+    "DyLoraConfig",
     "IA3Config",
     "LoHaConfig",
     "LoKrConfig",

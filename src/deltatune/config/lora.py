@@ -88,3 +88,33 @@ class LoraConfig(TargetedConfig):
             # PEFT refuses this combination, so such an adapter could not be shared as a PEFT file.
             raise ValueError("LoraConfig: lora_bias=True cannot be combined with use_dora=True (PEFT refuses it "
                              "too); set lora_bias=False to train DoRA, or use_dora=False to train a LoRA bias")
+
+
+@register_config
+@dataclass
+class DyLoraConfig(LoraConfig):
+    """DyLoRA (nested ranks; QDyLoRA on a 4-bit base): LoRA whose every training step draws a
+    rank b uniformly from ``r_min``..``r`` and uses only the first b rows of A and columns of B,
+    scaled by alpha / b, so the adapter cut to any rank b up to r is a trained LoRA adapter of
+    rank b. PEFT has no DyLoRA: its files are deltatune's own (PEFT's LoRA layout under
+    ``peft_type`` "DYLORA"); ``save_adapter(..., rank=b)`` writes a PEFT LoRA adapter of rank b.
+
+    ``rank_seed``: seeds the ranks drawn (step s of any run with the same seed draws the same
+    rank, so a resumed run continues exactly).
+    """
+
+    peft_type: ClassVar[str] = "DYLORA"
+    r_min: int = 1
+    rank_seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.r_min, int) or isinstance(self.r_min, bool) or not 1 <= self.r_min <= self.r:
+            raise ValueError(f"DyLoraConfig.r_min must be an integer from 1 to r={self.r}, got {self.r_min!r}")
+        if self.use_dora:
+            raise ValueError("DyLoraConfig.use_dora: DoRA's magnitudes are fitted to one rank, so DyLoRA "
+                             "cannot cut them; train DoRA with the dora method")
+        if self.init_lora_weights not in (True, "gaussian"):
+            # PiSSA/OLoRA move the base's principal part into A and B: a cut would drop it
+            raise ValueError(f"DyLoraConfig.init_lora_weights={self.init_lora_weights!r}: DyLoRA starts from "
+                             "a zero update (True or 'gaussian'), so every rank starts at the base model")

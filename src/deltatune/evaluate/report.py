@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..files import write_atomically, write_text_atomically
@@ -10,7 +11,10 @@ from ..files import write_atomically, write_text_atomically
 _LOWER_IS_BETTER = ("perplexity",)
 
 
-def write_outputs(out: Path, metrics: dict[str, dict[str, float]], rows: list[dict], loss_curves: list[str]) -> None:
+def write_outputs(out: Path, metrics: dict[str, dict[str, float]], rows: list[dict], loss_curves: list[str],
+                  ranked: bool = False) -> None:
+    """Write the files; ``ranked``: rows ``NAME@rB`` are one adapter at several ranks, so the
+    report gets a table and a plot (ranks.png) of score against rank as well."""
     out.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r) + "\n" for r in rows)
     write_text_atomically(out / "predictions.jsonl", text)
@@ -18,7 +22,33 @@ def write_outputs(out: Path, metrics: dict[str, dict[str, float]], rows: list[di
     write_text_atomically(out / "metrics.json", blob)
     _bar_chart(metrics, out / "metrics.png")
     report = _markdown(metrics, rows, loss_curves)
+    if ranked:
+        _rank_plot(metrics, out / "ranks.png")
+        report = report.replace("## Examples", f"## Score against rank\n\n{rank_table(metrics)}\n\n"
+                                "![score against rank](ranks.png)\n\n## Examples", 1)
     write_text_atomically(out / "report.md", report)
+
+
+def by_rank(metrics: dict[str, dict[str, float]]) -> dict[str, dict[int, dict[str, float]]]:
+    """``{adapter: {rank: scores}}`` from rows named ``NAME@rB``."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for row, scores in metrics.items():
+        found = re.fullmatch(r"(.+)@r(\d+)", row)
+        if found:
+            out.setdefault(found[1], {})[int(found[2])] = scores
+    return out
+
+
+def rank_table(metrics: dict[str, dict[str, float]]) -> str:
+    """One row per adapter and rank: every metric, and the base's scores for comparison."""
+    names = list(next(iter(metrics.values())))
+    lines = ["| adapter | rank | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+    if "base" in metrics:
+        lines.append("| base | - | " + " | ".join(f"{metrics['base'][n]:.4f}" for n in names) + " |")
+    for adapter, ranks in by_rank(metrics).items():
+        for rank in sorted(ranks):
+            lines.append(f"| {adapter} | {rank} | " + " | ".join(f"{ranks[rank][n]:.4f}" for n in names) + " |")
+    return "\n".join(lines)
 
 
 def table(metrics: dict[str, dict[str, float]]) -> str:
@@ -73,6 +103,28 @@ def _bar_chart(metrics: dict[str, dict[str, float]], png: Path) -> None:
     ax.set_xticklabels([n + (" /100" if n in ("bleu", "chrf") else "") for n in names], rotation=30, ha="right")
     ax.set_ylabel("score")
     ax.legend()
+    fig.tight_layout()
+    write_atomically(png, lambda p: fig.savefig(p, format="png"))
+    plt.close(fig)
+
+
+def _rank_plot(metrics: dict[str, dict[str, float]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in next(iter(metrics.values())) if n not in _LOWER_IS_BETTER]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for adapter, ranks in by_rank(metrics).items():
+        xs = sorted(ranks)
+        for n in names:
+            scale = 100.0 if n in ("bleu", "chrf") else 1.0
+            ax.plot(xs, [ranks[x][n] / scale for x in xs], marker="o", label=f"{adapter}: {n}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("score (BLEU, chrF /100)")
+    ax.legend(fontsize="small")
     fig.tight_layout()
     write_atomically(png, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

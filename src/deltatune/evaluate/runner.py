@@ -15,7 +15,8 @@ import torch
 
 from ..data import DataConfig, DataError
 from ..io import load_adapter
-from ..adapter_ops import delete_adapter, disable_adapters, set_adapter
+from ..adapter_ops import delete_adapter, disable_adapters, get_state, set_adapter, set_adapter_rank
+from ..adapters.dylora import check_rank
 from ..loading import load_model
 from ..quant.convert import check_quant_type
 from . import metrics as text_metrics
@@ -56,6 +57,8 @@ class EvalConfig:
     """Render prompt/completion records as a one-turn chat (as training's data.chat_template)."""
     seed: int = 0
     """Seed for sampling."""
+    ranks: list[int] = field(default_factory=list)
+    """DyLoRA adapters: evaluate each one cut to each of these ranks (e.g. 2,4,8,16), rows NAME@rB, with a table and plot of score against rank."""
 
 
 def _adapter_dir(path: Path) -> tuple[Path, Optional[Path]]:
@@ -92,9 +95,21 @@ def check_eval_settings(cfg: EvalConfig, loading: bool = True) -> None:
     if cfg.limit < 0:
         raise DataError(f"--limit: {cfg.limit} must be 0 (all) or more")
     check_quant_type(cfg.quantize)
+    bad = [r for r in cfg.ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+    if bad:
+        raise DataError(f"--ranks: {bad} are not ranks; give positive integers, e.g. --ranks 2,4,8,16")
     if loading:
         for raw in cfg.adapters:
             _adapter_dir(Path(raw))  # a folder without an adapter fails now, not after loading
+
+
+def _check_ranks(config, ranks: list, adapter: str) -> None:
+    """Refuse ``--ranks`` for an adapter that cannot be cut to each of them."""
+    for rank in ranks:
+        try:
+            check_rank(config, rank, what=f"--ranks (adapter {adapter})")
+        except ValueError as err:
+            raise DataError(str(err)) from None
 
 
 def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve: Optional[Path] = None) -> dict:
@@ -116,17 +131,19 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve:
             name = _name_for(Path(raw), set(names))
             try:  # fail before any evaluation if an adapter does not fit
                 load_adapter(model, folder, name=name)
+                config = get_state(model).configs[name]
                 delete_adapter(model, name)
             except (ValueError, TypeError) as err:
                 raise DataError(f"adapter {raw} does not fit this base model: {err}") from None
+            _check_ranks(config, cfg.ranks, raw)
             names.append(name)
             folders[name] = folder
             if curve is not None:
                 curves.append(curve)
     else:
-        from ..adapter_ops import get_state
-
         names = list(get_state(model).configs)
+        for name in names:
+            _check_ranks(get_state(model).configs[name], cfg.ranks, name)
         if loss_curve is not None and Path(loss_curve).is_file():
             curves.append(Path(loss_curve))
     if tokenizer is None:
@@ -139,12 +156,15 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve:
     results: dict[str, dict[str, float]] = {}
     rows: list[dict] = []
     references = [e.reference for e in examples]
-    for who in ["base", *names]:
+    runs: list[tuple[str, str, Optional[int]]] = [("base", "base", None)]  # (row, adapter, rank)
+    for name in names:
+        runs += [(f"{name}@r{rank}", name, rank) for rank in cfg.ranks] or [(name, name, None)]
+    for who, name, rank in runs:
         if who == "base":
             context = disable_adapters(model)
         else:
-            context = _loaded(model, who, folders[who]) if who in folders else _active(model, who)
-        with context:
+            context = _loaded(model, name, folders[name]) if name in folders else _active(model, name)
+        with context, _at_rank(model, name, rank):
             predictions = generate(model, tokenizer, examples, cfg.batch_size, cfg.max_new_tokens, seq2seq,
                                    cfg.do_sample, cfg.temperature, cfg.top_p)
             scores = text_metrics.compute(list(cfg.metrics), predictions, references)
@@ -162,7 +182,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None, log=print, loss_curve:
         target = f"loss-{names[i]}.png" if len(curves) > 1 else "loss.png"
         shutil.copyfile(curve, out / target)
         copied.append(target)
-    write_outputs(out, results, rows, copied)
+    write_outputs(out, results, rows, copied, ranked=bool(cfg.ranks))
     seconds = time.perf_counter() - started
     log(f"\nevaluated {len(examples)} examples x {len(results)} models in {seconds:.1f}s; "
         f"report: {out / 'report.md'}\n")
@@ -178,6 +198,19 @@ def _loaded(model, name: str, folder: Path):
         yield
     finally:
         delete_adapter(model, name)
+
+
+@contextlib.contextmanager
+def _at_rank(model, name: str, rank: Optional[int]):
+    """Within the block DyLoRA adapter ``name`` runs cut to ``rank`` (None: as it is)."""
+    if rank is None:
+        yield
+        return
+    set_adapter_rank(model, rank, name)
+    try:
+        yield
+    finally:
+        set_adapter_rank(model, None, name)
 
 
 class _active:

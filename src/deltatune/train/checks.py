@@ -51,7 +51,7 @@ def check_settings(cfg: TrainConfig) -> None:
                  "early_stopping_patience", "lr", "weight_decay", "max_grad_norm", "eval_max_new_tokens"):
         _at_least(name, getattr(cfg, name), 0)
     _at_least("lora_plus_ratio", cfg.lora_plus_ratio, 0)
-    if cfg.lora_plus_ratio and cfg.method not in ("lora", "dora"):
+    if cfg.lora_plus_ratio and cfg.method not in ("lora", "dora", "dylora"):
         raise ConfigError(f"lora_plus_ratio: {cfg.lora_plus_ratio:g} sets the learning rate of LoRA's B matrices; "
                           f"method {cfg.method!r} has none (use lora or dora, or leave it at 0)")
     if cfg.batch_tokens and cfg.batch_tokens < cfg.data.max_seq_len:

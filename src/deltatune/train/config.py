@@ -48,7 +48,7 @@ class TrainConfig:
     quantize: str = ""
     """Load the base quantized: nf4, fp4 or int8 (QLoRA); empty: full precision."""
     method: str = "lora"
-    """Adapter method: lora, dora, loha, lokr, adalora, ia3, vera, nola, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, p_tuning, bitfit, top_layers."""
+    """Adapter method: lora, dylora (QDyLoRA with --quantize), dora, loha, lokr, adalora, ia3, vera, nola, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, p_tuning, bitfit, top_layers."""
     lora: LoraOptions = field(default_factory=LoraOptions)
     """LoRA/DoRA settings."""
     adapter: dict = field(default_factory=dict)

@@ -285,6 +285,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     batches_epoch, batches = -1, []
     while step < total_steps:
         step_loss = 0.0
+        method.before_step(model, "default", adapter_cfg, step)  # DyLoRA draws the step's rank
         with timer.phase("steps"):  # forward, backward and the optimizer step
             for accumulated in range(cfg.grad_accum):
                 epoch, index = divmod(micro, max(1, steps_per_epoch * cfg.grad_accum))

@@ -33,6 +33,8 @@ RECIPES: dict[str, MethodRecipe] = {
     # up to three passes): chosen on the validation splits of the default job and the docstring
     # task (benchmarks/sweep_defaults.py, docs/training.md)
     "lora": MethodRecipe("LORA", 1e-3, epochs=1.0, min_tokens=24_000),
+    # DyLoRA/QDyLoRA: LoRA's recipe; every step trains a rank drawn from 1..r (adapters/dylora.py)
+    "dylora": MethodRecipe("DYLORA", 1e-3, epochs=1.0, min_tokens=24_000),
     "dora": MethodRecipe("LORA", 2e-4, {"use_dora": True}),
     # LoHa, LoKr and AdaLoRA at 4e-3: chosen over 1e-3 by validation loss (benchmarks/choose_lr.py)
     "loha": MethodRecipe("LOHA", 4e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
@@ -67,7 +69,7 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
     """The adapter config of a run: the recipe's settings, then ``lora``/``adapter`` options."""
     recipe = recipe_for(cfg)
     cls = CONFIG_REGISTRY[recipe.peft_type]
-    if cls is LoraConfig:
+    if issubclass(cls, LoraConfig):  # LoRA and DyLoRA take the lora group's settings
         options = {**to_dict(cfg.lora), **recipe.options, **cfg.adapter}
     else:
         if cfg.lora != type(cfg.lora)():
@@ -81,6 +83,8 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
         options.setdefault("total_step", total_steps)
         options.setdefault("tinit", total_steps // 10)
         options.setdefault("tfinal", total_steps // 5)
+    if recipe.peft_type == "DYLORA":
+        options.setdefault("rank_seed", cfg.seed)
     known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
     unknown = sorted(set(options) - known)
     if unknown:
