@@ -56,8 +56,9 @@ def test_adalora_records_final_ranks(tmp_path, setup):
     assert sum(v.shape[0] for k, v in tensors.items() if k.endswith("lora_E")) == sum(kept)
 
 
-def test_adalora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
-    common = {**setup, "method": "adalora", "adapter": {"init_r": 6, "target_r": 2, "deltaT": 1}, "save_steps": 3}
+def _straight_and_resumed(tmp_path, common: dict) -> None:
+    """Train ``common`` straight through, and again killed at step 5 and resumed; the two
+    adapters must be the same bits."""
     train(load_config(None, {**common, "output_dir": str(tmp_path / "straight")}), log=lambda *_: None)
     killed = {**common, "output_dir": str(tmp_path / "killed")}
     proc = subprocess.run([sys.executable, "-c", KILLER, str(TESTS), json.dumps(killed), "5"],
@@ -67,6 +68,11 @@ def test_adalora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
     a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adalora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
+    _straight_and_resumed(tmp_path, {**setup, "method": "adalora", "save_steps": 3,
+                                     "adapter": {"init_r": 6, "target_r": 2, "deltaT": 1}})
     ranks = [json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
              for run in ("straight", "killed")]
     assert ranks[0] == ranks[1]
@@ -74,16 +80,7 @@ def test_adalora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
 
 def test_dylora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
     # each step's rank comes from the seed and the step, so a resumed run draws the same ranks
-    common = {**setup, "method": "dylora", "adapter": {"r": 8, "r_min": 1}, "save_steps": 3}
-    train(load_config(None, {**common, "output_dir": str(tmp_path / "straight")}), log=lambda *_: None)
-    killed = {**common, "output_dir": str(tmp_path / "killed")}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(TESTS), json.dumps(killed), "5"],
-                          capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    train(load_config(None, {**killed, "resume": True}), log=lambda *_: None)
-    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _straight_and_resumed(tmp_path, {**setup, "method": "dylora", "adapter": {"r": 8, "r_min": 1}, "save_steps": 3})
     assert dt.read_adapter_config(tmp_path / "killed" / "adapter").peft_type == "DYLORA"
 
 
