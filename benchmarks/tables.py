@@ -290,6 +290,29 @@ def dylora_ranks_table(report: dict) -> str:
                    "LoRA", "perplexity: DyLoRA cut", "LoRA"], rows)
 
 
+def preference_job_table(result: dict) -> str:
+    """``preference_job.py``: each default preference job's held-out (test) figures and its time."""
+    rows = []
+    for job in result["jobs"].values():
+        report, last = job["evaluation"], job["validation"]["last"]
+        rows.append([f"`{job['command']}`", f"{report['preference_accuracy_before']:.3f}",
+                     f"{report['preference_accuracy_after']:.3f}", f"{report['reward_accuracy']:.3f}",
+                     f"{report['reward_margin']:.2f}", f"{last['eval_preference_accuracy']:.3f}", str(job["steps"]),
+                     f"{job['time_seconds']['reference']:.0f}", f"{job['time_seconds']['steps']:.0f}",
+                     f"{job['wall_seconds']:.0f}"])
+    return _table(["command", "test preference accuracy: base", "tuned", "test reward accuracy", "reward margin",
+                   "validation preference accuracy", "steps", "reference s", "steps s", "wall s"], rows)
+
+
+def preference_sweep_table(result: dict) -> str:
+    """``preference_job.py --sweep``: each setting's final validation figures (no test split read)."""
+    return _table(["setting", "steps", "validation preference accuracy", "reward accuracy", "validation loss",
+                   "wall s"],
+                  [[r["name"], str(r["steps"]), f"{r['last']['eval_preference_accuracy']:.3f}",
+                    f"{r['last']['eval_reward_accuracy']:.3f}", f"{r['last']['eval_loss']:.4f}",
+                    f"{r['wall_seconds']:.0f}"] for r in result["sweep"]])
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
     "results-*.json": side_by_side_table,
     "bench-*.json": bench_table,
@@ -304,6 +327,8 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "dequant-speed-*.json": dequant_speed_table,
     "quality-*.json": quality_table,
     "sweep-defaults-*.json": sweep_table,
+    "preference-job-*.json": preference_job_table,
+    "preference-sweep-*.json": preference_sweep_table,
     "peak-memory-*.json": peak_memory_table,
     "saved-activations-*.json": saved_activations_table,
     "allocators-*.json": allocators_table,

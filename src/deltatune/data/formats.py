@@ -42,6 +42,9 @@ def detect_format(column_names: list[str], columns: dict[str, str], fmt: str = "
     for name, needed in FORMATS.items():
         if all(mapped(n) in available for n in needed):
             return name
+    if {mapped("chosen"), mapped("rejected")} <= available:
+        raise DataError(f"{where}these are preference pairs (columns {sorted(available)}): train them with "
+                        "--objective dpo or --objective orpo")
     raise DataError(
         f"{where}no known format fits the columns {sorted(available)}: expected 'messages', "
         "'prompt'+'completion', 'instruction'+'output' (+'input') or 'text', or map yours with "

@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 
 from ..data.formats import FORMATS
+from ..data.preference import FORMAT as PREFERENCE_FORMAT
 from ..quant.convert import QUANT_TYPES
 from .config import ConfigError, TrainConfig
 from ..distributed import STRATEGIES
 from .methods import adapter_config
+from .objectives import OBJECTIVES
 from .optimizers import OPTIMIZERS
 from .schedule import SCHEDULES
 
@@ -43,7 +45,8 @@ def check_settings(cfg: TrainConfig) -> None:
     _one_of("optimizer", cfg.optimizer, OPTIMIZERS)
     _one_of("final_eval", cfg.final_eval, FINAL_EVAL)
     _one_of("distributed", cfg.distributed, STRATEGIES)
-    _one_of("data.format", cfg.data.format, ("auto", *FORMATS))
+    _one_of("data.format", cfg.data.format, ("auto", *FORMATS, PREFERENCE_FORMAT))
+    _one_of("objective", cfg.objective, OBJECTIVES)
     for name in ("batch_size", "grad_accum", "logging_steps", "data.max_seq_len", "lora.r"):
         group, _, field = name.rpartition(".")
         _at_least(name, getattr(getattr(cfg, group) if group else cfg, field), 1)
@@ -81,6 +84,55 @@ def check_settings(cfg: TrainConfig) -> None:
         check_sharding(cfg)
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume continues the run in output_dir and --overwrite replaces it: give one of them")
+    check_objective(cfg)
+
+
+def check_objective(cfg: TrainConfig) -> None:
+    """Refuse objective settings that do not fit the objective (a TRL user's ORPO ``beta`` is
+    ``orpo_lambda`` here) or what preference runs do not do yet."""
+    if cfg.beta <= 0:
+        raise ConfigError(f"beta: {cfg.beta!r} must be above 0 (DPO's reward scale; 0.1 is usual)")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing: {cfg.label_smoothing!r} must be in [0, 0.5)")
+    _at_least("orpo_lambda", cfg.orpo_lambda, 0)
+    defaults = TrainConfig()
+    owners = {"beta": "dpo", "label_smoothing": "dpo", "orpo_lambda": "orpo"}
+    for name, owner in owners.items():
+        if getattr(cfg, name) != getattr(defaults, name) and cfg.objective != owner:
+            hint = " (ORPO's weight is orpo_lambda; TRL's ORPOConfig calls it beta)" if name == "beta" else ""
+            raise ConfigError(f"{name}: a setting of objective {owner}, and this run's objective is "
+                              f"{cfg.objective}{hint}")
+    if cfg.objective == "sft":
+        if cfg.init_adapter:
+            raise ConfigError("init_adapter: starts a preference run (objective dpo or orpo) from a supervised adapter")
+        if cfg.data.format == PREFERENCE_FORMAT:
+            raise ConfigError("data.format: preference pairs train with objective dpo or orpo, not sft")
+        return
+    if cfg.data.format not in ("auto", PREFERENCE_FORMAT):
+        raise ConfigError(f"data.format: objective {cfg.objective} reads preference pairs (prompt, chosen, rejected); "
+                          f"{cfg.data.format!r} is an SFT format (leave it at auto, or use {PREFERENCE_FORMAT})")
+    refused = [("data.packing", cfg.data.packing, "a pair's chosen and rejected rows are compared whole"),
+               ("auto_batch", cfg.auto_batch, "its memory probe measures SFT rows"),
+               ("distributed", cfg.distributed == "fsdp" or cfg.fsdp_offload, "preference runs are not sharded yet")]
+    for name, bad, why in refused:
+        if bad:
+            raise ConfigError(f"{name} with objective {cfg.objective}: {why}; leave {name} at its default")
+    if cfg.init_adapter:
+        folder = Path(cfg.init_adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise ConfigError(f"init_adapter: {folder} is not an adapter folder (no adapter_config.json)")
+        if cfg.method != defaults.method or cfg.lora != defaults.lora or cfg.adapter:
+            raise ConfigError("init_adapter: the adapter's own config (its adapter_config.json) is trained; leave "
+                              "method, lora.* and adapter at their defaults")
+        from ..io import read_adapter_config
+
+        try:
+            peft_type = read_adapter_config(folder).peft_type
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"init_adapter: {err}") from None
+        if peft_type != "LORA":
+            raise ConfigError(f"init_adapter: {folder} holds a {peft_type} adapter; preference runs start from "
+                              "LoRA or DoRA adapters for now")
 
 
 SHARDED_METHODS = ("lora", "dora")  # and so QLoRA and QDoRA, on a 4-bit base

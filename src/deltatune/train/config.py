@@ -53,6 +53,16 @@ class TrainConfig:
     """LoRA/DoRA settings."""
     adapter: dict = field(default_factory=dict)
     """Config fields of the method (PEFT names), e.g. --adapter '{r: 8, alpha: 16}'; they override the method's recipe."""
+    objective: str = "sft"
+    """What training minimises: sft (next-token loss on completions), dpo (Direct Preference Optimization: the chosen completion made more likely than the rejected one, measured against the reference, the model the run starts from) or orpo (the SFT loss on the chosen completion plus an odds-ratio term; no reference). dpo and orpo read preference pairs: prompt, chosen, rejected (docs/training.md)."""
+    beta: float = 0.1
+    """DPO's beta (above 0): the scale of the implicit reward beta * log(policy / reference); smaller lets the tuned model move further from the reference. dpo only."""
+    label_smoothing: float = 0.0
+    """Conservative DPO's epsilon in [0, 0.5): the share of pairs taken to be mislabelled, the loss -(1-eps)*logsigmoid(beta*d) - eps*logsigmoid(-beta*d), d the chosen completion's log-ratio to the reference minus the rejected one's; 0: DPO's own loss. dpo only."""
+    orpo_lambda: float = 0.1
+    """ORPO's lambda (at least 0): the weight of the odds-ratio term added to the SFT loss (TRL's ORPOConfig calls it beta). orpo only."""
+    init_adapter: str = ""
+    """Start a dpo or orpo run from this supervised adapter folder (PEFT format, LoRA or DoRA): it is trained, and a frozen copy beside it on the same base is the reference; empty: a new adapter, the base (adapters disabled) the reference. The adapter's own config is used, so method, lora and adapter stay at their defaults."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data settings."""
     output_dir: str = ""

@@ -43,6 +43,7 @@ from .resume import read_checkpoint, write_checkpoint
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
 from .optimizers import make_optimizer
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
+from .preference_step import PreferenceRun
 from .schedule import make_scheduler
 from .timing import PhaseTimer
 from .validation import VALIDATION_BUDGET, eval_batch_size, evaluate, plan_validation, sample_rows
@@ -117,6 +118,8 @@ def _rows(data, cfg: TrainConfig):
 
 
 def _length(row) -> int:
+    if hasattr(row, "width"):  # a preference pair: its chosen and rejected rows
+        return row.width
     return len(row["input_ids"] if isinstance(row, dict) else row.input_ids)
 
 
@@ -153,6 +156,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     timer = PhaseTimer(started)
     check_settings(cfg)  # bad settings fail before the model loads or anything is moved
     recipe_for(cfg)
+    pref = PreferenceRun(cfg, dist.world, log) if cfg.objective != "sft" else None  # dpo, orpo
     output_dir = prepare_output_dir(cfg, dist.is_main, name_from_main=dist.broadcast, log=log)
     dist.barrier()
     resume_from = None
@@ -172,12 +176,14 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     default_job = not cfg.data.path
-    if default_job:  # the shipped default: Velmar taxonomy, validation on unseen animals
-        cfg.data.path = str(DEFAULT_DATA / "train.jsonl")
-        cfg.data.validation_path = cfg.data.validation_path or str(DEFAULT_DATA / "validation.jsonl")
-        cfg.data.test_path = cfg.data.test_path or str(DEFAULT_DATA / "test.jsonl")
+    if default_job:  # the shipped default: Velmar taxonomy (or pairs), validation on unseen animals
+        folder = pref.default_data() if pref else DEFAULT_DATA
+        cfg.data.path = str(folder / "train.jsonl")
+        cfg.data.validation_path = cfg.data.validation_path or str(folder / "validation.jsonl")
+        cfg.data.test_path = cfg.data.test_path or str(folder / "test.jsonl")
     with timer.phase("data"):
-        data = prepare_data(cfg.data, tokenizer, seed=cfg.seed, seq2seq=seq2seq)
+        data = pref.prepare(tokenizer, seq2seq) if pref else prepare_data(cfg.data, tokenizer, seed=cfg.seed,
+                                                                          seq2seq=seq2seq)
         train_rows, val_rows = _rows(data.train, cfg), _rows(data.validation, cfg)
     if dist.is_main:
         log(f"data ({data.format}): train {data.train_stats}; validation {data.validation_stats}")
@@ -200,7 +206,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                f"{VALIDATION_BUDGET:.0%} of the training time; eval_steps asks for it)"))
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
     adapter_cfg = adapter_config(cfg, task_type, total_steps)
-    add_adapter(model, adapter_cfg, "default")
+    if pref:  # a new adapter, or the supervised one given with init_adapter and its frozen copy
+        adapter_cfg = pref.attach(model, adapter_cfg)
+    else:
+        add_adapter(model, adapter_cfg, "default")
     if shards is not None:  # the adapter's values, made as in one process, copied back rank by rank
         keep_real_tensors(model, shards)
     adapter_cfg = get_state(model).configs["default"]  # the live copy (AdaLoRA records its ranks in it)
@@ -209,7 +218,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if dist.is_main:
             log(f"compile: {compiled} transformer blocks; the first step's time includes compiling")
     method = method_for(adapter_cfg)
-    training_loss = TrainingLoss(model)
+    training_loss = pref.loss_module(model) if pref else TrainingLoss(model)
     model_bytes = tensor_bytes(model)
     if dist.choose(_strategy(cfg), model_bytes, device_memory_bytes(dist.device)) == "fsdp":
         check_sharding(cfg)  # auto may pick FSDP2: refuse what it does not run yet, by name
@@ -267,12 +276,16 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         method.load_training_state(model, "default", adapter_cfg, state.get("method", {}))
         if dist.is_main:
             log(f"resumed from {resume_from} at step {step}")
+    if pref:  # the reference's log-probabilities of every pair: from the checkpoint, or computed now
+        with timer.phase("reference"):
+            saved = (state.get("preference") or {}) if resume_from else None
+            pref.start(model, train_rows, val_rows, pad_id, dist.device, saved)
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
     if resume_from is None and validation.at_start:  # the untrained adapter's loss, what training is measured by
         with timer.phase("validation"):
-            initial_eval = evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
+            initial_eval = pref.validate(model) if pref else evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
         if initial_eval is not None:
-            metrics.write({"step": 0, "eval_loss": initial_eval})
+            metrics.write({"step": 0, "eval_loss": initial_eval, **(pref.eval_metrics if pref else {})})
     if dist.is_main:
         write_text_atomically(output_dir / "config.yaml", config_text)
 
@@ -293,8 +306,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                     batches_epoch = epoch
                     batches = make_batches(lengths, cfg.batch_size, cfg.batch_tokens, cfg.group_by_length,
                                            cfg.seed, epoch, dist.rank, dist.world)
-                rows = [train_rows[i] for i in batches[index % len(batches)]]
-                batch = {k: v.to(device) for k, v in collate(rows, pad_id, cfg.data.packing, seq2seq).items()}
+                picked = batches[index % len(batches)]
+                batch = pref.batch(picked) if pref else collate([train_rows[i] for i in picked], pad_id,
+                                                                 cfg.data.packing, seq2seq)
+                batch = {k: v.to(device) for k, v in batch.items()}
                 with dist.micro_batch(ddp_loss, last=accumulated == cfg.grad_accum - 1):
                     lean = recompute if batch["input_ids"].numel() >= RECOMPUTE_MIN_TOKENS else None
                     with autocast(cfg.precision, device), saved_activations(cfg.activation_offload, device, lean):
@@ -318,12 +333,12 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             step += 1
             last_loss = dist.mean(step_loss)
         record = {"step": step, "epoch": round(micro / max(1, steps_per_epoch * cfg.grad_accum), 4),
-                  "loss": last_loss, "lr": lr}
+                  "loss": last_loss, "lr": lr, **(pref.loss.take_metrics() if pref else {})}
         if step % validation.every == 0 or step == total_steps:
             with timer.phase("validation"):
-                eval_loss = evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
+                eval_loss = pref.validate(model) if pref else evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
             if eval_loss is not None:
-                record["eval_loss"] = eval_loss
+                record.update({"eval_loss": eval_loss, **(pref.eval_metrics if pref else {})})
                 if eval_loss < best:
                     best, bad_evals = eval_loss, 0
                     with timer.phase("checkpoints"):
@@ -343,7 +358,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             state = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                      "step": step, "micro": micro, "best": best, "bad_evals": bad_evals,
                      "initial_eval": initial_eval, "global_batch": global_batch,
-                     "method": method.training_state(model, "default", adapter_cfg)}
+                     "method": method.training_state(model, "default", adapter_cfg),
+                     "preference": pref.state() if pref else None}
             with timer.phase("checkpoints"):
                 write_checkpoint(output_dir, step, ddp_loss, model, optimizer, state, config_text, dist)
         dist.barrier()
@@ -373,7 +389,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                    "best_validation_loss": None if best == math.inf else best,
                    "adapter": str(adapter_dir), "output_dir": str(output_dir),
                    "train_examples": data.train_stats.examples, "validation_examples": data.validation_stats.examples,
-                   "precision": cfg.precision,
+                   "precision": cfg.precision, "objective": cfg.objective,
                    # of the first epoch's batches, each padded to its longest row
                    "padding_share": padding_share(make_batches(lengths, cfg.batch_size, cfg.batch_tokens,
                                                                cfg.group_by_length, cfg.seed, 0), lengths),
@@ -383,7 +399,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             log("final evaluation: not run on a sharded model; score the adapter with deltatune eval")
         elif _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):
             with timer.phase("final_evaluation"):
-                summary["evaluation"] = _final_eval(model, tokenizer, cfg, data, output_dir, log)
+                summary["evaluation"] = (pref.final_eval(model, tokenizer, output_dir, log) if pref else
+                                         _final_eval(model, tokenizer, cfg, data, output_dir, log))
             summary["evaluation_split"] = "test" if cfg.data.test_path else "validation"
         summary["time_seconds"] = timer.split()  # the whole call: loading to the final evaluation
         write_text_atomically(output_dir / "summary.json", json.dumps(summary, indent=2))

@@ -1,9 +1,9 @@
 """Where a training run's wall time goes: named phases, and the rest as "other".
 
-``deltatune train`` times loading, data preparation, the training steps (forward, backward,
-optimizer), validation passes, checkpoint and adapter writes and the final evaluation, and
-writes the split to ``summary.json`` (``time_seconds``): a run that spends its time anywhere
-but in the steps shows it there.
+``deltatune train`` times loading, data preparation, a preference run's reference scores, the
+training steps (forward, backward, optimizer), validation passes, checkpoint and adapter writes
+and the final evaluation, and writes the split to ``summary.json`` (``time_seconds``): a run
+that spends its time anywhere but in the steps shows it there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 from collections import defaultdict
 from typing import Iterator
 
-PHASES = ("load", "data", "steps", "validation", "checkpoints", "final_evaluation")
+# "reference": a preference run's reference log-probabilities, computed once before the first step
+PHASES = ("load", "data", "reference", "steps", "validation", "checkpoints", "final_evaluation")
 
 
 class PhaseTimer:
