@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from .records import DataError, _check_jsonl, _lines, load_records
-from .tokenize import IGNORE, Example
+from .tokenize import IGNORE, Example, TokenizeStats
 
 FIELDS = ("prompt", "chosen", "rejected")
 FORMAT = "preference"  # data.format's name for these records
@@ -55,15 +55,8 @@ class PreferencePair:
 
 
 @dataclass
-class PreferenceStats:
-    """Counts reported after tokenizing a split."""
-
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    dropped_indices: list[int] = field(default_factory=list)
+class PreferenceStats(TokenizeStats):
+    """Counts reported after tokenizing a split of pairs (examples are pairs)."""
 
     def __str__(self) -> str:
         return (f"{self.examples} pairs, {self.tokens} tokens ({self.trained_tokens} in completions); "
