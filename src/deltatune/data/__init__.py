@@ -6,13 +6,12 @@ tokens, truncated and dropped ones) for the train and validation splits.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import Optional
 
 from .formats import detect_format, segments
 from .packing import collate, pack, trained_token_count
-from .records import DataError, load_records
+from .records import DataError, load_records, split_validation
 from .tokenize import Example, TokenizeStats, has_trained_token, tokenize_record, tokenize_seq2seq, truncate
 
 __all__ = ["DataConfig", "DataError", "PreparedData", "prepare_data", "collate", "pack", "load_records",
@@ -126,11 +125,7 @@ def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Opt
         detect_format(val_records.column_names, config.columns, fmt, f"{config.validation_path}: ")
         val_rows, val_where = _rows(val_records, f"{config.validation_path}: "), f"{config.validation_path}: "
     else:
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        n_val = int(round(len(rows) * config.validation_fraction)) if len(rows) > 1 else 0
-        val_rows = [rows[i] for i in sorted(order[:n_val])]
-        rows = [rows[i] for i in sorted(order[n_val:])]
+        rows, val_rows = split_validation(rows, config.validation_fraction, seed)
         val_where = where
     train, train_stats = _tokenize_split(rows, config, tokenizer, fmt, where, seq2seq)
     if not train:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .records import DataError, _check_jsonl, _lines, load_records
+from .records import DataError, _check_jsonl, _lines, load_records, split_validation
 from .tokenize import IGNORE, Example, TokenizeStats
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -236,8 +236,6 @@ def load_preference_pairs(path: str, tokenizer, config, objective: str = "dpo") 
 def prepare_preference_data(config, tokenizer, seed: int = 0, objective: str = "dpo") -> PreparedPreferenceData:
     """Read, split and tokenize the preference data of the ``DataConfig`` ``config``: a validation
     file, or ``validation_fraction`` of the training records held out with ``seed``."""
-    import random
-
     if tokenizer is None:
         raise DataError("training needs a tokenizer; the model folder has no tokenizer files")
     if not config.path:
@@ -246,11 +244,7 @@ def prepare_preference_data(config, tokenizer, seed: int = 0, objective: str = "
     if config.validation_path:
         val_rows = read_preference_records(config.validation_path, config.columns, objective)
     else:
-        order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
-        n_val = int(round(len(rows) * config.validation_fraction)) if len(rows) > 1 else 0
-        val_rows = [rows[i] for i in sorted(order[:n_val])]
-        rows = [rows[i] for i in sorted(order[n_val:])]
+        rows, val_rows = split_validation(rows, config.validation_fraction, seed)
     settings = (config.columns, config.chat_template, config.max_seq_len)
     train, train_stats = tokenize_preference_split(rows, tokenizer, *settings)
     if not train:

@@ -11,10 +11,22 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import random
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypeVar
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+T = TypeVar("T")
+
+
+def split_validation(rows: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """(train, validation): a seeded ``fraction`` of ``rows`` held out, both in file order."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(rows) * fraction)) if len(rows) > 1 else 0
+    return [rows[i] for i in sorted(order[n_val:])], [rows[i] for i in sorted(order[:n_val])]
 
 
 class DataError(ValueError):

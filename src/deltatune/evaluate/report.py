@@ -21,12 +21,9 @@ def write_outputs(out: Path, metrics: dict[str, dict[str, float]], rows: list[di
     blob = json.dumps(metrics, indent=2)
     write_text_atomically(out / "metrics.json", blob)
     _bar_chart(metrics, out / "metrics.png")
-    report = _markdown(metrics, rows, loss_curves)
     if ranked:
         _rank_plot(metrics, out / "ranks.png")
-        report = report.replace("## Examples", f"## Score against rank\n\n{rank_table(metrics)}\n\n"
-                                "![score against rank](ranks.png)\n\n## Examples", 1)
-    write_text_atomically(out / "report.md", report)
+    write_text_atomically(out / "report.md", _markdown(metrics, rows, loss_curves, ranked))
 
 
 def by_rank(metrics: dict[str, dict[str, float]]) -> dict[str, dict[int, dict[str, float]]]:
@@ -64,7 +61,7 @@ def table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown(metrics, rows, loss_curves) -> str:
+def _markdown(metrics, rows, loss_curves, ranked: bool = False) -> str:
     models = list(metrics)
     parts = ["# Evaluation: base against tuned", "",
              "ROUGE values are means of per-example F-measures (0-1); BLEU and chrF are sacrebleu's corpus "
@@ -72,6 +69,8 @@ def _markdown(metrics, rows, loss_curves) -> str:
              table(metrics), "", "![metrics](metrics.png)", ""]
     for curve in loss_curves:
         parts += [f"![training loss]({curve})", ""]
+    if ranked:
+        parts += ["## Score against rank", "", rank_table(metrics), "", "![score against rank](ranks.png)", ""]
     parts += ["## Examples", ""]
     by_id: dict[int, dict[str, dict]] = {}
     for r in rows:
