@@ -117,7 +117,7 @@ def set_adapter(model: nn.Module, names: Union[str, Sequence[str], None]) -> Non
 def set_adapter_rank(model: nn.Module, rank: Optional[int], name: str = "default") -> None:
     """Run DyLoRA adapter ``name`` cut to its first ``rank`` components (``None``: all ``r``), as
     the LoRA adapter of that rank it holds; training steps keep drawing their own ranks."""
-    from .adapters.dylora import check_rank, dylora_layers
+    from .adapters.low_rank.dylora import check_rank, dylora_layers
 
     state = get_state(model)
     if name not in state.configs:

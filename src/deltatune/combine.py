@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .adapters.lora import LoraLayer
+from .adapters.low_rank.lora import LoraLayer
 from .config import LoraConfig
 from .adapter_ops import add_adapter, adapter_layers, config_for_layers, get_state
 

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters.dylora import cut_to_rank
+from .adapters.low_rank.dylora import cut_to_rank
 from .adapters.method import method_for
 from .config import config_from_dict
 from .files import replace_folder_files, utf8_text

@@ -87,7 +87,7 @@ def test_dylora_resume_after_sigkill_is_bit_identical(tmp_path, setup):
 def test_adalora_training_adds_the_orthogonality_penalty(tmp_path, setup, monkeypatch):
     """The loop minimises loss + orth_reg_weight x AdaLoRA's penalty (PEFT adds it in forward; the
     parity test checks the penalty's value, this checks that training really adds it)."""
-    from deltatune.adapters.adalora import AdaLoraMethod
+    from deltatune.adapters.low_rank.adalora import AdaLoraMethod
 
     seen = []
     original = AdaLoraMethod.loss_penalty

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune.adapter_ops import get_state
-from deltatune.adapters.dylora import DyLoraMethod, cut_to_rank, rank_at_step
-from deltatune.adapters.lora import LoraLayer
+from deltatune.adapters.low_rank.dylora import DyLoraMethod, cut_to_rank, rank_at_step
+from deltatune.adapters.low_rank.lora import LoraLayer
 from deltatune.export.rank import export_rank
 from deltatune.io import adapter_tensors, gathered_adapter_tensors
 from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model

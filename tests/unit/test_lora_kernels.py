@@ -222,7 +222,7 @@ def test_a_base_that_does_more_than_a_linear_keeps_its_own_forward():
     """A subclass of nn.Linear with its own forward, or a hook on the base, is never replaced by
     the fused op: the layer calls the base and adds the adapter after it."""
     import deltatune as dt
-    from deltatune.adapters.lora import LoraLinear
+    from deltatune.adapters.low_rank.lora import LoraLinear
 
     class Doubled(torch.nn.Linear):
         def forward(self, x):

@@ -101,7 +101,7 @@ def test_routing_errors(model_and_base):
 
 def test_routing_groups_rows_not_loops(monkeypatch):
     """Rows are gathered per adapter: one adapter op per adapter, whatever the batch size."""
-    from deltatune.adapters import lora
+    from deltatune.adapters.low_rank import lora
 
     model = tiny_model("llama")
     dt.add_adapter(model, dt.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), name="a")

@@ -1,8 +1,10 @@
-"""Adapter layers, one file per method family; importing this package registers every method."""
+"""Adapter methods, one sub-package per family (``low_rank``, ``scaling``, ``selective``, ``prompt``,
+``inserted``); the protocol (``method.py``) and the layer base (``base.py``, ``linear_base.py``,
+``shared.py``) sit here. Importing this package registers every method."""
 
-from . import lora_method  # noqa: F401  (registers LORA)
+from . import low_rank  # noqa: F401  (registers LORA and the low-rank family)
 from .base import AdapterContainer, AdapterLayer, ModulesToSave, RowPlan, adapter_layers
-from .lora import LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer
+from .low_rank.lora import LoraEmbedding, LoraLayer, LoraLinear, make_lora_layer
 from .method import METHODS, LayerMethod, Method, method_for, register_method
 
 __all__ = [
@@ -22,4 +24,4 @@ __all__ = [
     "register_method",
 ]
 
-from . import adalora, bottleneck, dylora, ia3, lokr_loha, nola, prompt, selective, vera  # noqa: E402,F401  (register their methods)
+from . import inserted, prompt, scaling, selective  # noqa: E402,F401  (register their methods)

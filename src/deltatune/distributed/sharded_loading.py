@@ -213,7 +213,7 @@ def _magnitude_rows(model: nn.Module, name: str, source: ShardSource, start: int
                     decoded: dict) -> torch.Tensor:
     """Rows ``start:stop`` of DoRA's starting magnitude: the row norms of the base weight's rows
     (dequantized, for a 4-bit base) plus the matching rows of ``B @ A`` (A whole: it is ``r`` rows)."""
-    from ..adapters.lora import dora_row_norms
+    from ..adapters.low_rank.lora import dora_row_norms
 
     layer_name, _, rest = name.partition(".lora_magnitude_vector.")
     adapter = rest.split(".")[0]

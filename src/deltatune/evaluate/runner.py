@@ -16,7 +16,7 @@ import torch
 from ..data import DataConfig, DataError
 from ..io import load_adapter
 from ..adapter_ops import delete_adapter, disable_adapters, get_state, set_adapter, set_adapter_rank
-from ..adapters.dylora import check_rank
+from ..adapters.low_rank.dylora import check_rank
 from ..loading import load_model
 from ..quant.convert import check_quant_type
 from . import metrics as text_metrics

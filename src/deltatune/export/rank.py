@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..adapters.dylora import check_rank, cut_to_rank
+from ..adapters.low_rank.dylora import check_rank, cut_to_rank
 from ..io import read_adapter_config, read_weights, weights_file, write_adapter_files
 
 

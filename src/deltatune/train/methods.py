@@ -33,7 +33,7 @@ RECIPES: dict[str, MethodRecipe] = {
     # up to three passes): chosen on the validation splits of the default job and the docstring
     # task (benchmarks/sweep_defaults.py, docs/training.md)
     "lora": MethodRecipe("LORA", 1e-3, epochs=1.0, min_tokens=24_000),
-    # DyLoRA/QDyLoRA: LoRA's recipe; every step trains a rank drawn from 1..r (adapters/dylora.py)
+    # DyLoRA/QDyLoRA: LoRA's recipe; every step trains a rank drawn from 1..r (adapters/low_rank/dylora.py)
     "dylora": MethodRecipe("DYLORA", 1e-3, epochs=1.0, min_tokens=24_000),
     "dora": MethodRecipe("LORA", 2e-4, {"use_dora": True}),
     # LoHa, LoKr and AdaLoRA at 4e-3: chosen over 1e-3 by validation loss (benchmarks/choose_lr.py)

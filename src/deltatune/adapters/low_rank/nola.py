@@ -16,10 +16,10 @@ import math
 import torch
 from torch import nn
 
-from ..config import NolaConfig
-from .linear_base import LinearAdapterLayer
-from .method import register_method
-from .shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform
+from ...config import NolaConfig
+from ..linear_base import LinearAdapterLayer
+from ..method import register_method
+from ..shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform
 
 
 class NolaLinear(LinearAdapterLayer):

@@ -16,11 +16,11 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .. import kernels
-from ..config import LoraConfig
-from ..quant.layers import QuantLinear
-from ..targeting import pattern_value
-from .linear_base import LinearAdapterLayer
+from ... import kernels
+from ...config import LoraConfig
+from ...quant.layers import QuantLinear
+from ...targeting import pattern_value
+from ..linear_base import LinearAdapterLayer
 
 
 def dora_row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

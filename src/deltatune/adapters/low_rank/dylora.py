@@ -17,11 +17,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, DyLoraConfig, LoraConfig
-from .base import adapter_layers
+from ...config import AdapterConfig, DyLoraConfig, LoraConfig
+from ..base import adapter_layers
 from .lora import LoraLayer
 from .lora_method import LoraMethod
-from .method import register_method
+from ..method import register_method
 
 # file keys of the factors, and the dimension that holds the rank
 _RANK_DIMS = {"lora_A.weight": 0, "lora_embedding_A": 0, "lora_B.weight": 1, "lora_embedding_B": 1}

@@ -14,11 +14,11 @@ import re
 import torch
 from torch import nn
 
-from ..config import IA3Config
-from ..config.methods import IA3_TARGETS
-from ..targeting import expand_target_modules
-from .linear_base import LinearAdapterLayer, check_linear_like
-from .method import LayerMethod, register_method
+from ...config import IA3Config
+from ...config.methods import IA3_TARGETS
+from ...targeting import expand_target_modules
+from ..linear_base import LinearAdapterLayer, check_linear_like
+from ..method import LayerMethod, register_method
 
 
 class IA3Linear(LinearAdapterLayer):

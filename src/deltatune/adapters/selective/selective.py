@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..config import SelectiveConfig
-from ..quant.layers import QuantLinear
-from ..module_tree import replace_module
-from .base import AdapterContainer, AdapterLayer, base_parameters
-from .method import FILE_PREFIX, Method, register_method
+from ...config import SelectiveConfig
+from ...quant.layers import QuantLinear
+from ...module_tree import replace_module
+from ..base import AdapterContainer, AdapterLayer, base_parameters
+from ..method import FILE_PREFIX, Method, register_method
 
 
 class TensorCopies(nn.Module):

@@ -13,11 +13,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import VeraConfig
-from .linear_base import LinearAdapterLayer
+from ...config import VeraConfig
+from ..linear_base import LinearAdapterLayer
 from .lora_method import trained_biases
-from .method import FILE_PREFIX, register_method
-from .shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform, shared_tensors
+from ..method import FILE_PREFIX, register_method
+from ..shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform, shared_tensors
 
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
 

@@ -17,10 +17,10 @@ import math
 import torch
 from torch import nn
 
-from ..config import LoHaConfig, LoKrConfig
-from ..targeting import pattern_value
-from .linear_base import WeightDeltaLayer, check_linear_like
-from .method import LayerMethod, register_method
+from ...config import LoHaConfig, LoKrConfig
+from ...targeting import pattern_value
+from ..linear_base import WeightDeltaLayer, check_linear_like
+from ..method import LayerMethod, register_method
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

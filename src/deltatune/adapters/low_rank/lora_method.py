@@ -8,10 +8,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, LoraConfig
-from .base import adapter_layers, base_parameters
+from ...config import AdapterConfig, LoraConfig
+from ..base import adapter_layers, base_parameters
 from .lora import LoraLayer, make_lora_layer
-from .method import FILE_PREFIX, LayerMethod, register_method
+from ..method import FILE_PREFIX, LayerMethod, register_method
 
 # PEFT stores the full base weight of the input/output embedding when the config names one
 # of these (its "save_embedding_layers" rule), e.g. for adapters trained on a resized vocabulary.

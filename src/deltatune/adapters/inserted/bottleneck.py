@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import BottleneckConfig
-from .linear_base import LinearAdapterLayer, check_linear_like
-from .method import LayerMethod, register_method
+from ...config import BottleneckConfig
+from ..linear_base import LinearAdapterLayer, check_linear_like
+from ..method import LayerMethod, register_method
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

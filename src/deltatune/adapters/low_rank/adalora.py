@@ -17,11 +17,11 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..config import AdaLoraConfig
-from .base import adapter_layers
-from .linear_base import LinearAdapterLayer, check_linear_like
+from ...config import AdaLoraConfig
+from ..base import adapter_layers
+from ..linear_base import LinearAdapterLayer, check_linear_like
 from .lora_method import trained_biases
-from .method import FILE_PREFIX, LayerMethod, register_method
+from ..method import FILE_PREFIX, LayerMethod, register_method
 
 _EPS = 1e-5
 

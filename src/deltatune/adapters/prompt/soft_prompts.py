@@ -26,9 +26,9 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
-from .base import AdapterContainer
-from .method import Method, register_method
+from ...config import AdapterConfig, PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
+from ..base import AdapterContainer
+from ..method import Method, register_method
 
 PROMPTS_ATTR = "deltatune_prompts"
 FILE_KEY = "prompt_embeddings"

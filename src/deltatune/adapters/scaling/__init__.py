@@ -1,0 +1,3 @@
+"""Methods that rescale what a layer computes with learned vectors: (IA)³."""
+
+from . import ia3  # noqa: F401  (registers IA3)
