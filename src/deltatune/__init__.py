@@ -45,9 +45,12 @@ _SUBMODULES = ("quant", "train")
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
-    if name not in _HOMES:
+    home = _HOMES.get(name)
+    if home is None and name.endswith("Config"):  # every method's config class (config/ imports no torch)
+        home = ".config" if name in importlib.import_module(".config", __name__).__all__ else None
+    if home is None:
         raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name], __name__), name)
+    value = getattr(importlib.import_module(home, __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
