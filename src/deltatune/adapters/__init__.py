@@ -24,4 +24,4 @@ __all__ = [
     "register_method",
 ]
 
-from . import inserted, prompt, scaling, selective  # noqa: E402,F401  (register their methods)
+from . import inserted, mixture, orthogonal, prompt, scaling, selective, structured  # noqa: E402,F401  (register their methods)

@@ -1,0 +1,1 @@
+"""Methods that mix several adapters with a learned gate."""

@@ -1,0 +1,1 @@
+"""Methods that rotate or reflect what a layer computes with learned orthogonal maps."""

@@ -1,0 +1,1 @@
+"""Methods whose update is a structured full-size matrix from few numbers: spectral, circulant, sparse, sharded."""
