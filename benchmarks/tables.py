@@ -262,6 +262,24 @@ def parity_table(results: dict) -> str:
                   [[case, f"{diff:.1e}" if diff else "0"] for case, diff in rows])
 
 
+def method_properties_table(report: dict) -> str:
+    """``method_properties.py``: per method, trainable parameters on the default model, PEFT parity,
+    merging, per-row routing, an NF4 base, and the method's test score in ``compare-cpu.json``."""
+    compare_file = Path(__file__).parent / "compare-cpu.json"
+    compared = {row["method"]: row for row in json.loads(compare_file.read_text())} if compare_file.exists() else {}
+    total = report["total_parameters_default_model"]
+    rows = []
+    for m in report["methods"]:
+        trainable = m["trainable_default_model"]
+        share = f"{trainable:,} ({100 * trainable / total:.2g}%)" if isinstance(trainable, int) else trainable
+        parity = f"{m['parity_worst']:.0e}" if m["parity_worst"] else ("0" if m["parity_worst"] == 0 else "no PEFT case")
+        c = compared.get(m["method"])
+        score = f"{c['rougeL']:.3f} / {c['exact_match']:.3f}" if c else "not yet compared"
+        rows.append([f"`{m['method']}`", f"`{m['config']}`", share, parity, m["merge"], m["routing"], m["nf4"], score])
+    return _table(["method", "config", "trainable on the default model", "PEFT parity (worst abs logit diff)",
+                   "merge (merged vs unmerged)", "per-row routing", "NF4 base", "compare: ROUGE-L / exact (test)"], rows)
+
+
 def serve_load_table(report: dict) -> str:
     """``serve_load.py``: mixed batches against one adapter at a time, throughput and latency."""
     rows = []
@@ -335,6 +353,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "plan-check-*.json": plan_check_table,
     "serve-load-*.json": serve_load_table,
     "dylora-ranks-*.json": dylora_ranks_table,
+    "method-properties-*.json": method_properties_table,
 }
 # A second table of the same file: "<path>#<view>".
 VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table, "ratios": quality_ratio_table}

@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
     )
     from .io import load_adapter, read_adapter_config, save_adapter
     from .loading import load_model
+    from .lora_from_data import add_lora_from_data
     from .merge_report import MergeReport
 
 # public name -> the module that defines it
@@ -38,6 +39,7 @@ _HOMES = {
     "add_weighted_adapter": ".combine",
     "MergeReport": ".merge_report",
     "load_model": ".loading",
+    "add_lora_from_data": ".lora_from_data",
 }
 _SUBMODULES = ("quant", "train")
 
@@ -79,6 +81,7 @@ __all__ = [
     "MergeReport",
     "active_adapters",
     "add_adapter",
+    "add_lora_from_data",
     "add_weighted_adapter",
     "adapter_per_row",
     "config_from_dict",

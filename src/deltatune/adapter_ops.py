@@ -200,16 +200,24 @@ def merge(model: nn.Module, names: Optional[Sequence[str]] = None, *, requantize
     return measure_merge(model, lambda: _merge_layers(model, names, requantize), tokenizer, requantize, verbose)
 
 
+_VIRTUAL_TOKENS = "it adds virtual tokens in front of the input"
+# why a method's update cannot live in the base weights, by peft_type (default: not linear)
+_WHY_NOT_MERGEABLE = {
+    **dict.fromkeys(("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE"), _VIRTUAL_TOKENS),
+    "ADAPTION_PROMPT": "it adds an attention over learned prompts, not a weight update",
+    "XLORA": "its mixture of LoRA experts is chosen per token from the input",
+}
+
+
 def _check_mergeable(model: nn.Module, state: AdapterState, names: Sequence[str]) -> None:
     """Refuse a merge before any layer changes (the layers check again, as a last guard)."""
     for n in names:
         config = state.configs[n]
         if not config.mergeable:
+            reason = _WHY_NOT_MERGEABLE.get(config.peft_type, "its update is not linear in the input")
             raise ValueError(
-                f"adapter {n!r} ({config.peft_type}) cannot be merged into the base weights: "
-                + ("it adds virtual tokens in front of the input" if config.peft_type in
-                   ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") else "its update is not linear in the input")
-                + "; keep it as an adapter, or use dt.unload(model, merge=False) for the base model"
+                f"adapter {n!r} ({config.peft_type}) cannot be merged into the base weights: {reason}; "
+                "keep it as an adapter, or use dt.unload(model, merge=False) for the base model"
             )
     for key, layer in adapter_layers(model):
         if not isinstance(layer, AdapterLayer):

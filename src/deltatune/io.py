@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .adapters.low_rank.dylora import cut_to_rank
+from .adapters.low_rank.lora_inits.lora_conversion import converted_to_plain_lora
 from .adapters.method import method_for
 from .config import config_from_dict
 from .files import replace_folder_files, utf8_text
@@ -53,11 +54,15 @@ def gathered_adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Ten
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "default",
-                 tensors: Optional[dict[str, torch.Tensor]] = None, rank: Optional[int] = None) -> Path:
+                 tensors: Optional[dict[str, torch.Tensor]] = None, rank: Optional[int] = None,
+                 path_initial_model_for_weight_conversion: Union[str, os.PathLike, None] = None) -> Path:
     """Write adapter ``name`` as PEFT writes it. Config and weights are replaced together: a
     reader never finds new weights beside an old config; other files in the folder stay.
     ``tensors``: the weights already gathered (``gathered_adapter_tensors``), for sharded models.
-    ``rank``: write a DyLoRA adapter's first ``rank`` components as a plain PEFT LoRA adapter."""
+    ``rank``: write a DyLoRA adapter's first ``rank`` components as a plain PEFT LoRA adapter.
+    ``path_initial_model_for_weight_conversion``: the folder where this adapter was saved right
+    after an initialisation that changed the base (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ); the file
+    written is then a plain LoRA adapter of rank 2r for the original base, as PEFT writes it."""
     state = get_state(model)
     if name not in state.configs:
         raise ValueError(f"unknown adapter {name!r}; this model has {sorted(state.configs)}")
@@ -65,6 +70,12 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], name: str = "d
     adapter_config = state.configs[name]
     if rank is not None:
         adapter_config, tensors = cut_to_rank(adapter_config, tensors, rank)
+    if path_initial_model_for_weight_conversion is not None:
+        initial = weights_file(Path(path_initial_model_for_weight_conversion))
+        adapter_config, tensors = converted_to_plain_lora(adapter_config, tensors, read_weights(initial), str(initial))
+    # Companion adapters (X-LoRA's experts) go first, so the main config never lacks them.
+    for sub, (sub_config, sub_tensors) in method_for(adapter_config).companion_files(model, name, adapter_config).items():
+        write_adapter_files(Path(path) / sub, sub_config, sub_tensors)
     return write_adapter_files(path, adapter_config, tensors)
 
 
@@ -140,6 +151,7 @@ def load_adapter(
     """
     folder = Path(path)
     config = read_adapter_config(folder)
+    method_for(config).locate_companions(config, folder)
     weights = weights_file(folder)
     tensors = read_weights(weights)
 

@@ -30,6 +30,23 @@ METHOD_OPTIONS = {
     "nola": {"num_basis_A": 16, "num_basis_B": 16}, "bottleneck": {"reduction_factor": 4},
     "prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4},
     "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, "top_layers": {},
+    "adaption_prompt": {"adapter_len": 4},
+    "ln_tuning": {}, "trainable_tokens": {"token_indices": [2455, 216, 32, 33, 34, 35, 36, 2]},  # " meaning", digits, EOS
+    "beft": {"target_modules": ["v_proj", "down_proj"]},
+    "fourierft": {"n_frequency": 64}, "shira": {"r": 2}, "miss": {"r": 8}, "c3a": {"block_size": 8},
+    "road": {"group_size": 8},
+    "delora": {"r": 4},
+    "hira": {"r": 4},
+    "pvera": {"r": 8},
+    "cartridge": {"num_virtual_tokens": 4},
+    "waveft": {"n_frequency": 64, "scaling": 100.0},
+    "randlora": {"r": 4, "randlora_alpha": 80},
+    "vblora": {"num_vectors": 16, "vector_length": 8},
+    "gralora": {"r": 4},
+    "unilora": {"theta_d_length": 256},
+    "deft": {"r": 4, "alpha": 16},
+    "peanut": {"r": 4, "depth": 1},
+    "oft": {"r": 0, "oft_block_size": 8}, "boft": {"boft_block_size": 4}, "hra": {"r": 4},
 }
 
 
@@ -120,3 +137,21 @@ def test_bad_method_options_name_the_field(setup):
         train(load_config(None, {**setup, "method": "loha", "adapter": {"rank": 4}}), log=lambda *_: None)
     with pytest.raises(ConfigError, match="lora.*do not apply"):
         train(load_config(None, {**setup, "method": "ia3", "lora.r": 4}), log=lambda *_: None)
+
+
+def test_xlora_trains_a_mixture_of_lora_experts(tmp_path, setup):
+    with pytest.raises(ConfigError, match="XLoraConfig.adapters must name the LoRA adapters"):
+        train(load_config(None, {**setup, "method": "xlora"}), log=lambda *_: None)
+    experts = {}
+    for i, target in enumerate((["q_proj", "v_proj"], ["up_proj", "down_proj"])):
+        model, _ = dt.load_model(setup["model"])
+        torch.manual_seed(i)
+        dt.add_adapter(model, dt.LoraConfig(r=4, target_modules=target, init_lora_weights=False))
+        experts[str(i)] = str(dt.save_adapter(model, tmp_path / f"expert{i}"))
+    out = tmp_path / "xlora"
+    summary = train(load_config(None, {**setup, "method": "xlora", "adapter": {"adapters": experts},
+                                       "output_dir": str(out)}), log=lambda *_: None)
+    assert summary["final_validation_loss"] < summary["initial_validation_loss"]
+    model, _ = dt.load_model(setup["model"])
+    dt.load_adapter(model, out / "adapter")  # the classifier and the experts' sub-folders load back
+    assert sorted(p.name for p in (out / "adapter").iterdir() if p.is_dir()) == ["0", "1"]

@@ -22,7 +22,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("rank", [1, 3, 6])
-def test_a_cut_dylora_adapter_loads_in_peft_with_equal_logits(case, rank, tmp_path):
+def test_a_cut_dylora_adapter_loads_in_peft_with_equal_logits(case, rank, tmp_path, parity_results):
     arch, kwargs = CASES[case]
     base = tiny_model(arch)
     model = copy.deepcopy(base)
@@ -34,4 +34,5 @@ def test_a_cut_dylora_adapter_loads_in_peft_with_equal_logits(case, rank, tmp_pa
     ours = eval_logits(model, ids)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(eval_logits(theirs, ids), ours, atol=1e-5, rtol=1e-5)
+    parity_results[f"dylora-{case}-r{rank}: deltatune cut -> PEFT"] = (eval_logits(theirs, ids) - ours).abs().max().item()
     assert (ours - eval_logits(base, ids)).abs().max() > 1e-3  # the adapter does change the model

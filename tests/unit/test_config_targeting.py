@@ -91,8 +91,8 @@ def test_config_errors():
         dt.config_from_dict({"r": 4})
     with pytest.raises(ValueError, match="not supported"):
         dt.config_from_dict({"peft_type": "UNKNOWN"})
-    with pytest.raises(NotImplementedError, match="use_qalora"):
-        dt.config_from_dict({"peft_type": "LORA", "use_qalora": True})
+    with pytest.raises(NotImplementedError, match="target_parameters"):
+        dt.config_from_dict({"peft_type": "LORA", "target_parameters": ["mlp.experts.down_proj"]})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # PEFT's own passive fields do not warn
         dt.config_from_dict(dt.LoraConfig().to_dict())

@@ -7,7 +7,7 @@ import torch
 
 import deltatune as dt
 from deltatune.adapters import AdapterLayer, LoraLayer
-from tiny_models import randomize_adapter, sample_ids, tiny_model
+from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 
 METHODS = {
     "lora": dict(),
@@ -236,3 +236,22 @@ def test_dropout_is_used_in_training_only():
     with torch.no_grad():
         train_out = model(sample_ids()).logits
     assert not torch.allclose(train_out, eval_out)
+
+
+@pytest.mark.parametrize("make", [lambda: dt.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], fan_in_fan_out=True),
+                                  lambda: dt.VeraConfig(r=8, target_modules=["q_proj", "down_proj"], fan_in_fan_out=True)])
+def test_fan_in_fan_out_on_nn_linear_is_ignored_with_a_warning(make):
+    """An nn.Linear stores (out, in) whatever the flag says; PEFT resets the flag per layer too."""
+    base = tiny_model("llama")
+    flagged, plain = copy.deepcopy(base), copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="fan_in_fan_out=True, but the targeted layer is an nn.Linear"):
+        torch.manual_seed(0)
+        dt.add_adapter(flagged, make())
+    config = make()
+    config.fan_in_fan_out = False
+    torch.manual_seed(0)
+    dt.add_adapter(plain, config)
+    randomize_adapter(flagged)
+    randomize_adapter(plain)
+    ids = sample_ids()
+    assert torch.equal(eval_logits(flagged, ids), eval_logits(plain, ids))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -18,13 +20,24 @@ def check_linear_like(module: nn.Module, method: str) -> None:
         )
 
 
+def stored_transposed(base_layer: nn.Module, fan_in_fan_out: bool) -> bool:
+    """Whether ``base_layer`` stores its weight as (in, out): GPT-2's ``Conv1D`` does, ``nn.Linear``
+    and deltatune's quantized linears never do. The layer's type decides, as in PEFT, which
+    overrides a config's ``fan_in_fan_out`` per layer; a flag that contradicts the type is
+    ignored with a warning instead of silently reading the weight the wrong way round."""
+    is_conv1d = type(base_layer).__name__ == "Conv1D"
+    if fan_in_fan_out and not is_conv1d and isinstance(base_layer, nn.Linear):
+        warnings.warn("fan_in_fan_out=True, but the targeted layer is an nn.Linear, whose weight is (out, in); "
+                      "treating it as fan_in_fan_out=False, as PEFT does", stacklevel=3)
+    return is_conv1d and not isinstance(base_layer, QuantLinear)
+
+
 class LinearAdapterLayer(AdapterLayer):
     """An adapter layer whose base is linear-like; ``transposed``: the weight is stored (in, out)."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
-        is_conv1d = type(base_layer).__name__ == "Conv1D"
-        self.transposed = (is_conv1d or fan_in_fan_out) and not isinstance(base_layer, QuantLinear)
+        self.transposed = stored_transposed(base_layer, fan_in_fan_out)
         self.scaling: dict[str, float] = {}
 
     def has_adapter(self, name: str) -> bool:

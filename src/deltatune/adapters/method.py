@@ -8,6 +8,7 @@ soft prompts live at the model level and implement the protocol themselves.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -67,6 +68,15 @@ class Method:
 
     def load_training_state(self, model: nn.Module, name: str, config: AdapterConfig, state: dict) -> None:
         """Restore ``training_state`` in a resumed run."""
+
+    def companion_files(self, model: nn.Module, name: str,
+                        config: AdapterConfig) -> dict[str, tuple[AdapterConfig, dict[str, torch.Tensor]]]:
+        """Adapters saved in sub-folders beside adapter ``name``'s own files: sub-folder ->
+        (config, file key -> tensor). X-LoRA keeps its LoRA experts there, as PEFT does."""
+        return {}
+
+    def locate_companions(self, config: AdapterConfig, folder: Path) -> None:
+        """Point ``config``, just read from ``folder``, at the companion sub-folders saved there."""
 
 
 class MethodConflict(TypeError):

@@ -73,7 +73,7 @@ def linear_in_out(module: nn.Module, fan_in_fan_out: bool = False) -> tuple[int,
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return module.in_features, module.out_features
     rows, cols = module.weight.shape  # Conv1D stores (in, out)
-    return (rows, cols) if type(module).__name__ == "Conv1D" or fan_in_fan_out else (cols, rows)
+    return (rows, cols) if type(module).__name__ == "Conv1D" else (cols, rows)  # the type decides (stored_transposed)
 
 
 class SharedTensorMethod(LayerMethod):

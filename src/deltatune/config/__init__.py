@@ -20,11 +20,27 @@ from .methods import (
     VeraConfig,
 )
 from .prompt import PrefixTuningConfig, PromptEncoderConfig, PromptLearningConfig, PromptTuningConfig
+from .prompt import AdaptionPromptConfig
+from .prompt import CartridgeConfig
+from .wavelet import WaveFTConfig
+from .beft import BeftConfig
+from .low_rank import DeloraConfig, RandLoraConfig, VBLoRAConfig
+from .low_rank import GraloraConfig, UniLoraConfig
+from .weight_derived import DeftConfig, PeanutConfig
+from .low_rank import HiraConfig, PveraConfig  # catalogue A
+from .scaling import RoadConfig
+from .selective import LNTuningConfig, TrainableTokensConfig
+from .structured import C3AConfig, FourierFTConfig, MissConfig, ShiraConfig
+from .orthogonal import BOFTConfig, HRAConfig, OFTConfig
+from .mixture import XLoraConfig
 
 __all__ = [
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "AdapterConfig",
+    "BeftConfig",
     "BottleneckConfig",
+    "DeloraConfig",
     "DyLoraConfig",
     "IA3Config",
     "LoHaConfig",
@@ -34,8 +50,29 @@ __all__ = [
     "PromptEncoderConfig",
     "PromptLearningConfig",
     "PromptTuningConfig",
+    "RandLoraConfig",
+    "RoadConfig",
+    "VBLoRAConfig",
+    "GraloraConfig",
+    "UniLoraConfig",
+    "DeftConfig",
+    "PeanutConfig",
+    "LNTuningConfig",
+    "TrainableTokensConfig",
     "SelectiveConfig",
     "VeraConfig",
+    "C3AConfig",
+    "FourierFTConfig",
+    "MissConfig",
+    "ShiraConfig",
+    "BOFTConfig",
+    "HRAConfig",
+    "OFTConfig",
+    "XLoraConfig",
+    "HiraConfig",
+    "PveraConfig",
+    "CartridgeConfig",
+    "WaveFTConfig",
     "CONFIG_REGISTRY",
     "LoraConfig",
     "PEFT_VERSION_WRITTEN",

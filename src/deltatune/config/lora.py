@@ -6,36 +6,25 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 from .base import TargetedConfig, register_config
+from .lora_init import check_init_sub_configs
+from .lora_variants import check_variant_fields
+from .selective import check_lora_token_indices
 
 # Fields PEFT writes for LoRA that deltatune does not act on, with PEFT's defaults. They are
 # written so our files carry PEFT's exact field set. A loaded file whose value differs is fine
 # when the field only matters at initialisation or for bookkeeping ...
 _PEFT_PASSIVE_LORA_FIELDS: dict[str, Any] = {
-    "corda_config": None,
-    "eva_config": None,
-    "loftq_config": {},
-    "lora_ga_config": None,
     "megatron_config": None,
     "megatron_core": "megatron.core",
-    "qalora_group_size": 16,
     "ensure_weight_tying": False,
 }
 # ... but these change what the adapter computes, so a non-default value is refused rather
 # than silently giving different outputs.
 _PEFT_UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "kasa_config": None,
-    "layer_replication": None,
-    "monteclora_config": None,
     "target_parameters": None,
-    "trainable_token_indices": None,
-    "use_bdlora": None,
-    "use_qalora": False,
-    "velora_config": None,
 }
 
-_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "mica", "loftq", "eva", "corda", "lora_ga")
 
 
 @register_config
@@ -47,6 +36,15 @@ class LoraConfig(TargetedConfig):
     a regular expression matched against the whole module name, or ``"all-linear"`` (every
     linear layer but the output head). ``None`` picks the usual attention projections for
     known architectures.
+
+    Variants, PEFT's fields (one per adapter; config/lora_variants.py checks them, each has its
+    module under adapters/low_rank/): ``layer_replication`` (a deeper model from ranges of shared
+    base layers), ``alora_invocation_tokens`` (aLoRA: active from the invocation tokens on; needs
+    task_type "CAUSAL_LM"), ``use_qalora`` + ``qalora_group_size`` (QA-LoRA: A reads group-pooled
+    input), ``use_bdlora`` (BD-LoRA: block-diagonal A or B), ``kasa_config`` (KaSA),
+    ``velora_config`` (VeLoRA), ``monteclora_config`` (MonteCLoRA), ``arrow_config`` (Arrow: a
+    router over task adapters already on the model). Sub-configs are PEFT's dataclasses as
+    dicts, as its files hold them.
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -65,6 +63,24 @@ class LoraConfig(TargetedConfig):
     init_lora_weights: Union[bool, str] = True
     use_rslora: bool = False
     use_dora: bool = False
+    # init-time sub-configs of LoftQ, EVA, CorDA and LoRA-GA (config/lora_init.py), PEFT's dicts
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    eva_config: Optional[dict[str, Any]] = None
+    corda_config: Optional[dict[str, Any]] = None
+    lora_ga_config: Optional[dict[str, Any]] = None
+    # LoRA variants (config/lora_variants.py checks them; adapters/low_rank/ implements them)
+    layer_replication: Optional[list[list[int]]] = None
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    use_bdlora: Optional[dict[str, Any]] = None
+    kasa_config: Optional[dict[str, Any]] = None
+    velora_config: Optional[dict[str, Any]] = None
+    monteclora_config: Optional[dict[str, Any]] = None
+    arrow_config: Optional[dict[str, Any]] = None
+    # rows of the input embedding (a list) or of named modules (a dict) trained beside LoRA
+    # (adapters/selective/trainable_tokens.py)
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -73,12 +89,17 @@ class LoraConfig(TargetedConfig):
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() in ("true", "false"):
+            self.init_lora_weights = self.init_lora_weights.lower() == "true"  # written as text (YAML, flags)
         init = self.init_lora_weights
         if init not in _INIT_CHOICES and not (isinstance(init, str) and init.startswith("pissa_niter_")):
             raise ValueError(
                 f"LoraConfig.init_lora_weights={init!r} is not supported; "
-                "use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
+                "use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'mica', "
+                "'loftq', 'eva', 'corda' or 'lora_ga'"
             )
+        check_init_sub_configs(self, type(self).__name__)
+        check_variant_fields(self)
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
@@ -89,6 +110,10 @@ class LoraConfig(TargetedConfig):
             raise ValueError("LoraConfig: lora_bias=True cannot be combined with use_dora=True (PEFT refuses it "
                              "too); set lora_bias=False to train DoRA, or use_dora=False to train a LoRA bias")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_variant_fields(self)  # again for subclasses whose validate() does not call this one
+        check_lora_token_indices(self)  # here, so that subclasses without the rows refuse them too
 
 @register_config
 @dataclass

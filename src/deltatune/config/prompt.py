@@ -92,3 +92,64 @@ class PromptEncoderConfig(PromptLearningConfig):
                 "PromptEncoderConfig.encoder_reparameterization_type must be MLP or LSTM, "
                 f"got {self.encoder_reparameterization_type!r}"
             )
+
+
+# The attention module each architecture's adaption prompts wrap, by ``model_type`` (PEFT 0.21.2
+# supports these three; its prompts would not load elsewhere, so deltatune refuses others too).
+ADAPTION_PROMPT_TARGETS: dict[str, str] = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
+
+
+@register_config
+@dataclass
+class AdaptionPromptConfig(AdapterConfig):
+    """LLaMA-Adapter (adaption prompts): ``adapter_len`` learned prompt vectors per layer in the
+    top ``adapter_layers`` attention layers, attended to by every token through the layer's own
+    projections and added to its output times a gate that starts at zero.
+
+    ``target_modules``: the attention module's name (``None``: ``self_attn`` for Llama and
+    Mistral, ``attn`` for GPT-2). ``adapter_len`` must be given. ``adapter_layers`` counts from
+    the top; deltatune reads ``None`` as every layer and records the number when the adapter is
+    added (PEFT needs it given).
+    """
+
+    peft_type: ClassVar[str] = "ADAPTION_PROMPT"
+    mergeable: ClassVar[bool] = False
+    target_modules: Optional[str] = None
+    adapter_len: Optional[int] = None
+    adapter_layers: Optional[int] = None
+
+    def validate(self) -> None:
+        for name in ("adapter_len", "adapter_layers"):
+            if getattr(self, name) is not None:
+                check_positive_int("AdaptionPromptConfig", name, getattr(self, name))
+        if self.target_modules is not None and (not isinstance(self.target_modules, str) or not self.target_modules):
+            raise ValueError("AdaptionPromptConfig.target_modules must be the attention module's name (one string, "
+                             f"e.g. 'self_attn'), got {self.target_modules!r}")
+
+
+@register_config
+@dataclass
+class CartridgeConfig(PrefixTuningConfig):
+    """Cartridges: a prefix KV cache trained directly (prefix tuning without a projection).
+
+    ``num_virtual_tokens`` keys and values per layer, stored as PEFT stores prefix tuning's
+    (``prompt_embeddings``, ``[num_virtual_tokens, num_layers * 2 * token_dim]``). The first
+    ``num_frozen_tokens`` positions stay frozen (the paper keeps the first one as an attention
+    sink). Values start random, or from the KV cache of a text run through the base model
+    (``deltatune.adapters.prompt.cartridge.initialize_from_text``).
+    """
+
+    peft_type: ClassVar[str] = "CARTRIDGE"
+    passive_fields: ClassVar[dict[str, Any]] = {"modules_to_save": None}
+    omitted_fields: ClassVar[tuple[str, ...]] = ("encoder_hidden_size", "prefix_projection")  # not in PEFT's files
+    num_frozen_tokens: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.prefix_projection or self.encoder_hidden_size is not None:
+            raise ValueError("CartridgeConfig stores the KV cache itself: prefix_projection and encoder_hidden_size "
+                             "do not apply")
+        if not isinstance(self.num_frozen_tokens, int) or isinstance(self.num_frozen_tokens, bool) \
+                or not 0 <= self.num_frozen_tokens <= self.num_virtual_tokens:
+            raise ValueError(f"CartridgeConfig.num_frozen_tokens must be in [0, num_virtual_tokens="
+                             f"{self.num_virtual_tokens}], got {self.num_frozen_tokens!r}")

@@ -37,6 +37,8 @@ class LoraOptions:
     """DoRA: learn a magnitude per output as well"""
     use_rslora: bool = False
     """scale by lora_alpha / sqrt(r)"""
+    init_lora_weights: Any = "true"
+    """initialisation: true (B = 0), gaussian, pissa, pissa_niter_<n>, olora, orthogonal, mica (B frozen), loftq (quantizes the base; with --adapter '{loftq_config: {loftq_bits: 4}}', without --quantize), eva, corda, lora_ga (from the first 8 training batches; settings in --adapter '{eva_config: {...}}')"""
 
 
 @dataclass
@@ -48,7 +50,7 @@ class TrainConfig:
     quantize: str = ""
     """Load the base quantized: nf4, fp4 or int8 (QLoRA); empty: full precision."""
     method: str = "lora"
-    """Adapter method: lora, dylora (QDyLoRA with --quantize), dora, loha, lokr, adalora, ia3, vera, nola, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, p_tuning, bitfit, top_layers."""
+    """Adapter method: lora, dylora (QDyLoRA with --quantize), dora, loha, lokr, adalora, ia3, vera, hira, pvera, nola, road, delora, randlora, vblora, gralora, unilora, deft, peanut, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, cartridge, p_tuning, adaption_prompt, beft, bitfit, top_layers, ln_tuning, trainable_tokens (with --adapter '{token_indices: [...]}'), fourierft, waveft, shira, miss, c3a, oft, boft, hra, xlora (with --adapter '{adapters: {name: LoRA adapter folder, ...}}')."""
     lora: LoraOptions = field(default_factory=LoraOptions)
     """LoRA/DoRA settings."""
     adapter: dict = field(default_factory=dict)

@@ -208,6 +208,14 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     adapter_cfg = adapter_config(cfg, task_type, total_steps)
     if pref:  # a new adapter, or the supervised one given with init_adapter and its frozen copy
         adapter_cfg = pref.attach(model, adapter_cfg)
+    elif getattr(adapter_cfg, "init_lora_weights", None) in ("eva", "corda", "lora_ga"):  # read a few batches
+        from ..lora_from_data import add_lora_from_data, training_init_batches
+        if dist.world > 1:
+            raise ConfigError(f"lora.init_lora_weights={adapter_cfg.init_lora_weights}: initialising from data "
+                              "runs in one process; start this run without torchrun")
+        add_lora_from_data(model, adapter_cfg, training_init_batches(
+            train_rows, pad_id, cfg.batch_size, cfg.data.packing, seq2seq, dist.device,
+            adapter_cfg.init_lora_weights), "default")
     else:
         add_adapter(model, adapter_cfg, "default")
     if shards is not None:  # the adapter's values, made as in one process, copied back rank by rank

@@ -43,15 +43,96 @@ RECIPES: dict[str, MethodRecipe] = {
                                               "target_modules": "all-linear", "deltaT": 5}),
     "ia3": MethodRecipe("IA3", 3e-3),
     "vera": MethodRecipe("VERA", 1e-2, {"r": 256, "target_modules": "all-linear"}),
+    # HiRA: 4.5e-3, r=32 on q/v (the architecture's default targets), no dropout (PEFT's MetaMathQA
+    # experiment hira/llama-3.2-3B-rank32-lr4.5e-3, weight decay 0 there); not yet chosen on validation data
+    "hira": MethodRecipe("HIRA", 4.5e-3, {"r": 32}),
+    # PVeRA: VeRA's recipe above (PVeRA is VeRA with a sampled middle; PEFT ships no PVeRA example),
+    # generator_seed set so a run's noise is reproducible; not yet chosen on validation data
+    "pvera": MethodRecipe("PVERA", 1e-2, {"r": 256, "target_modules": "all-linear", "generator_seed": 0}),
+    # WaveFT: PEFT's MetaMathQA experiment waveft/llama-3.2-3B-default: the config's defaults (2592
+    # coefficients, scaling 25, db1 on q/v) at that benchmark's default rate 1e-4; not yet chosen on
+    # validation data
+    "waveft": MethodRecipe("WAVEFT", 1e-4, {"n_frequency": 2592, "scaling": 25.0, "wavelet_family": "db1"}),
     "nola": MethodRecipe("NOLA", 5e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
+    # RoAd: 1e-3, road_2, groups of 64 on q/v (PEFT's docs and its MetaMathQA experiment
+    # road/llama-3.2-3B-lr_0.001); not yet chosen on validation data
+    "road": MethodRecipe("ROAD", 1e-3, {"variant": "road_2", "group_size": 64}),
+    # DeLoRA: 3e-3, r=32, lambda 15, module_dropout 0.1 on q/v (PEFT's examples/delora_finetuning:
+    # "10-100x larger learning rate than LoRA"); not yet chosen on validation data
+    "delora": MethodRecipe("DELORA", 3e-3, {"r": 32, "delora_lambda": 15, "module_dropout": 0.1}),
+    # RandLoRA: 3e-4, r=32, alpha 640 (20x r), dropout 0.05 (PEFT's examples/randlora_finetuning, which
+    # targets k/v; here the architecture's default targets); not yet chosen on validation data
+    "randlora": MethodRecipe("RANDLORA", 3e-4, {"r": 32, "randlora_alpha": 640, "randlora_dropout": 0.05}),
+    # VB-LoRA: 5e-4, r=4, top-2 of 256 vectors on q/v (PEFT's MetaMathQA experiment
+    # vblora/llama-3.2-3B-bank1024-lr5e4); vectors of 64, not 256, so that SmolLM2's sizes (576, 192)
+    # divide; not yet chosen on validation data
+    "vblora": MethodRecipe("VBLORA", 5e-4, {"r": 4, "num_vectors": 256, "vector_length": 64, "topk": 2}),
+    # GraLoRA: 2e-4, r=32, alpha 64, gralora_k 2 on q/v (PEFT's MetaMathQA comparison
+    # gralora/llama-3.2-3B-rank32); not yet chosen on validation data
+    "gralora": MethodRecipe("GRALORA", 2e-4, {"r": 32, "alpha": 64, "gralora_k": 2}),
+    # Uni-LoRA: 2e-3, r=4, one vector of 131072 on q/v (PEFT's MetaMathQA comparison
+    # unilora/llama-3.2-3B-r4-td131072-lr0.002); not yet chosen on validation data
+    "unilora": MethodRecipe("UNILORA", 2e-3, {"r": 4, "theta_d_length": 131072}),
+    # DEFT: r=32, alpha 128, relu projection on q/v, at the comparison's shared lr 1e-4 (PEFT's
+    # MetaMathQA comparison deft/llama-3.2-3B-rank32); not yet chosen on validation data
+    "deft": MethodRecipe("DEFT", 1e-4, {"r": 32, "alpha": 128}),
+    # PEANuT: r=32, depth 2, relu, scaling 2 on q/v, at the comparison's shared lr 1e-4 (PEFT's
+    # MetaMathQA comparison peanut/llama-3.2-3B-rank32-relu-depth2-s2.0); not yet chosen on validation data
+    "peanut": MethodRecipe("PEANUT", 1e-4, {"r": 32, "depth": 2, "act_fn": "relu", "scaling": 2.0}),
     "bottleneck": MethodRecipe("BOTTLENECK", 1e-3, {"variant": "houlsby", "reduction_factor": 16}),
     "pfeiffer": MethodRecipe("BOTTLENECK", 1e-3, {"variant": "pfeiffer", "reduction_factor": 16}),
     "prompt_tuning": MethodRecipe("PROMPT_TUNING", 3e-2, {"num_virtual_tokens": 20,
                                                            "prompt_tuning_init": "SAMPLE_VOCAB"}),
     "prefix_tuning": MethodRecipe("PREFIX_TUNING", 1e-2, {"num_virtual_tokens": 20}),
+    # Cartridges: prefix tuning's recipe (PEFT ships no Cartridges example), the first token frozen as an
+    # attention sink (the paper's advice, quoted in PEFT's CartridgeConfig); not yet chosen on validation data
+    "cartridge": MethodRecipe("CARTRIDGE", 1e-2, {"num_virtual_tokens": 20, "num_frozen_tokens": 1}),
     "p_tuning": MethodRecipe("P_TUNING", 1e-3, {"num_virtual_tokens": 20, "encoder_hidden_size": 128}),
     "bitfit": MethodRecipe("SELECTIVE", 1e-3, {"bitfit": True}),
     "top_layers": MethodRecipe("SELECTIVE", 1e-4, {"top_k_layers": 1}),
+    # LN tuning: PEFT's norms per architecture at 1e-4, as PEFT's MetaMathQA comparison runs it
+    # (method_comparison/MetaMathQA/experiments/ln_tuning/llama-3.2-3B-default, the benchmark's lr);
+    # not yet chosen on validation data
+    "ln_tuning": MethodRecipe("LN_TUNING", 1e-4),
+    # Trainable tokens: the rows of --adapter '{token_indices: [...]}' (required). PEFT publishes no
+    # rate for it; LoRA's 1e-3 here. Not yet chosen on validation data.
+    "trainable_tokens": MethodRecipe("TRAINABLE_TOKENS", 1e-3),
+    # LLaMA-Adapter (arXiv:2303.16199): lr 9e-3 and prompts of length 10 in the top 30 of LLaMA-7B's
+    # 32 layers; adapter_layers left unset means every layer here (the default model has 30).
+    # Not yet chosen on validation data.
+    "adaption_prompt": MethodRecipe("ADAPTION_PROMPT", 9e-3, {"adapter_len": 10}),
+    # BEFT: value-projection bias vectors (PEFT's default targets). PEFT's docs give no learning
+    # rate; 3e-3 follows the other vector-only recipe here ((IA)³). Not yet chosen on validation data.
+    "beft": MethodRecipe("BEFT", 3e-3),
+    # FourierFT: n_frequency 1000 and scaling 300 on q/v as in PEFT's MetaMathQA comparison
+    # (method_comparison/MetaMathQA/experiments/fourierft); lr 1e-3 not yet chosen on validation data
+    "fourierft": MethodRecipe("FOURIERFT", 1e-3, {"n_frequency": 1000, "scaling": 300.0,
+                                                  "target_modules": ["q_proj", "v_proj"]}),
+    # SHiRA: r 32, random_seed 42, lr 3e-4 on q/v as in PEFT's MetaMathQA comparison
+    # (method_comparison/MetaMathQA/experiments/shira/llama-3.2-3B-lr_0.0003-random_seed_42); not yet chosen on
+    # validation data
+    "shira": MethodRecipe("SHIRA", 3e-4, {"r": 32, "random_seed": 42, "target_modules": ["q_proj", "v_proj"]}),
+    # MiSS: r 64, the balanced (default) variant on q/v as in PEFT's MetaMathQA comparison
+    # (method_comparison/MetaMathQA/experiments/miss/llama-3.2-3B-default, the benchmark's lr 1e-4); not yet chosen
+    # on validation data
+    "miss": MethodRecipe("MISS", 1e-4, {"r": 64, "target_modules": ["q_proj", "v_proj"]}),
+    # C3A: block_size 64, xavier-uniform start, lr 3e-1 on q/v as in PEFT's MetaMathQA comparison
+    # (method_comparison/MetaMathQA/experiments/c3a/llama-3.2-3B-default; its weight decay 1e-5 is not part of a
+    # recipe); the update is divided by the input size, hence the large rate. Not yet chosen on validation data
+    "c3a": MethodRecipe("C3A", 3e-1, {"block_size": 64, "init_weights": "xavier_uniform",
+                                      "target_modules": ["q_proj", "v_proj"]}),
+    # OFT, BOFT, HRA: the settings of PEFT's MetaMathQA comparison at its shared lr 1e-4
+    # (method_comparison/MetaMathQA/experiments: oft/llama-3.2-3B-rank32 = 32 blocks per layer on q/v,
+    # boft/llama-3.2-3B-default = blocks of 4, one butterfly factor, hra/llama-3.2-3B-rank32 = 32
+    # reflections, both on the default targets); not yet chosen on validation data
+    "oft": MethodRecipe("OFT", 1e-4, {"r": 32, "oft_block_size": 0, "target_modules": ["q_proj", "v_proj"]}),
+    "boft": MethodRecipe("BOFT", 1e-4, {"boft_block_size": 4, "boft_n_butterfly_factor": 1}),
+    "hra": MethodRecipe("HRA", 1e-4, {"r": 32}),
+    # X-LoRA: mixes existing LoRA adapters, which --adapter must name (name -> adapter folder):
+    # --adapter '{adapters: {"0": out/a/adapter, "1": out/b/adapter}}' (without them the config says so).
+    # PEFT's defaults (a one-layer classifier, softmax over the experts, frozen experts); lr 1e-3 is
+    # deltatune's LoRA rate (the classifier is a small head), not yet chosen on validation data
+    "xlora": MethodRecipe("XLORA", 1e-3),
 }
 
 
@@ -76,7 +157,7 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
             raise ConfigError(f"lora.*: settings of the lora group do not apply to --method {cfg.method}; "
                               "use --adapter '{field: value}' (the method's config fields)")
         options = {**recipe.options, **cfg.adapter}
-    if recipe.peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING") and cfg.data.packing:
+    if recipe.peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE") and cfg.data.packing:
         raise ConfigError(f"data.packing: --method {cfg.method} puts virtual tokens before each sequence; "
                           "packed rows would share them, so packing is not supported with soft prompts")
     if recipe.peft_type == "ADALORA":
@@ -85,6 +166,9 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
         options.setdefault("tfinal", total_steps // 5)
     if recipe.peft_type == "DYLORA":
         options.setdefault("rank_seed", cfg.seed)
+    if recipe.peft_type == "TRAINABLE_TOKENS" and not options.get("token_indices"):
+        raise ConfigError(f"adapter: --method {cfg.method} trains the embedding rows of the tokens you name; give "
+                          "their ids, e.g. --adapter '{token_indices: [1, 2]}' (the tokenizer's input_ids of them)")
     known = {f.name for f in dataclasses.fields(cls)} - {"extra_fields"}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -20,7 +20,12 @@ from ... import kernels
 from ...config import LoraConfig
 from ...quant.layers import QuantLinear
 from ...targeting import pattern_value
-from ..linear_base import LinearAdapterLayer
+from ..linear_base import LinearAdapterLayer, stored_transposed
+from .lora_options.layer_replication import SHARED_BASE_ATTR
+from .lora_options.lora_variant import LoraVariant
+from .lora_inits.init_principal import initialise_olora, initialise_pissa
+from .lora_inits.init_weight_free import FROZEN_B_INITS, initialise_weight_free, refuse_unimplemented
+from .lora_inits.loftq import initialise_loftq
 
 
 def dora_row_norms(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -61,13 +66,24 @@ class LoraLayer(LinearAdapterLayer):
         # DoRA norms per adapter, and the base weight's squared row norms: (what they were computed from, value)
         self._dora_norms: dict[str, tuple] = {}
         self._weight_rows_sq: Optional[tuple] = None
+        # adapters whose B factor stays frozen (MiCA trains A only, as PEFT's MiCA variant)
+        self.frozen_b: set[str] = set()
+        # adapters whose update is a LoRA variant's (aLoRA, QA-LoRA: lora_options/lora_variant.py), not plain B A x
+        self.variants: dict[str, LoraVariant] = {}
 
     def _forget(self, name: str) -> None:
         super()._forget(name)
         for table in (self.r, self.lora_alpha, self.use_rslora, self.rank_limit, self.step_rank, self._dora_norms):
             table.pop(name, None)
+        self.frozen_b.discard(name)
+        self.variants.pop(name, None)
         if name in self.lora_dropout:
             del self.lora_dropout[name]
+
+    def has_adapter(self, name: str) -> bool:
+        # A variant may stand for an adapter without factors of its own on this layer: X-LoRA's
+        # mixture of expert LoRA adapters (adapters/mixture/xlora.py).
+        return name in self.scaling or name in self.variants
 
     # ----- factors -----------------------------------------------------------------------
     def full_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +134,8 @@ class LoraLayer(LinearAdapterLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``scale · B @ A`` in (out, in) layout, float32."""
+        if name in self.variants and (delta := self.variants[name].delta_weight(self, name)) is not None:
+            return delta
         A, B = self.factors(name)
         return (B.float() @ A.float()) * self.scaling[name]
 
@@ -135,13 +153,28 @@ class LoraLayer(LinearAdapterLayer):
         self.scaling[name] = self.rank_scale(name, r)
         self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self._create(name, r, config)
-        if not from_file:
+        if not from_file and config.init_lora_weights == "loftq":  # quantizes the base too (loftq.py)
+            initialise_loftq(self, name, config.loftq_config)
+        elif not from_file:
+            refuse_unimplemented(config.init_lora_weights)
             self._initialise(name, config.init_lora_weights)
         if config.use_dora:
             weight = self.canonical(self.base_weight().detach())
             norm = dora_row_norms(weight, self.delta_weight(name))
             self.lora_magnitude_vector[name] = Magnitude(norm.to(weight.dtype))
         self.match_device(name)
+        if config.init_lora_weights in FROZEN_B_INITS:
+            self.frozen_b.add(name)
+            for key, tensor in self.file_tensors(name).items():
+                if key.startswith(("lora_B", "lora_embedding_B")):
+                    tensor.requires_grad_(False)
+
+    def adapter_parameters(self, name: str):
+        """The parameters adapter ``name`` trains: all of its tensors but a frozen B (MiCA)."""
+        frozen = set()
+        if name in self.frozen_b:
+            frozen = {id(t) for k, t in self.file_tensors(name).items() if k.startswith(("lora_B", "lora_embedding_B"))}
+        return (p for p in super().adapter_parameters(name) if id(p) not in frozen)
 
     def _create(self, name: str, r: int, config: LoraConfig) -> None:
         raise NotImplementedError
@@ -158,6 +191,8 @@ class LoraLayer(LinearAdapterLayer):
                 out[attr] = getattr(self, attr)[name]
         if name in self.lora_magnitude_vector:
             out["lora_magnitude_vector"] = self.lora_magnitude_vector[name].weight
+        if name in self.variants:
+            out.update(self.variants[name].file_tensors(self, name))
         return out
 
     def _initialise(self, name: str, init: Union[bool, str]) -> None:
@@ -192,8 +227,7 @@ class LoraLinear(LoraLayer):
     """LoRA/DoRA around ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored as (in, out))."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
-        is_conv1d = type(base_layer).__name__ == "Conv1D"
-        super().__init__(base_layer, transposed=is_conv1d or fan_in_fan_out)
+        super().__init__(base_layer, transposed=stored_transposed(base_layer, fan_in_fan_out))
 
     def full_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_A[name].weight, self.lora_B[name].weight
@@ -212,44 +246,17 @@ class LoraLinear(LoraLayer):
         elif init == "gaussian":
             nn.init.normal_(A.weight, std=1 / self.r[name])
         elif isinstance(init, str) and init.startswith("pissa"):
-            self._pissa(name, init)
+            initialise_pissa(self, name, init)
             return
         elif init == "olora":
-            self._olora(name)
+            initialise_olora(self, name)
+            return
+        elif init in ("orthogonal", "mica"):
+            initialise_weight_free(self, name, init)
             return
         nn.init.zeros_(B.weight)
         if B.bias is not None:
             nn.init.zeros_(B.bias)
-
-    def _set_residual_base(self, name: str, weight: torch.Tensor) -> None:
-        """PiSSA/OLoRA move the principal part into the adapter: base := W - scale·BA."""
-        residual = weight - self.delta_weight(name).to(weight.device)
-        if self.quantized:  # the residual is stored quantized, as PEFT does for 4-bit PiSSA
-            self.base_layer.set_weight(residual)
-            return
-        base = self.base_weight()
-        base.data.copy_(self.canonical(residual).to(base.dtype))
-
-    def _pissa(self, name: str, init: str) -> None:
-        weight = self.canonical(self.base_weight().detach()).float()
-        r, scale = self.r[name], self.scaling[name]
-        if init == "pissa":
-            U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-            U, S, Vh = U[:, :r], S[:r], Vh[:r]
-        else:
-            niter = int(init.split("_niter_")[-1])
-            U, S, V = torch.svd_lowrank(weight, q=r, niter=niter)
-            Vh = V.T
-        S = S / scale
-        self.set_factors(name, torch.diag(S.sqrt()) @ Vh, U @ torch.diag(S.sqrt()))
-        self._set_residual_base(name, weight)
-
-    def _olora(self, name: str) -> None:
-        weight = self.canonical(self.base_weight().detach()).float()
-        r = self.r[name]
-        Q, R = torch.linalg.qr(weight)
-        self.set_factors(name, R[:r].contiguous(), Q[:, :r].contiguous())
-        self._set_residual_base(name, weight)
 
     def dropout_p(self, name: str) -> float:
         """Adapter ``name``'s dropout probability as the next forward pass applies it (0 in eval)."""
@@ -262,7 +269,7 @@ class LoraLinear(LoraLayer):
         if self.disabled or self.row_plan is not None or not self._plain_base():
             return None
         names = [n for n in self.active_adapters if self.has_adapter(n) and n not in self.merged_adapters]
-        if len(names) != 1 or names[0] in self.lora_magnitude_vector:
+        if len(names) != 1 or names[0] in self.lora_magnitude_vector or names[0] in self.variants:
             return None
         weight = self.base_layer.weight
         same_dtype = self.lora_A[names[0]].weight.dtype == weight.dtype
@@ -284,6 +291,8 @@ class LoraLinear(LoraLayer):
                                    scale, self.dropout_p(name), transposed=self.transposed)
 
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if name in self.variants:
+            return self.variants[name].apply(self, name, x, result)
         if name not in self.lora_magnitude_vector:
             A, B, scale = self.live_factors(name)
             return kernels.lora_add(x, result, A, B, self.lora_B[name].bias, scale, self.dropout_p(name))
@@ -351,9 +360,14 @@ class LoraLinear(LoraLayer):
         return bias + B.bias.detach().float() * self.scaling[name]
 
     def merge_problem(self, name: str) -> Optional[str]:
+        if name in self.variants and self.variants[name].merge_problem(self, name):
+            return self.variants[name].merge_problem(self, name)
         if self.lora_B[name].bias is not None and self.bias is None:
             # Merging would need a bias the base model does not have (PEFT refuses it too).
             return ("it has a LoRA bias (lora_bias=True) but the base layer has no bias to merge it into; "
+                    "keep the adapter unmerged")
+        if self.lora_B[name].bias is not None and getattr(self.base_layer, SHARED_BASE_ATTR, False):
+            return ("its LoRA bias would change a base bias that layer_replication shares between positions; "
                     "keep the adapter unmerged")
         return None
 
@@ -377,12 +391,17 @@ class LoraEmbedding(LoraLayer):
     def _initialise(self, name: str, init: Union[bool, str]) -> None:
         if init is False:
             return
+        if init == "mica":
+            initialise_weight_free(self, name, init)
+            return
         if init not in (True, "gaussian"):
             raise ValueError(f"init_lora_weights={init!r} is not supported for embedding layers")
         nn.init.zeros_(self.lora_embedding_A[name])
         nn.init.normal_(self.lora_embedding_B[name])
 
     def apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        if name in self.variants:  # X-LoRA's experts on an embedding (adapters/mixture/xlora.py)
+            return self.variants[name].apply(self, name, x, result)
         A, B, scale = self.live_factors(name)
         delta = kernels.embedding_delta(x, A, B, scale, self.base_layer)
         embed_scale = kernels.embed_scale_of(self.base_layer)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -11,6 +11,15 @@ from torch import nn
 from ...config import AdapterConfig, LoraConfig
 from ..base import adapter_layers, base_parameters
 from .lora import LoraLayer, make_lora_layer
+from .lora_options.layer_replication import replicate_layers, restore_layers
+from .lora_options.alora import attach_alora, detach_alora
+from .lora_options.qalora import attach_qalora, match_file_layout
+from .lora_options.bdlora import attach_bdlora
+from .lora_options.kasa import attach_kasa, regularization as kasa_regularization
+from .lora_options.velora import attach_velora
+from .lora_options.monteclora import attach_monteclora, regularization as monteclora_regularization
+from .lora_options.arrow import attach_arrow
+from ..selective.trainable_tokens import add_lora_token_rows, lora_token_tensors
 from ..method import FILE_PREFIX, LayerMethod, register_method
 
 # PEFT stores the full base weight of the input/output embedding when the config names one
@@ -22,8 +31,10 @@ def trained_biases(model: nn.Module, name: str, bias: str, layer_class: type,
                    only: str) -> Iterator[tuple[str, nn.Parameter]]:
     """(key, bias) that an adapter with ``bias`` = ``"all"`` or ``only`` trains."""
     if bias == "all":
-        for key, p in base_parameters(model):
-            if key.endswith("bias"):
+        base = {id(p) for _, p in base_parameters(model)}
+        # every name of a shared bias (layer_replication's copies), as PEFT's state dict has them
+        for key, p in model.named_parameters(remove_duplicate=False):
+            if key.endswith("bias") and id(p) in base:
                 yield key, p
     elif bias == only:
         for key, layer in adapter_layers(model):
@@ -38,6 +49,54 @@ class LoraMethod(LayerMethod):
     def __init__(self) -> None:
         super().__init__(LoraLayer, make_lora_layer)
 
+    def prepare(self, model: nn.Module, config: AdapterConfig) -> None:
+        assert isinstance(config, LoraConfig)
+        if config.layer_replication:  # before targets resolve, as PEFT does: they may name new layers
+            replicate_layers(model, config.layer_replication)
+        try:
+            super().prepare(model, config)
+        except Exception:
+            restore_layers(model)
+            raise
+
+    def inject(self, model: nn.Module, config: AdapterConfig, name: str, from_file: bool) -> None:
+        assert isinstance(config, LoraConfig)
+        super().inject(model, config, name, from_file)
+        if config.alora_invocation_tokens:
+            attach_alora(model, name, config.alora_invocation_tokens)
+        if config.use_qalora:
+            attach_qalora(model, name, config.qalora_group_size)
+        if config.use_bdlora:
+            attach_bdlora(model, name, config.use_bdlora)
+        if config.kasa_config is not None:
+            attach_kasa(model, name)
+        if config.velora_config is not None:
+            attach_velora(model, name, config.velora_config)
+        if config.monteclora_config is not None:
+            attach_monteclora(model, name, config.monteclora_config)
+        if config.arrow_config is not None:
+            attach_arrow(model, name, config.arrow_config)
+        if config.trainable_token_indices is not None:
+            add_lora_token_rows(model, config, name)
+
+    def loss_penalty(self, model: nn.Module, name: str, config: AdapterConfig) -> Optional[torch.Tensor]:
+        assert isinstance(config, LoraConfig)
+        if config.monteclora_config is not None:
+            return monteclora_regularization(model, name)
+        if config.kasa_config is None:
+            return None
+        return kasa_regularization(model, name, config.kasa_config["beta"], config.kasa_config["gamma"])
+
+    def prepare_load(self, model: nn.Module, name: str, config: AdapterConfig,
+                     tensors: dict[str, torch.Tensor]) -> None:
+        assert isinstance(config, LoraConfig)
+        if config.use_qalora:
+            match_file_layout(model, name, tensors, FILE_PREFIX)
+
+    def remove(self, model: nn.Module, name: str) -> None:
+        detach_alora(model, name)
+        restore_layers(model)
+
     def extra_parameters(self, model: nn.Module, name: str, config: AdapterConfig) -> Iterator[nn.Parameter]:
         assert isinstance(config, LoraConfig)
         for _, p in trained_biases(model, name, config.bias, LoraLayer, "lora_only"):
@@ -49,6 +108,7 @@ class LoraMethod(LayerMethod):
         for key, p in trained_biases(model, name, config.bias, LoraLayer, "lora_only"):
             out[FILE_PREFIX + key] = p
         out.update({FILE_PREFIX + k: v for k, v in _embedding_base_weights(model, name, config).items()})
+        out.update(lora_token_tensors(model, name))
         return out
 
 
@@ -61,8 +121,8 @@ def _names_embedding(model: nn.Module, target_modules) -> bool:
 
 def _embedding_base_weights(model: nn.Module, name: str, config: LoraConfig) -> dict[str, torch.Tensor]:
     """The base embedding weights PEFT would store beside adapter ``name``."""
-    if not _names_embedding(model, config.target_modules):
-        return {}
+    if config.trainable_token_indices is not None or not _names_embedding(model, config.target_modules):
+        return {}  # PEFT leaves the embeddings out where only chosen rows are trained
     out = {}
     layers = {id(m): k for k, m in model.named_modules()}
     for getter in ("get_input_embeddings", "get_output_embeddings"):

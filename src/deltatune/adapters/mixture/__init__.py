@@ -1,1 +1,3 @@
 """Methods that mix several adapters with a learned gate."""
+
+from . import xlora  # noqa: F401  (registers XLORA)

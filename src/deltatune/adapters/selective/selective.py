@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from torch import nn
@@ -103,6 +104,12 @@ def _public_names(model: nn.Module) -> dict[str, tuple[str, str]]:
     return out
 
 
+def _layer_index(name: str, patterns: list[str]) -> Optional[int]:
+    """The block number in a dotted tensor name (``model.layers.3.mlp.weight`` -> 3), if any."""
+    found = re.search(rf"(?:^|\.)(?:{'|'.join(patterns)})\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
 def chosen_tensors(model: nn.Module, config: SelectiveConfig) -> dict[str, list[str]]:
     """Module name -> names of its tensors that ``config`` trains."""
     public = _public_names(model)
@@ -117,15 +124,18 @@ def chosen_tensors(model: nn.Module, config: SelectiveConfig) -> dict[str, list[
     if config.top_k_layers:
         patterns = config.layers_pattern or ["layers", "h", "layer", "block", "blocks"]
         patterns = [patterns] if isinstance(patterns, str) else patterns
-        index = {}
-        for k in names:
-            m = re.search(rf"(?:^|\.)(?:{'|'.join(patterns)})\.(\d+)\.", k)
-            if m:
-                index[k] = int(m.group(1))
+        index = {k: i for k in names if (i := _layer_index(k, patterns)) is not None}
         if not index:
             raise ValueError(f"SelectiveConfig.top_k_layers: no parameter name matches the layer patterns {patterns}")
         top = sorted(set(index.values()))[-config.top_k_layers:]
         chosen |= {k for k, i in index.items() if i in top}
+        # A quantized linear keeps its weight as packed buffers, not parameters: without this
+        # check the top layers would silently train their norms only.
+        packed = [k for k, m in model.named_modules() if isinstance(m, QuantLinear) and _layer_index(k + ".", patterns) in top]
+        if packed:
+            raise TypeError(f"SelectiveConfig.top_k_layers: the top layers' linear weights are quantized ({packed[0]!r} "
+                            "and others), so they cannot be trained; load the base without quantization, or train "
+                            "an adapter such as LoRA on the quantized base")
     by_module: dict[str, list[str]] = defaultdict(list)
     for k in sorted(chosen):
         module, tensor = public[k]
