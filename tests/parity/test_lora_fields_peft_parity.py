@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
+from peft_roundtrip import assert_same_files, assert_same_gradients, load_peft_file
 from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -135,18 +136,10 @@ def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_files_have_peft_keys_shapes_and_config_fields(case, tmp_path):
     base = tiny_model(CASES[case][0])
-    _peft_model(base, case).save_pretrained(tmp_path / "theirs")
-    dt.save_adapter(dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**CASES[case][1])), tmp_path / "ours")
-    theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: (tuple(v.shape), v.dtype) for k, v in ours.items()} == {
-        k: (tuple(v.shape), v.dtype) for k, v in theirs.items()}
-    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(our_cfg) == set(their_cfg)
-    for key in ("layer_replication", "alora_invocation_tokens", "use_bdlora", "kasa_config", "velora_config",
-                "monteclora_config", "r", "task_type"):
-        assert our_cfg[key] == their_cfg[key], key
+    assert_same_files(_peft_model(base, case), dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**CASES[case][1])),
+                      tmp_path,
+                      ("layer_replication", "alora_invocation_tokens", "use_bdlora", "kasa_config", "velora_config",
+                       "monteclora_config", "r", "task_type"), unordered_lists=False)
 
 
 @pytest.mark.parametrize("case", DETERMINISTIC)
@@ -154,18 +147,8 @@ def test_gradients_of_one_step_equal_peft(case, tmp_path):
     base = tiny_model(CASES[case][0])
     theirs = _peft_model(base, case)
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = dt.load_adapter(copy.deepcopy(base), tmp_path, trainable=True)
-    ids = _ids(case)
-    for model in (theirs, ours):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-    their_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
-                   for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n.replace(".default", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(our_grads) == set(their_grads)
-    for name, grad in our_grads.items():
-        torch.testing.assert_close(grad, their_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    ours = load_peft_file(base, theirs, tmp_path, trainable=True)
+    assert_same_gradients(theirs, ours, _ids(case), atol=1e-6, rtol=1e-4)
     if "velora_config" in CASES[case][1]:  # the vectors refreshed from the batch are PEFT's too
         dt.save_adapter(ours, tmp_path / "ours")
         theirs.save_pretrained(tmp_path / "theirs")

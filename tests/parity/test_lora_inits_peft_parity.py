@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
+from peft_roundtrip import assert_same_gradients, deltatune_file_to_peft, peft_file_to_deltatune
 from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_llama_64, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -62,13 +63,8 @@ def test_peft_saves_deltatune_loads(init, arch, tmp_path, parity_results):
     base = tiny_model(arch)
     theirs = _peft_model(base, _kwargs(init, arch))
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = dt.load_adapter(copy.deepcopy(base), tmp_path)
-    ids = sample_ids()
-    expected = eval_logits(theirs, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-3
-    diff = (eval_logits(ours, ids) - expected).abs().max().item()
-    parity_results[f"lora-init-{init}-{arch}: PEFT file -> deltatune"] = diff
+    diff = parity_results[f"lora-init-{init}-{arch}: PEFT file -> deltatune"] = peft_file_to_deltatune(
+        base, theirs, tmp_path, min_change=1e-3)
     assert diff <= ATOL
 
 
@@ -77,13 +73,8 @@ def test_deltatune_saves_peft_loads(init, arch, tmp_path, parity_results):
     base = tiny_model(arch)
     ours = _dt_model(base, _kwargs(init, arch))
     randomize_adapter(ours, seed=7)
-    dt.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    ids = sample_ids()
-    expected = eval_logits(ours, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-3
-    diff = (eval_logits(theirs, ids) - expected).abs().max().item()
-    parity_results[f"lora-init-{init}-{arch}: deltatune file -> PEFT"] = diff
+    diff = parity_results[f"lora-init-{init}-{arch}: deltatune file -> PEFT"] = deltatune_file_to_peft(
+        base, ours, tmp_path, min_change=1e-3)
     assert diff <= ATOL
     ours_file = load_file(tmp_path / "adapter_model.safetensors")
     peft_dir = tmp_path / "theirs"
@@ -105,15 +96,7 @@ def test_gradients_of_one_step_equal_peft(init, arch, tmp_path):
     theirs.save_pretrained(tmp_path)
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
     ours = dt.load_adapter(copy.deepcopy(base), tmp_path, trainable=True)
-    ids = sample_ids()
-    for model in (theirs, ours):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-    their_grads = {k: p.grad for k, p in _theirs(theirs).items() if p.requires_grad}
-    our_grads = {k: p.grad for k, p in _ours(ours).items() if p.requires_grad}
-    assert set(our_grads) == set(their_grads) and our_grads
-    for key, grad in our_grads.items():
-        torch.testing.assert_close(grad, their_grads[key], atol=1e-5, rtol=1e-4)
+    assert_same_gradients(theirs, ours, sample_ids(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -2,14 +2,14 @@
 files carry PEFT's keys, shapes and config fields, and one backward step gives PEFT's gradients."""
 
 import copy
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import deltatune as dt
-from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
+from peft_roundtrip import (assert_same_files, assert_same_gradients, deltatune_file_to_peft, load_peft_file,
+                            peft_file_to_deltatune)
+from tiny_models import randomize_adapter, sample_ids, tiny_model
 
 peft = pytest.importorskip("peft")
 
@@ -59,14 +59,7 @@ def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
     base = tiny_model(CASES[case][0])
     theirs = _peft_model(base, case)
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = copy.deepcopy(base)
-    dt.load_adapter(ours, tmp_path)
-    ids = sample_ids()
-    expected = eval_logits(theirs, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2  # the adapter really changes the output
-    diff = (eval_logits(ours, ids) - expected).abs().max().item()
-    parity_results[f"{case}: PEFT file -> deltatune"] = diff
+    diff = parity_results[f"{case}: PEFT file -> deltatune"] = peft_file_to_deltatune(base, theirs, tmp_path)
     assert diff <= ATOL
 
 
@@ -75,32 +68,14 @@ def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
     base = tiny_model(CASES[case][0])
     ours = _dt_model(base, case)
     randomize_adapter(ours, seed=7)
-    dt.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    ids = sample_ids()
-    expected = eval_logits(ours, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2
-    diff = (eval_logits(theirs, ids) - expected).abs().max().item()
-    parity_results[f"{case}: deltatune file -> PEFT"] = diff
+    diff = parity_results[f"{case}: deltatune file -> PEFT"] = deltatune_file_to_peft(base, ours, tmp_path)
     assert diff <= ATOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_files_have_peft_keys_shapes_and_config_fields(case, tmp_path):
     base = tiny_model(CASES[case][0])
-    _peft_model(base, case).save_pretrained(tmp_path / "theirs")
-    dt.save_adapter(_dt_model(base, case), tmp_path / "ours")
-    theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
-    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(our_cfg) == set(their_cfg)
-    for key in CASES[case][2]:
-        mine, other = our_cfg[key], their_cfg[key]
-        if isinstance(other, list) and isinstance(mine, list):
-            mine, other = sorted(mine), sorted(other)
-        assert mine == other, key
+    ours, theirs = assert_same_files(_peft_model(base, case), _dt_model(base, case), tmp_path, CASES[case][2])
     if "save_projection" not in CASES[case][2] and CASES[case][1] == "VeraConfig":
         # the seeded projections are PEFT's values, not just its shapes
         assert torch.equal(ours["base_model.vera_A"], theirs["base_model.vera_A"])
@@ -112,19 +87,8 @@ def test_gradients_of_one_step_equal_peft(case, tmp_path):
     base = tiny_model(CASES[case][0])
     theirs = _peft_model(base, case)
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = copy.deepcopy(base)
-    dt.load_adapter(ours, tmp_path, trainable=True)
-    ids = sample_ids()
-    for model in (theirs, ours):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-    their_grads = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad
-                   for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {n.replace(".default", ""): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(our_grads) == set(their_grads)
-    for name, grad in our_grads.items():
-        torch.testing.assert_close(grad, their_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    ours = load_peft_file(base, theirs, tmp_path, trainable=True)
+    assert_same_gradients(theirs, ours, sample_ids(), atol=1e-6, rtol=1e-4)
 
 
 # task_type matters: without one, PEFT's PeftModel.forward skips AdaLoraModel.forward, where PEFT
@@ -186,16 +150,8 @@ def test_adalora_rank_allocation_and_files_match_peft(tmp_path, parity_results):
     theirs.eval(), ours.eval()
     with torch.no_grad():
         assert (ours(ids).logits - theirs(ids).logits).abs().max() <= ATOL
-    theirs.save_pretrained(tmp_path / "theirs")
-    dt.save_adapter(ours, tmp_path / "ours")
-    their_file = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    our_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: tuple(v.shape) for k, v in our_file.items()} == {k: tuple(v.shape) for k, v in their_file.items()}
-    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    assert set(our_cfg) == set(their_cfg)
-    for key in ("rank_pattern", "init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step", "lora_alpha"):
-        assert our_cfg[key] == their_cfg[key], key
+    assert_same_files(theirs, ours, tmp_path,
+                      ("rank_pattern", "init_r", "target_r", "tinit", "tfinal", "deltaT", "total_step", "lora_alpha"))
     # each side loads the other's pruned file to the same logits
     back_in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
     back_in_ours = dt.load_adapter(copy.deepcopy(base), tmp_path / "theirs").eval()

@@ -8,7 +8,6 @@ checked in tests/unit/test_method_matrix.py).
 """
 
 import copy
-import json
 import warnings
 
 import pytest
@@ -17,6 +16,8 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune.io import adapter_tensors
+from peft_roundtrip import (assert_same_files, assert_same_gradients, deltatune_file_to_peft, load_peft_file,
+                            peft_file_to_deltatune)
 from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -100,16 +101,8 @@ def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
     base = tiny_model(CASES[case][0])
     theirs = _peft_model(base, case)
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dt.load_adapter(ours, tmp_path)
-    ids = sample_ids()
-    expected = eval_logits(theirs, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-3  # the adapter really changes the output
-    diff = (eval_logits(ours, ids) - expected).abs().max().item()
-    parity_results[f"{case}: PEFT file -> deltatune"] = diff
+    diff = parity_results[f"{case}: PEFT file -> deltatune"] = peft_file_to_deltatune(base, theirs, tmp_path,
+                                                                                      min_change=1e-3, quiet=True)
     assert diff <= ATOL
 
 
@@ -118,36 +111,15 @@ def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
     base = tiny_model(CASES[case][0])
     ours = _dt_model(base, case)
     randomize_adapter(ours, seed=7)
-    dt.save_adapter(ours, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    ids = sample_ids()
-    expected = eval_logits(ours, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-3
-    diff = (eval_logits(theirs, ids) - expected).abs().max().item()
-    parity_results[f"{case}: deltatune file -> PEFT"] = diff
+    diff = parity_results[f"{case}: deltatune file -> PEFT"] = deltatune_file_to_peft(base, ours, tmp_path,
+                                                                                      min_change=1e-3, quiet=True)
     assert diff <= ATOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_files_have_peft_keys_shapes_and_config_fields(case, tmp_path):
     base = tiny_model(CASES[case][0])
-    _peft_model(base, case).save_pretrained(tmp_path / "theirs")
-    dt.save_adapter(_dt_model(base, case), tmp_path / "ours")
-    theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: (tuple(v.shape), v.dtype) for k, v in ours.items()} == \
-        {k: (tuple(v.shape), v.dtype) for k, v in theirs.items()}
-    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(our_cfg) == set(their_cfg)
-    assert our_cfg["peft_type"] == their_cfg["peft_type"]
-    for key in CASES[case][2]:
-        mine, other = our_cfg[key], their_cfg[key]
-        if isinstance(other, list) and isinstance(mine, list):
-            mine, other = sorted(mine), sorted(other)
-        assert mine == other, key
+    assert_same_files(_peft_model(base, case), _dt_model(base, case), tmp_path, CASES[case][2])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -155,20 +127,11 @@ def test_gradients_of_one_step_equal_peft(case, tmp_path):
     base = tiny_model(CASES[case][0])
     theirs = _peft_model(base, case)
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dt.load_adapter(ours, tmp_path, trainable=True)
-    ids = sample_ids()
-    for model in (theirs, ours):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-    their_grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {k: t.grad for k, t in adapter_tensors(ours, "default").items()}
-    assert set(our_grads) == set(their_grads)
-    for name, grad in our_grads.items():
-        torch.testing.assert_close(grad, their_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    ours = load_peft_file(base, theirs, tmp_path, trainable=True, quiet=True)
+    # deltatune's tensors under the names its files give them, PEFT's under its own parameter names
+    assert_same_gradients(theirs, ours, sample_ids(), atol=1e-6, rtol=1e-4,
+                          their_name=lambda n: n.replace(".default", ""), our_name=lambda n: n,
+                          our_tensors=lambda model: adapter_tensors(model, "default"))
 
 
 def test_boft_file_of_peft_without_its_extension_loads_as_one_factor(tmp_path, parity_results):

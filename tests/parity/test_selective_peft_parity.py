@@ -3,13 +3,13 @@ both ways give the same logits, the files carry PEFT's keys, shapes, dtypes and 
 backward step gives PEFT's gradients, and merging matches PEFT's merged model (unmerge exact)."""
 
 import copy
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import deltatune as dt
+from peft_roundtrip import (assert_same_files, assert_same_gradients, deltatune_file_to_peft, load_peft_file,
+                            peft_file_to_deltatune, peft_name)
 from tiny_models import _config, eval_logits, sample_ids, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -83,77 +83,45 @@ def _dt_model(base, case):
     return model
 
 
-def _changes_output(model, base, ids):
-    assert (eval_logits(model, ids) - eval_logits(base, ids)).abs().max() > 1e-2
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
-    base, ids = _base(CASES[case][0]), sample_ids()
+    base = _base(CASES[case][0])
     theirs = _peft_model(base, case)
     _randomize(theirs, 2)
-    theirs.save_pretrained(tmp_path)
-    ours = dt.load_adapter(copy.deepcopy(base), tmp_path)
-    _changes_output(theirs, base, ids)
-    diff = (eval_logits(ours, ids) - eval_logits(theirs, ids)).abs().max().item()
-    parity_results[f"{case}: PEFT file -> deltatune"] = diff
+    diff = parity_results[f"{case}: PEFT file -> deltatune"] = peft_file_to_deltatune(base, theirs, tmp_path)
     assert diff <= ATOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
-    base, ids = _base(CASES[case][0]), sample_ids()
+    base = _base(CASES[case][0])
     ours = _dt_model(base, case)
     _randomize(ours, 7)
-    dt.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    _changes_output(ours, base, ids)
-    diff = (eval_logits(theirs, ids) - eval_logits(ours, ids)).abs().max().item()
-    parity_results[f"{case}: deltatune file -> PEFT"] = diff
+    diff = parity_results[f"{case}: deltatune file -> PEFT"] = deltatune_file_to_peft(base, ours, tmp_path)
     assert diff <= ATOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_files_have_peft_keys_shapes_dtypes_and_config_fields(case, tmp_path):
     base = _base(CASES[case][0])
-    _peft_model(base, case).save_pretrained(tmp_path / "theirs")
-    dt.save_adapter(_dt_model(base, case), tmp_path / "ours")
-    theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: (tuple(v.shape), v.dtype) for k, v in ours.items()} == \
-        {k: (tuple(v.shape), v.dtype) for k, v in theirs.items()}
+    ours, theirs = assert_same_files(_peft_model(base, case), _dt_model(base, case), tmp_path,
+                                     ("target_modules", *CASES[case][2]))
     if CASES[case][1] != "LoraConfig":  # both start from the base's own rows / norms
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(our_cfg) == set(their_cfg)
-    for key in ("target_modules", *CASES[case][2]):
-        mine, other = our_cfg[key], their_cfg[key]
-        if isinstance(other, list) and isinstance(mine, list):
-            mine, other = sorted(mine), sorted(other)
-        assert mine == other, key
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gradients_of_one_step_equal_peft(case, tmp_path):
-    base, ids = _base(CASES[case][0]), sample_ids()
+    base = _base(CASES[case][0])
     theirs = _peft_model(base, case)
     _randomize(theirs, 2)
-    theirs.save_pretrained(tmp_path)
-    ours = dt.load_adapter(copy.deepcopy(base), tmp_path, trainable=True)
-    for model in (theirs, ours):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
+    ours = load_peft_file(base, theirs, tmp_path, trainable=True)
 
     def name(n):  # PEFT's LoRA keeps the rows in a wrapper's token_adapter
-        return n.removeprefix("base_model.model.").replace(".default", "").replace(".token_adapter", "")
+        return peft_name(n).replace(".token_adapter", "")
 
-    their_grads = {name(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {name(n): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert set(our_grads) == set(their_grads)
-    for key, grad in our_grads.items():
-        assert grad is not None and grad.abs().max() > 0, key
-        torch.testing.assert_close(grad, their_grads[key], atol=1e-6, rtol=1e-4, msg=key)
+    assert_same_gradients(theirs, ours, sample_ids(), atol=1e-6, rtol=1e-4, their_name=name, our_name=name,
+                          nonzero=True)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -10,6 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
+from peft_roundtrip import (assert_same_files, assert_same_gradients, deltatune_file_to_peft, load_peft_file,
+                            merged_vs_peft_merged, peft_file_to_deltatune)
 from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -71,14 +73,7 @@ def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
     base = tiny_model(CASES[case][0])
     theirs = _peft_model(base, case)
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = copy.deepcopy(base)
-    dt.load_adapter(ours, tmp_path)
-    ids = sample_ids()
-    expected = eval_logits(theirs, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2  # the adapter really changes the output
-    diff = (eval_logits(ours, ids) - expected).abs().max().item()
-    parity_results[f"{case}: PEFT file -> deltatune"] = diff
+    diff = parity_results[f"{case}: PEFT file -> deltatune"] = peft_file_to_deltatune(base, theirs, tmp_path)
     assert diff <= ATOL
 
 
@@ -87,34 +82,14 @@ def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
     base = tiny_model(CASES[case][0])
     ours = _dt_model(base, case)
     randomize_adapter(ours, seed=7)
-    dt.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    ids = sample_ids()
-    expected = eval_logits(ours, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2
-    diff = (eval_logits(theirs, ids) - expected).abs().max().item()
-    parity_results[f"{case}: deltatune file -> PEFT"] = diff
+    diff = parity_results[f"{case}: deltatune file -> PEFT"] = deltatune_file_to_peft(base, ours, tmp_path)
     assert diff <= ATOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_files_have_peft_keys_shapes_dtypes_and_config_fields(case, tmp_path):
     base = tiny_model(CASES[case][0])
-    _peft_model(base, case).save_pretrained(tmp_path / "theirs")
-    dt.save_adapter(_dt_model(base, case), tmp_path / "ours")
-    theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: (tuple(v.shape), v.dtype) for k, v in ours.items()} == \
-        {k: (tuple(v.shape), v.dtype) for k, v in theirs.items()}
-    their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
-    our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(our_cfg) == set(their_cfg)
-    for key in CASES[case][3]:
-        mine, other = our_cfg[key], their_cfg[key]
-        if isinstance(other, list) and isinstance(mine, list):
-            mine, other = sorted(mine), sorted(other)
-        assert mine == other, key
-    assert our_cfg["peft_type"] == their_cfg["peft_type"]
+    ours, theirs = assert_same_files(_peft_model(base, case), _dt_model(base, case), tmp_path, CASES[case][3])
     # indices and scales drawn from a seed (Uni-LoRA's) are PEFT's values, not just its shapes
     for key in [k for k in theirs if ".unilora_indices_" in k or ".unilora_scales_" in k]:
         assert torch.equal(ours[key], theirs[key]), key
@@ -125,17 +100,8 @@ def test_merged_model_equals_peft_merged_and_unmerge_is_exact(case, tmp_path, pa
     base = tiny_model(CASES[case][0])
     theirs = _peft_model(base, case)
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = dt.load_adapter(copy.deepcopy(base), tmp_path)
-    ids = sample_ids()
-    unmerged = eval_logits(ours, ids)
-    dt.merge(ours, verbose=False)
-    merged_theirs = eval_logits(theirs.merge_and_unload(), ids)
-    diff = (eval_logits(ours, ids) - merged_theirs).abs().max().item()
-    parity_results[f"{case}: merged, deltatune vs PEFT"] = diff
+    diff = parity_results[f"{case}: merged, deltatune vs PEFT"] = merged_vs_peft_merged(base, theirs, tmp_path)
     assert diff <= ATOL
-    dt.unmerge(ours)
-    assert torch.equal(eval_logits(ours, ids), unmerged)
 
 
 def _canonical(name):
@@ -149,20 +115,11 @@ def test_gradients_of_one_step_equal_peft(case, tmp_path):
     base = tiny_model(CASES[case][0])
     theirs = _peft_model(base, case)
     randomize_adapter(theirs)
-    theirs.save_pretrained(tmp_path)
-    ours = copy.deepcopy(base)
-    dt.load_adapter(ours, tmp_path, trainable=True)
-    ids = sample_ids()
-    for model in (theirs, ours):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-    their_grads = {_canonical(n): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    our_grads = {_canonical(n): p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    # PEFT holds some factors in nn.Linear modules (GraLoRA's hybrid part, PEANuT's): ".weight"; ours are tensors
-    their_grads = {n.removesuffix(".weight"): g for n, g in their_grads.items()}
-    assert set(our_grads) == set(their_grads)
-    for name, grad in our_grads.items():
-        torch.testing.assert_close(grad, their_grads[name], atol=1e-5, rtol=1e-4)  # float32 sums in another order
+    ours = load_peft_file(base, theirs, tmp_path, trainable=True)
+    # PEFT holds some factors in nn.Linear modules (GraLoRA's hybrid part, PEANuT's): ".weight"; ours are tensors.
+    # atol 1e-5: float32 sums in another order
+    assert_same_gradients(theirs, ours, sample_ids(), atol=1e-5, rtol=1e-4,
+                          their_name=lambda n: _canonical(n).removesuffix(".weight"), our_name=_canonical)
 
 
 @pytest.mark.parametrize("make, message", [

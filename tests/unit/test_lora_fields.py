@@ -237,22 +237,21 @@ def test_alora_errors():
         dt.DyLoraConfig(alora_invocation_tokens=[5], task_type="CAUSAL_LM")
 
 
-# ----- QA-LoRA -------------------------------------------------------------------------------
-QALORA = dict(target_modules="all-linear", r=4, use_qalora=True, qalora_group_size=8)
-
-
-def test_qalora_invariants(tmp_path):
-    base, ids = tiny_model("llama"), sample_ids()
+# ----- the invariants each variant goes through ------------------------------------------------
+def _adapter_invariants(base, model, fields, tmp_path):
+    """DESIGN.md's invariants for ``model`` (``base`` with a fresh LoRA adapter of ``fields``): only
+    LoRA tensors train; randomised, the adapter changes the output and disabling it gives the base's;
+    merge/unmerge, save/load (saving again bit for bit) and unload keep the logits; deleting the
+    adapter restores the base's logits and parameters; and a few steps lower the loss."""
+    ids = sample_ids()
     plain = eval_logits(base, ids)
-    model = dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**QALORA))
-    assert model.model.layers[0].mlp.down_proj.lora_A["default"].weight.shape == (4, 64 // 8)
-    assert torch.equal(eval_logits(model, ids), plain)
-    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
     randomize_adapter(model)
     tuned = eval_logits(model, ids)
     assert (tuned - plain).abs().max() > 1e-3
     with dt.disable_adapters(model):
-        assert torch.equal(eval_logits(model, ids), plain)
+        assert torch.equal(eval_logits(model, ids), plain)  # the base weight itself is never changed
     dt.merge(model, verbose=False)
     torch.testing.assert_close(eval_logits(model, ids), tuned, atol=1e-5, rtol=1e-5)
     dt.unmerge(model)
@@ -260,19 +259,25 @@ def test_qalora_invariants(tmp_path):
     dt.save_adapter(model, tmp_path)
     reloaded = dt.load_adapter(copy.deepcopy(base), tmp_path)
     assert torch.equal(eval_logits(reloaded, ids), tuned)
-    merged = dt.unload(copy.deepcopy(model), merge=True, verbose=False)
-    torch.testing.assert_close(eval_logits(merged, ids), tuned, atol=1e-5, rtol=1e-5)
+    dt.save_adapter(reloaded, tmp_path / "again")
+    first, second = (load_file(p / "adapter_model.safetensors") for p in (tmp_path, tmp_path / "again"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    unloaded = dt.unload(copy.deepcopy(model), merge=True, verbose=False)
+    torch.testing.assert_close(eval_logits(unloaded, ids), tuned, atol=1e-5, rtol=1e-5)
     dt.delete_adapter(model, "default")
     assert torch.equal(eval_logits(model, ids), plain)
-    _steps_lower_the_loss(dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**QALORA)), sample_ids(4, 12))
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in base.named_parameters()}
+    _steps_lower_the_loss(dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**fields)), sample_ids(4, 12))
 
 
-def test_qalora_routes_per_row_and_runs_on_an_nf4_base():
+def _routes_per_row_and_runs_on_an_nf4_base(fields):
+    """Two adapters of ``fields`` routed per row give each adapter's rows (a None row: the base's),
+    and on an NF4 base the adapter gives the dequantized base's logits, merged too (unmerge exact)."""
     from deltatune.quant import QuantizeConfig, dequantize_model, quantize_model
 
     base, ids = tiny_model("qwen2"), sample_ids()
-    model = dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**QALORA), "a")
-    dt.add_adapter(model, dt.LoraConfig(**QALORA), "b")
+    model = dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**fields), "a")
+    dt.add_adapter(model, dt.LoraConfig(**fields), "b")
     randomize_adapter(model)
     expected = {}
     for name in ("a", "b"):
@@ -288,7 +293,7 @@ def test_qalora_routes_per_row_and_runs_on_an_nf4_base():
     reference = dequantize_model(copy.deepcopy(quantized))
     for m in (quantized, reference):
         torch.manual_seed(0)
-        dt.add_adapter(m, dt.LoraConfig(**QALORA))
+        dt.add_adapter(m, dt.LoraConfig(**fields))
         randomize_adapter(m)
     torch.testing.assert_close(eval_logits(quantized, ids), eval_logits(reference, ids), atol=1e-4, rtol=1e-4)
     before = eval_logits(quantized, ids)
@@ -296,6 +301,23 @@ def test_qalora_routes_per_row_and_runs_on_an_nf4_base():
     torch.testing.assert_close(eval_logits(quantized, ids), before, atol=1e-4, rtol=1e-4)
     dt.unmerge(quantized)
     assert torch.equal(eval_logits(quantized, ids), before)
+
+
+# ----- QA-LoRA -------------------------------------------------------------------------------
+QALORA = dict(target_modules="all-linear", r=4, use_qalora=True, qalora_group_size=8)
+
+
+def test_qalora_invariants(tmp_path):
+    base, ids = tiny_model("llama"), sample_ids()
+    plain = eval_logits(base, ids)
+    model = dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**QALORA))
+    assert model.model.layers[0].mlp.down_proj.lora_A["default"].weight.shape == (4, 64 // 8)
+    assert torch.equal(eval_logits(model, ids), plain)
+    _adapter_invariants(base, model, QALORA, tmp_path)
+
+
+def test_qalora_routes_per_row_and_runs_on_an_nf4_base():
+    _routes_per_row_and_runs_on_an_nf4_base(QALORA)
 
 
 def test_qalora_errors():
@@ -336,60 +358,12 @@ def test_bdlora_and_kasa_invariants(fields, tmp_path):
         assert 1e-6 < (fresh - plain).abs().max() < 1.0
     else:
         assert torch.equal(fresh, plain)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    randomize_adapter(model)
-    tuned = eval_logits(model, ids)
-    with dt.disable_adapters(model):
-        assert torch.equal(eval_logits(model, ids), plain)  # the base weight itself is never changed
-    dt.merge(model, verbose=False)
-    torch.testing.assert_close(eval_logits(model, ids), tuned, atol=1e-5, rtol=1e-5)
-    dt.unmerge(model)
-    assert torch.equal(eval_logits(model, ids), tuned)
-    dt.save_adapter(model, tmp_path)
-    reloaded = dt.load_adapter(copy.deepcopy(base), tmp_path)
-    assert torch.equal(eval_logits(reloaded, ids), tuned)
-    dt.save_adapter(reloaded, tmp_path / "again")
-    first, second = (load_file(p / "adapter_model.safetensors") for p in (tmp_path, tmp_path / "again"))
-    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    unloaded = dt.unload(copy.deepcopy(model), merge=True, verbose=False)
-    torch.testing.assert_close(eval_logits(unloaded, ids), tuned, atol=1e-5, rtol=1e-5)
-    dt.delete_adapter(model, "default")
-    assert torch.equal(eval_logits(model, ids), plain)
-    assert {n for n, _ in model.named_parameters()} == {n for n, _ in base.named_parameters()}
-    _steps_lower_the_loss(dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**fields)), sample_ids(4, 12))
+    _adapter_invariants(base, model, fields, tmp_path)
 
 
 @pytest.mark.parametrize("fields", [BDLORA, KASA, VELORA, MONTECLORA], ids=["bdlora", "kasa", "velora", "monteclora"])
 def test_bdlora_and_kasa_route_per_row_and_run_on_an_nf4_base(fields):
-    from deltatune.quant import QuantizeConfig, dequantize_model, quantize_model
-
-    base, ids = tiny_model("qwen2"), sample_ids()
-    model = dt.add_adapter(copy.deepcopy(base), dt.LoraConfig(**fields), "a")
-    dt.add_adapter(model, dt.LoraConfig(**fields), "b")
-    randomize_adapter(model)
-    expected = {}
-    for name in ("a", "b"):
-        dt.set_adapter(model, name)
-        expected[name] = eval_logits(model, ids)
-    with dt.adapter_per_row(model, ["b", None, "a"]):
-        routed = eval_logits(model, ids)
-    torch.testing.assert_close(routed[0], expected["b"][0], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(routed[1], eval_logits(base, ids)[1], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(routed[2], expected["a"][2], atol=1e-6, rtol=1e-5)
-
-    quantized = quantize_model(tiny_model("llama"), QuantizeConfig(quant_type="nf4"))
-    reference = dequantize_model(copy.deepcopy(quantized))
-    for m in (quantized, reference):
-        torch.manual_seed(0)
-        dt.add_adapter(m, dt.LoraConfig(**fields))
-        randomize_adapter(m)
-    torch.testing.assert_close(eval_logits(quantized, ids), eval_logits(reference, ids), atol=1e-4, rtol=1e-4)
-    before = eval_logits(quantized, ids)
-    dt.merge(quantized, verbose=False)
-    torch.testing.assert_close(eval_logits(quantized, ids), before, atol=1e-4, rtol=1e-4)
-    dt.unmerge(quantized)
-    assert torch.equal(eval_logits(quantized, ids), before)
+    _routes_per_row_and_runs_on_an_nf4_base(fields)
 
 
 def test_kasa_regularizers_are_the_training_penalty():

@@ -13,7 +13,7 @@ Files hold ``pvera_lambda_b``/``pvera_lambda_d`` per layer and, with ``save_proj
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -21,9 +21,9 @@ from torch import nn
 from ...config.low_rank import PveraConfig
 from ...targeting import find_targets
 from ..linear_base import LinearAdapterLayer
-from ..method import FILE_PREFIX, register_method
-from ..shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform, shared_tensors
-from .lora_method import trained_biases
+from ..method import register_method
+from ..shared import SharedTensors, seeded_kaiming_uniform
+from .seeded_projections import SeededProjectionMethod
 
 PROJECTION_KEYS = {"pvera_A": "base_model.pvera_A", "pvera_B": "base_model.pvera_B"}
 
@@ -111,7 +111,9 @@ class PveraLinear(LinearAdapterLayer):
         return self.canonical(self.canonical(weight) + self.delta_weight(name).detach().to(weight.device))
 
 
-class PveraMethod(SharedTensorMethod):
+class PveraMethod(SeededProjectionMethod):
+    projection_keys = PROJECTION_KEYS
+    bias_only = "pvera_only"
     method_name = "PVeRA"
 
     def __init__(self) -> None:
@@ -131,20 +133,6 @@ class PveraMethod(SharedTensorMethod):
         pvera_A = seeded_kaiming_uniform((2 * config.r, in_max), generator)  # drawn first, as PEFT draws them
         return {"pvera_A": pvera_A, "pvera_B": seeded_kaiming_uniform((out_max, config.r), generator)}
 
-    def extra_parameters(self, model: nn.Module, name: str, config: PveraConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, PveraLinear, "pvera_only"):
-            yield p
-
-    def file_tensors(self, model: nn.Module, name: str, config: PveraConfig) -> dict[str, torch.Tensor]:
-        out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, PveraLinear, "pvera_only"):
-            out[FILE_PREFIX + key] = p
-        if config.save_projection:
-            holder = shared_tensors(model, create=False)
-            for kind, key in PROJECTION_KEYS.items():
-                out[key] = holder.get(kind, name)
-        return out
-
     def training_state(self, model: nn.Module, name: str, config: PveraConfig) -> dict:
         """Each layer's seeded noise generator, so a resumed run draws the noise it would have drawn."""
         return {key: layer.generators[name].get_state() for key, layer in model.named_modules()
@@ -154,21 +142,6 @@ class PveraMethod(SharedTensorMethod):
         for key, layer in model.named_modules():
             if key in state and isinstance(layer, PveraLinear) and layer.generators.get(name) is not None:
                 layer.generators[name].set_state(state[key])
-
-    def optional_file_keys(self, config: PveraConfig) -> set[str]:
-        return set(PROJECTION_KEYS.values())  # rebuilt from projection_prng_key when not saved
-
-    def prepare_load(self, model: nn.Module, name: str, config: PveraConfig,
-                     tensors: dict[str, torch.Tensor]) -> None:
-        """Projections in the file win over the seeded ones (they are what the adapter was trained with)."""
-        holder = shared_tensors(model, create=False)
-        for kind, key in PROJECTION_KEYS.items():
-            if key in tensors:
-                current = holder.get(kind, name)
-                if tuple(tensors[key].shape) != tuple(current.shape):
-                    raise ValueError(f"{key} has shape {tuple(tensors[key].shape)} in the file but this model's "
-                                     f"targeted layers need {tuple(current.shape)}")
-                holder.put(kind, name, tensors[key].to(current.device, current.dtype))
 
 
 register_method("PVERA", PveraMethod())

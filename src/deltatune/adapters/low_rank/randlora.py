@@ -21,16 +21,15 @@ the shared ``A`` and ``B`` both once (``base_model.randlora_A``/``_B``) and in e
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ...config.low_rank import RandLoraConfig
 from ..linear_base import LinearAdapterLayer
-from ..method import FILE_PREFIX, register_method
-from ..shared import SharedTensorMethod, SharedTensors, shared_tensors
-from .lora_method import trained_biases
+from ..method import register_method
+from ..shared import SharedTensors
+from .seeded_projections import SeededProjectionMethod
 
 PROJECTION_KEYS = {"randlora_A": "base_model.randlora_A", "randlora_B": "base_model.randlora_B"}
 
@@ -137,7 +136,9 @@ class RandLoraLinear(LinearAdapterLayer):
         return self.canonical(self.canonical(weight) + delta.to(weight.device))
 
 
-class RandLoraMethod(SharedTensorMethod):
+class RandLoraMethod(SeededProjectionMethod):
+    projection_keys = PROJECTION_KEYS
+    bias_only = "randlora_only"
     method_name = "RandLoRA"
 
     def __init__(self) -> None:
@@ -145,35 +146,6 @@ class RandLoraMethod(SharedTensorMethod):
 
     def make_shared(self, config: RandLoraConfig, in_max: int, out_max: int) -> dict[str, torch.Tensor]:
         return randlora_bases(config, in_max, out_max)
-
-    def extra_parameters(self, model: nn.Module, name: str, config: RandLoraConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, RandLoraLinear, "randlora_only"):
-            yield p
-
-    def file_tensors(self, model: nn.Module, name: str, config: RandLoraConfig) -> dict[str, torch.Tensor]:
-        out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, RandLoraLinear, "randlora_only"):
-            out[FILE_PREFIX + key] = p
-        if config.save_projection:
-            holder = shared_tensors(model, create=False)
-            for kind, key in PROJECTION_KEYS.items():
-                out[key] = holder.get(kind, name)
-        return out
-
-    def optional_file_keys(self, config: RandLoraConfig) -> set[str]:
-        return set(PROJECTION_KEYS.values())  # rebuilt from projection_prng_key when not saved
-
-    def prepare_load(self, model: nn.Module, name: str, config: RandLoraConfig,
-                     tensors: dict[str, torch.Tensor]) -> None:
-        """Bases in the file win over the seeded ones (they are what the adapter was trained with)."""
-        holder = shared_tensors(model, create=False)
-        for kind, key in PROJECTION_KEYS.items():
-            if key in tensors:
-                current = holder.get(kind, name)
-                if tuple(tensors[key].shape) != tuple(current.shape):
-                    raise ValueError(f"{key} has shape {tuple(tensors[key].shape)} in the file but this model's "
-                                     f"targeted layers need {tuple(current.shape)}")
-                holder.put(kind, name, tensors[key].to(current.device, current.dtype))
 
 
 register_method("RANDLORA", RandLoraMethod())

@@ -8,16 +8,14 @@ and, with ``save_projection``, ``base_model.vera_A``/``base_model.vera_B``.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
 from ...config import VeraConfig
 from ..linear_base import LinearAdapterLayer
-from .lora_method import trained_biases
-from ..method import FILE_PREFIX, register_method
-from ..shared import SharedTensorMethod, SharedTensors, seeded_kaiming_uniform, shared_tensors
+from ..method import register_method
+from ..shared import SharedTensors, seeded_kaiming_uniform
+from .seeded_projections import SeededProjectionMethod
 
 PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
 
@@ -76,7 +74,9 @@ class VeraLinear(LinearAdapterLayer):
         return self.canonical(self.canonical(weight) + self.delta_weight(name).to(weight.device))
 
 
-class VeraMethod(SharedTensorMethod):
+class VeraMethod(SeededProjectionMethod):
+    projection_keys = PROJECTION_KEYS
+    bias_only = "vera_only"
     method_name = "VeRA"
 
     def __init__(self) -> None:
@@ -86,35 +86,6 @@ class VeraMethod(SharedTensorMethod):
         generator = torch.Generator(device="cpu").manual_seed(config.projection_prng_key)
         vera_A = seeded_kaiming_uniform((config.r, in_max), generator)  # drawn first, as PEFT draws them
         return {"vera_A": vera_A, "vera_B": seeded_kaiming_uniform((out_max, config.r), generator)}
-
-    def extra_parameters(self, model: nn.Module, name: str, config: VeraConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, VeraLinear, "vera_only"):
-            yield p
-
-    def file_tensors(self, model: nn.Module, name: str, config: VeraConfig) -> dict[str, torch.Tensor]:
-        out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, VeraLinear, "vera_only"):
-            out[FILE_PREFIX + key] = p
-        if config.save_projection:
-            holder = shared_tensors(model, create=False)
-            for kind, key in PROJECTION_KEYS.items():
-                out[key] = holder.get(kind, name)
-        return out
-
-    def optional_file_keys(self, config: VeraConfig) -> set[str]:
-        return set(PROJECTION_KEYS.values())  # rebuilt from projection_prng_key when not saved
-
-    def prepare_load(self, model: nn.Module, name: str, config: VeraConfig,
-                     tensors: dict[str, torch.Tensor]) -> None:
-        """Projections in the file win over the seeded ones (they are what the adapter was trained with)."""
-        holder = shared_tensors(model, create=False)
-        for kind, key in PROJECTION_KEYS.items():
-            if key in tensors:
-                current = holder.get(kind, name)
-                if tuple(tensors[key].shape) != tuple(current.shape):
-                    raise ValueError(f"{key} has shape {tuple(tensors[key].shape)} in the file but this model's "
-                                     f"targeted layers need {tuple(current.shape)}")
-                holder.put(kind, name, tensors[key].to(current.device, current.dtype))
 
 
 register_method("VERA", VeraMethod())
