@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import deltatune as dt
+from peft_roundtrip import assert_same_files, deltatune_file_to_peft, peft_file_to_deltatune
 from tiny_models import eval_logits, randomize_adapter, sample_ids, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -38,43 +38,25 @@ def _ours(base, case, seed=5):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_peft_saves_deltatune_loads(case, tmp_path, parity_results):
-    base, ids = tiny_model(CASES[case][0]), sample_ids()
-    theirs = _peft(base, case)
-    theirs.save_pretrained(tmp_path)
-    ours = dt.load_adapter(copy.deepcopy(base), tmp_path)
-    expected = eval_logits(theirs, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2
-    diff = (eval_logits(ours, ids) - expected).abs().max().item()
-    parity_results[f"beft-{case}: PEFT file -> deltatune"] = diff
+    base = tiny_model(CASES[case][0])
+    diff = parity_results[f"beft-{case}: PEFT file -> deltatune"] = peft_file_to_deltatune(base, _peft(base, case), tmp_path)
     assert diff <= ATOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_deltatune_saves_peft_loads(case, tmp_path, parity_results):
-    base, ids = tiny_model(CASES[case][0]), sample_ids()
-    ours = _ours(base, case)
-    dt.save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
-    expected = eval_logits(ours, ids)
-    assert (expected - eval_logits(base, ids)).abs().max() > 1e-2
-    diff = (eval_logits(theirs, ids) - expected).abs().max().item()
-    parity_results[f"beft-{case}: deltatune file -> PEFT"] = diff
+    base = tiny_model(CASES[case][0])
+    diff = parity_results[f"beft-{case}: deltatune file -> PEFT"] = deltatune_file_to_peft(base, _ours(base, case), tmp_path)
     assert diff <= ATOL
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_files_match_peft(case, tmp_path):
     base = tiny_model(CASES[case][0])
-    _peft(base, case).save_pretrained(tmp_path / "theirs")
-    dt.save_adapter(_ours(base, case), tmp_path / "ours")
-    theirs = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
-    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert {k: (v.shape, v.dtype) for k, v in ours.items()} == {k: (v.shape, v.dtype) for k, v in theirs.items()}
+    assert_same_files(_peft(base, case), _ours(base, case), tmp_path,
+                      ("init_weights", "peft_type", "task_type", "modules_to_save", "inference_mode"))
     their_cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     our_cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(our_cfg) == set(their_cfg)
-    for key in ("init_weights", "peft_type", "task_type", "modules_to_save", "inference_mode"):
-        assert our_cfg[key] == their_cfg[key], key
     if not isinstance(their_cfg["target_modules"], str):
         assert sorted(our_cfg["target_modules"]) == sorted(their_cfg["target_modules"])
 

@@ -360,8 +360,8 @@ class LoraLinear(LoraLayer):
         return bias + B.bias.detach().float() * self.scaling[name]
 
     def merge_problem(self, name: str) -> Optional[str]:
-        if name in self.variants and self.variants[name].merge_problem(self, name):
-            return self.variants[name].merge_problem(self, name)
+        if name in self.variants and (problem := self.variants[name].merge_problem(self, name)):
+            return problem
         if self.lora_B[name].bias is not None and self.bias is None:
             # Merging would need a bias the base model does not have (PEFT refuses it too).
             return ("it has a LoRA bias (lora_bias=True) but the base layer has no bias to merge it into; "

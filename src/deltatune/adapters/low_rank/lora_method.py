@@ -10,17 +10,17 @@ from torch import nn
 
 from ...config import AdapterConfig, LoraConfig
 from ..base import adapter_layers, base_parameters
+from ..method import FILE_PREFIX, LayerMethod, register_method
+from ..selective.trainable_tokens import add_lora_token_rows, lora_token_tensors
 from .lora import LoraLayer, make_lora_layer
-from .lora_options.layer_replication import replicate_layers, restore_layers
 from .lora_options.alora import attach_alora, detach_alora
-from .lora_options.qalora import attach_qalora, match_file_layout
+from .lora_options.arrow import attach_arrow
 from .lora_options.bdlora import attach_bdlora
 from .lora_options.kasa import attach_kasa, regularization as kasa_regularization
-from .lora_options.velora import attach_velora
+from .lora_options.layer_replication import replicate_layers, restore_layers
 from .lora_options.monteclora import attach_monteclora, regularization as monteclora_regularization
-from .lora_options.arrow import attach_arrow
-from ..selective.trainable_tokens import add_lora_token_rows, lora_token_tensors
-from ..method import FILE_PREFIX, LayerMethod, register_method
+from .lora_options.qalora import attach_qalora, match_file_layout
+from .lora_options.velora import attach_velora
 
 # PEFT stores the full base weight of the input/output embedding when the config names one
 # of these (its "save_embedding_layers" rule), e.g. for adapters trained on a resized vocabulary.
