@@ -46,6 +46,7 @@ PARITY_PREFIXES = {
     "dora": ("dora-", "qdora-"), "prompt_tuning": ("prompt-tuning-",), "prefix_tuning": ("prefix-",),
     "p_tuning": ("p-tuning-",), "adaption_prompt": ("adaption-prompt-",), "ln_tuning": ("ln-",),
     "trainable_tokens": ("tokens-",), "road": ("road1-", "road2-", "road4-"), "xlora": ("xlora ",),
+    "poly": ("poly-", "mhr-"), "multitask_prompt_tuning": ("mpt-",), "supertuning": ("super-", "supra-"),
 }
 # settings a recipe cannot supply by itself (what the user must give on the command line)
 REQUIRED_OPTIONS: dict[str, dict] = {"trainable_tokens": {"token_indices": [0, 1, 2]}}

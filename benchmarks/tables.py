@@ -262,11 +262,30 @@ def parity_table(results: dict) -> str:
                   [[case, f"{diff:.1e}" if diff else "0"] for case, diff in rows])
 
 
+def lr_search_table(rows: list[dict]) -> str:
+    """``deltatune compare --lr-search``: each method's validation loss at every rate its walk tried,
+    and the rate kept (the test split plays no part)."""
+    table = []
+    for r in rows:
+        tried = r.get("validation_loss_by_lr", {})
+        losses = ", ".join(f"{lr}: {'failed' if loss is None else f'{loss:.3f}'}" for lr, loss in tried.items())
+        table.append([r["method"], losses, f"{r['lr']:g}" if "lr" in r else "none (every rate failed)"])
+    return _table(["method", "validation loss after training, by learning rate", "chosen lr"], table)
+
+
+# the comparisons the method table takes its scores from: the first fourteen methods at their recipes'
+# rates, the catalogue's methods at rates chosen on validation (``deltatune compare --lr-search``)
+COMPARE_FILES = ("compare-cpu.json", "compare-cpu-catalogue.json")
+
+
 def method_properties_table(report: dict) -> str:
     """``method_properties.py``: per method, trainable parameters on the default model, PEFT parity,
-    merging, per-row routing, an NF4 base, and the method's test score in ``compare-cpu.json``."""
-    compare_file = Path(__file__).parent / "compare-cpu.json"
-    compared = {row["method"]: row for row in json.loads(compare_file.read_text())} if compare_file.exists() else {}
+    merging, per-row routing, an NF4 base, and the method's test score in ``COMPARE_FILES``."""
+    compared = {}
+    for name in COMPARE_FILES:
+        path = Path(__file__).parent / name
+        if path.exists():
+            compared.update({row["method"]: row for row in json.loads(path.read_text()) if "error" not in row})
     total = report["total_parameters_default_model"]
     rows = []
     for m in report["methods"]:
@@ -356,7 +375,8 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "method-properties-*.json": method_properties_table,
 }
 # A second table of the same file: "<path>#<view>".
-VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table, "ratios": quality_ratio_table}
+VIEWS: dict[str, Callable[[Any], str]] = {"memory": bench_memory_table, "ratios": quality_ratio_table,
+                                          "lr-search": lr_search_table}
 
 
 def render(source: str) -> str:

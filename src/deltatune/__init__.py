@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
         LoraConfig, NolaConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, SelectiveConfig,
         VeraConfig, config_from_dict,
     )
+    from .adapters.task_ids import set_task_ids, use_task_ids
     from .io import load_adapter, read_adapter_config, save_adapter
     from .loading import load_model
     from .lora_from_data import add_lora_from_data
@@ -36,6 +37,7 @@ _HOMES = {
                      "merge", "print_trainable_parameters", "set_adapter", "set_adapter_rank",
                      "trainable_parameters", "unload", "unmerge"), ".adapter_ops"),
     **dict.fromkeys(("load_adapter", "read_adapter_config", "save_adapter"), ".io"),
+    **dict.fromkeys(("set_task_ids", "use_task_ids"), ".adapters.task_ids"),
     "add_weighted_adapter": ".combine",
     "MergeReport": ".merge_report",
     "load_model": ".loading",
@@ -96,8 +98,10 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_adapter_rank",
+    "set_task_ids",
     "train",
     "trainable_parameters",
     "unload",
     "unmerge",
+    "use_task_ids",
 ]

@@ -203,9 +203,14 @@ def merge(model: nn.Module, names: Optional[Sequence[str]] = None, *, requantize
 _VIRTUAL_TOKENS = "it adds virtual tokens in front of the input"
 # why a method's update cannot live in the base weights, by peft_type (default: not linear)
 _WHY_NOT_MERGEABLE = {
-    **dict.fromkeys(("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE"), _VIRTUAL_TOKENS),
+    **dict.fromkeys(("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE", "MULTITASK_PROMPT_TUNING"),
+                    _VIRTUAL_TOKENS),
+    "POLY": "it mixes its LoRA skills per task from each row's task_ids, so rows of different tasks need "
+            "different weights (and training samples the mixture)",
     "ADAPTION_PROMPT": "it adds an attention over learned prompts, not a weight update",
     "XLORA": "its mixture of LoRA experts is chosen per token from the input",
+    "LILY": "its router averages the mixing weights of its shared B factors over the whole batch, so the update "
+            "depends on the batch",
 }
 
 

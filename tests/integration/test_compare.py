@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from deltatune.cli import main
 from tiny_models import tiny_chat_model_dir, word_meaning_data
 
@@ -40,3 +42,53 @@ def test_compare_passes_its_settings_to_each_run(tmp_path):
     # by default the passes at step 0 and the end, the two the table reads, whatever they cost
     cmd = _train_command(CompareConfig(max_steps=40), "lora", tmp_path / "lora")
     assert cmd[cmd.index("--eval-steps") + 1] == "40"
+
+
+def test_compare_chooses_each_rate_on_validation_and_scores_only_that_one_on_test(tmp_path, default_tokenizer):
+    model = tiny_chat_model_dir(tmp_path / "model", default_tokenizer)
+    data = word_meaning_data(tmp_path / "data.jsonl", 24)
+    test = word_meaning_data(tmp_path / "test.jsonl", 8)
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "ia3", "--max-steps", "2", "--model", str(model), "--data", str(data),
+            "--test-data", str(test), "--output-dir", str(out), "--batch-size", "4", "--lr-search", "4",
+            "--lr-search-tries", "3"]
+    assert main(args) == 0
+    [row] = json.loads((out / "compare.json").read_text())
+    tried = sorted(p for p in (out / "ia3").iterdir() if p.is_dir())
+    assert 2 <= len(tried) <= 3 and len(row["validation_loss_by_lr"]) == len(tried)
+    losses = {}
+    for run in tried:  # every rate trained without a test evaluation; the row names the best
+        summary = json.loads((run / "summary.json").read_text())
+        assert "evaluation" not in summary
+        losses[run.name.removeprefix("lr-")] = summary["final_validation_loss"]
+    assert row["validation_loss_by_lr"] == losses
+    best = min(losses, key=losses.get)
+    assert f"{row['lr']:g}" == best and row["validation_loss_after"] == losses[best]
+    assert row["evaluation_split"] == "test"
+    metrics = json.loads((out / "ia3" / f"lr-{best}" / "eval" / "metrics.json").read_text())
+    [tuned] = [scores for name, scores in metrics.items() if name != "base"]
+    assert row["exact_match"] == tuned["exact_match"] and row["base_exact_match"] == metrics["base"]["exact_match"]
+    assert [p.parent.name for p in (out / "ia3").glob("lr-*/eval")] == [f"lr-{best}"]  # only the chosen one
+    assert "lr (chosen on validation)" in (out / "compare.md").read_text()
+    # a second call finds the runs done and trains nothing again
+    stamps = {run: (run / "summary.json").stat().st_mtime_ns for run in tried}
+    assert main(args) == 0
+    assert {run: (run / "summary.json").stat().st_mtime_ns for run in tried} == stamps
+    assert json.loads((out / "compare.json").read_text())[0]["lr"] == row["lr"]
+
+
+def test_lr_search_and_a_fixed_lr_exclude_each_other(tmp_path):
+    from deltatune.cli.compare import CompareConfig, run_compare
+
+    with pytest.raises(ValueError, match="exclude each other"):
+        run_compare(CompareConfig(methods=["lora"], lr=1e-3, lr_search=4.0, output_dir=str(tmp_path)))
+
+
+def test_method_groups_name_every_runnable_recipe_once():
+    from deltatune.cli.compare import DEFAULT_METHODS, NEEDS_OPTIONS, method_group
+    from deltatune.train.methods import RECIPES
+
+    assert method_group("classic") == DEFAULT_METHODS and method_group("ia3") == ["ia3"]
+    assert sorted(method_group("classic") + method_group("catalogue")) == sorted(method_group("all"))
+    assert set(method_group("all")) == set(RECIPES) - set(NEEDS_OPTIONS)
+    assert "oft" in method_group("catalogue") and "lora" not in method_group("catalogue")

@@ -34,9 +34,13 @@ METHOD_OPTIONS = {
     "ln_tuning": {}, "trainable_tokens": {"token_indices": [2455, 216, 32, 33, 34, 35, 36, 2]},  # " meaning", digits, EOS
     "beft": {"target_modules": ["v_proj", "down_proj"]},
     "fourierft": {"n_frequency": 64}, "shira": {"r": 2}, "miss": {"r": 8}, "c3a": {"block_size": 8},
+    "supertuning": {"sparsity": 0.8},
+    "glora": {"r": 4},
     "road": {"group_size": 8},
     "delora": {"r": 4},
     "hira": {"r": 4},
+    "poly": {"r": 4, "n_skills": 2, "n_splits": 2}, "multitask_prompt_tuning": {"num_virtual_tokens": 4},
+    "lily": {"r": 4, "stride_A": 2},
     "pvera": {"r": 8},
     "cartridge": {"num_virtual_tokens": 4},
     "waveft": {"n_frequency": 64, "scaling": 100.0},
@@ -44,9 +48,11 @@ METHOD_OPTIONS = {
     "vblora": {"num_vectors": 16, "vector_length": 8},
     "gralora": {"r": 4},
     "unilora": {"theta_d_length": 256},
+    "tinylora": {"u": 8},
     "deft": {"r": 4, "alpha": 16},
     "peanut": {"r": 4, "depth": 1},
     "oft": {"r": 0, "oft_block_size": 8}, "boft": {"boft_block_size": 4}, "hra": {"r": 4},
+    "psoft": {"r": 4, "psoft_alpha": 4},
 }
 
 
@@ -60,6 +66,17 @@ def test_each_method_trains_and_saves(method, tmp_path, setup):
     model, _ = dt.load_model(setup["model"])
     dt.load_adapter(model, out / "adapter")  # the saved folder loads back into a fresh base
     assert dt.read_adapter_config(out / "adapter").peft_type == config["peft_type"]
+
+
+@pytest.mark.parametrize("method, options", [("poly", {"r": 4, "n_skills": 2, "n_tasks": 3}),
+                                             ("multitask_prompt_tuning", {"num_virtual_tokens": 4, "num_tasks": 3})])
+def test_task_routed_methods_train_every_row_as_task_zero(method, options, tmp_path, setup):
+    # several tasks, records without a task id: every row is task 0 (training, validation, evaluation)
+    out = tmp_path / method
+    summary = train(load_config(None, {**setup, "method": method, "adapter": options, "output_dir": str(out)}),
+                    log=lambda *_: None)
+    assert summary["final_validation_loss"] < summary["initial_validation_loss"]
+    assert dt.read_adapter_config(out / "adapter").to_dict()["n_tasks" if method == "poly" else "num_tasks"] == 3
 
 
 def test_adalora_records_final_ranks(tmp_path, setup):

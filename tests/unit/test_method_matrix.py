@@ -28,6 +28,10 @@ METHODS = {
     "ia3-gpt2": ("gpt2", lambda: dt.IA3Config(fan_in_fan_out=True), True),
     "vera": ("llama", lambda: dt.VeraConfig(r=8, target_modules="all-linear"), True),
     "hira": ("llama", lambda: dt.HiraConfig(r=4, target_modules="all-linear"), True),
+    # task-routed (one task here, so no task_ids needed; several tasks: tests/unit/test_task_ids.py)
+    "poly": ("llama", lambda: dt.PolyConfig(r=2, n_skills=2, target_modules="all-linear"), True),
+    "poly-mhr": ("qwen2", lambda: dt.PolyConfig(r=2, n_skills=3, n_splits=2, target_modules="all-linear"), True),
+    "multitask-prompt-tuning": ("llama", lambda: dt.MultitaskPromptTuningConfig(num_virtual_tokens=4), False),
     "hira-gpt2": ("gpt2", lambda: dt.HiraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), True),
     "pvera": ("llama", lambda: dt.PveraConfig(r=8, target_modules="all-linear", generator_seed=0), True),
     "cartridge": ("llama", lambda: dt.CartridgeConfig(num_virtual_tokens=4), False),  # a random KV prefix
@@ -64,6 +68,9 @@ METHODS = {
                                             target_modules="all-linear"), True),
     "fourierft": ("llama", lambda: dt.FourierFTConfig(n_frequency=64, target_modules="all-linear", init_weights=True), True),
     "shira": ("llama", lambda: dt.ShiraConfig(r=2, target_modules="all-linear"), True),
+    "supertuning": ("llama", lambda: dt.SupertuningConfig(sparsity=0.9, target_modules="all-linear"), True),
+    "supertuning-supra-bottom": ("qwen2", lambda: dt.SupertuningConfig(sparsity=0.95, r=2, select_top=False,
+                                                                       target_modules="all-linear"), True),
     "miss": ("llama", lambda: dt.MissConfig(r=8, target_modules="all-linear"), True),
     "miss-bat": ("llama", lambda: dt.MissConfig(r=8, init_weights="bat", target_modules="all-linear"), True),
     "c3a": ("llama", lambda: dt.C3AConfig(block_size=8, init_weights=True, target_modules="all-linear"), True),
@@ -74,6 +81,16 @@ METHODS = {
     "deft-para-qr-gpt2": ("gpt2", lambda: dt.DeftConfig(r=4, para=True, decomposition_method="qr",
                                                        target_modules=["c_attn", "c_fc"]), False),  # removal only
     "peanut": ("llama", lambda: dt.PeanutConfig(r=4, depth=1, target_modules="all-linear"), True),
+    "glora": ("qwen2", lambda: dt.GloraConfig(r=4, target_modules="all-linear"), True),  # q/k/v biases: C, D, E
+    "glora-vector": ("qwen2", lambda: dt.GloraConfig(target_modules="all-linear", config_A_B="vector",
+                                                     config_C="vector", config_D_E="vector"), True),
+    "tinylora": ("llama", lambda: dt.TinyLoraConfig(r=2, u=8, weight_tying=0.5, target_modules="all-linear"), True),
+    "tinylora-gpt2": ("gpt2", lambda: dt.TinyLoraConfig(r=2, u=4, save_projection=False, fan_in_fan_out=True,
+                                                        target_modules=["c_attn", "c_fc"]), True),
+    "psoft": ("llama", lambda: dt.PsoftConfig(r=4, target_modules="all-linear"), True),
+    # Lily: not routed per row, not merged (its router averages over the batch; tests/parity/test_lily_peft_parity.py)
+    "lily": ("llama", lambda: dt.LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj"]),
+             True),
 }
 
 
@@ -81,6 +98,8 @@ METHODS = {
 STEP_LR = {"ia3": 1e-1, "ia3-gpt2": 1e-1, "vera": 5e-2, "prompt-tuning": 5e-2, "prefix-tuning": 5e-2}
 STEP_LR.update({"adaption-prompt": 1e-1, "adaption-prompt-gpt2": 1e-1})  # zero gates: the prompts start unused
 STEP_LR.update({"hira-gpt2": 2e-1, "pvera": 5e-2, "cartridge": 5e-2})  # ΔW = W0 ⊙ BA is small where W0 is (GPT-2's std 0.02 weights)
+STEP_LR.update({"tinylora": 3e-1, "tinylora-gpt2": 3.0})  # a few numbers steer B R A, small where √Σ is (GPT-2)
+STEP_LR.update({"glora-vector": 5e-3})  # a vector B adds b · Σx to every output: a large step per unit of lr
 
 
 def _setup(method):
@@ -197,13 +216,18 @@ def test_bitfit_on_a_model_without_biases_says_so():
 
 ROUTED = ["dylora", "loha", "lokr", "adalora", "ia3", "vera", "nola", "road", "delora", "randlora", "vblora", "bottleneck-houlsby", "top-layer"]
 ROUTED += ["fourierft", "shira", "miss", "miss-bat", "c3a"]  # the structured family
+ROUTED += ["supertuning", "supertuning-supra-bottom"]
 ROUTED += ["oft", "oft-gpt2", "hra", "boft"]  # the orthogonal family: each row group's input is mapped before one base call
 ROUTED += ["adaption-prompt", "adaption-prompt-gpt2"]  # each row's gated prompt attention depends on that row only
 ROUTED += ["beft"]
 ROUTED += ["gralora", "unilora", "deft", "deft-para-qr-gpt2", "peanut"]  # catalogue B
 ROUTED += ["hira", "hira-gpt2", "pvera", "waveft"]  # catalogue A (PVeRA: eval mode uses the mean, no sampling)
+ROUTED += ["glora", "glora-vector"]
+ROUTED += ["tinylora", "tinylora-gpt2"]
+ROUTED += ["psoft"]
 ROUTED += ["ln-tuning", "ln-tuning-gpt2", "trainable-tokens", "trainable-tokens-tied-gpt2", "lora-trainable-tokens"]
 ROUTED += ["lora-orthogonal", "lora-mica"]  # LoRA's initialisations (tests/unit/test_lora_inits.py)
+ROUTED += ["poly", "poly-mhr"]  # each routed group keeps its rows' task ids
 
 
 @pytest.mark.parametrize("method", ROUTED)
@@ -240,7 +264,13 @@ def test_soft_prompts_refuse_per_row_routing():
                                     "fourierft", "shira", "miss", "miss-bat", "c3a", "adaption-prompt", "beft", "hira", "pvera", "waveft",
                                     "oft", "hra", "boft"] + ["lora-orthogonal", "lora-mica"]
                          + ["ln-tuning", "trainable-tokens", "lora-trainable-tokens"]
-                         + ["gralora", "unilora", "deft", "peanut"])  # catalogue B
+                         + ["gralora", "unilora", "deft", "peanut"]  # catalogue B
+                         + ["glora", "glora-vector"]  # W0 is the dequantized weight
+                         + ["tinylora"]  # the SVD is of the dequantized weight
+                         + ["psoft"]  # the SVD is of the dequantized weight
+                         + ["lily"]  # reads the base's input only
+                         + ["supertuning", "supertuning-supra-bottom"]  # support picked on the dequantized weight
+                         + ["poly"])  # the update never reads the base weight
 def test_weight_methods_on_an_nf4_base(method):
     from deltatune.quant import QuantizeConfig, dequantize_model, quantize_model
 

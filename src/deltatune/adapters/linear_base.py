@@ -57,6 +57,15 @@ class LinearAdapterLayer(AdapterLayer):
         out_features, in_features = self.canonical(self.base_weight()).shape
         return in_features, out_features
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight in its stored layout as it was before any merge (dequantized for a
+        quantized base): what methods that read the frozen weight (HiRA, Super-Tuning) use."""
+        if self._original_quant is not None:
+            return self._original_quant[0].dequantize()
+        if self._original_weight is not None:
+            return self._original_weight.to(self.base_weight().device)
+        return self.base_weight()
+
     def match_device(self, name: str) -> None:
         """Move adapter ``name``'s tensors to the base weight's device and (floating) dtype."""
         weight = self.base_weight()

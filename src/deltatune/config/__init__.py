@@ -26,17 +26,25 @@ from .wavelet import WaveFTConfig
 from .beft import BeftConfig
 from .low_rank import DeloraConfig, RandLoraConfig, VBLoRAConfig
 from .low_rank import GraloraConfig, UniLoraConfig
+from .low_rank import TinyLoraConfig
 from .weight_derived import DeftConfig, PeanutConfig
 from .low_rank import HiraConfig, PveraConfig  # catalogue A
+from .low_rank import LilyConfig
 from .scaling import RoadConfig
 from .selective import LNTuningConfig, TrainableTokensConfig
 from .structured import C3AConfig, FourierFTConfig, MissConfig, ShiraConfig
-from .orthogonal import BOFTConfig, HRAConfig, OFTConfig
+from .structured import SupertuningConfig
+from .structured import GloraConfig
+from .orthogonal import BOFTConfig, HRAConfig, OFTConfig, PsoftConfig
 from .mixture import XLoraConfig
+from .mixture import PolyConfig
+from .prompt import MultitaskPromptTuningConfig
 
 __all__ = [
     "AdaLoraConfig",
     "AdaptionPromptConfig",
+    "MultitaskPromptTuningConfig",
+    "PolyConfig",
     "AdapterConfig",
     "BeftConfig",
     "BottleneckConfig",
@@ -55,6 +63,7 @@ __all__ = [
     "VBLoRAConfig",
     "GraloraConfig",
     "UniLoraConfig",
+    "TinyLoraConfig",
     "DeftConfig",
     "PeanutConfig",
     "LNTuningConfig",
@@ -65,12 +74,16 @@ __all__ = [
     "FourierFTConfig",
     "MissConfig",
     "ShiraConfig",
+    "SupertuningConfig",
+    "GloraConfig",
     "BOFTConfig",
     "HRAConfig",
     "OFTConfig",
+    "PsoftConfig",
     "XLoraConfig",
     "HiraConfig",
     "PveraConfig",
+    "LilyConfig",
     "CartridgeConfig",
     "WaveFTConfig",
     "CONFIG_REGISTRY",

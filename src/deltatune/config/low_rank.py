@@ -304,3 +304,94 @@ class UniLoraConfig(TargetedConfig):
             raise ValueError(f"UniLoraConfig.init_theta_d_bound must be positive, got {self.init_theta_d_bound!r}")
         _check_bias("UniLoraConfig", self.bias, "unilora_only")
         _check_layers("UniLoraConfig", self)
+
+
+@register_config
+@dataclass
+class TinyLoraConfig(TargetedConfig):
+    """TinyLoRA: a rank-``r`` truncated SVD of each frozen weight, steered by a tiny trained vector.
+
+    Per targeted layer ``W ≈ U_r Σ_r V_rᵀ`` is frozen as ``A = √Σ_r V_rᵀ`` (r, in) and
+    ``B = U_r √Σ_r`` (out, r) (the SVD of a 4-bit base is that of its dequantized weight); the
+    update is ``ΔW = B R A`` with ``R = Σ_i v[i] P[i]``: ``v`` holds ``u`` trained numbers and
+    ``P`` (u, r, r) is drawn from N(0, 1/r) with seed ``projection_seed`` + the layer's position
+    among the targets. ``weight_tying`` (0..1) lets neighbouring layers share one ``v``: 0 gives
+    each layer its own, 1 one ``v`` for the whole model. ``save_projection``: write ``P`` into
+    the file (otherwise it is redrawn from the seed). ``init_weights``: True starts ``v`` at zero
+    (no change), ``"uniform"`` uniform in ±``init_v_bound``, False zero as well (PEFT leaves the
+    memory unset). Linear layers and GPT-2's Conv1D; the layer's type decides the layout.
+    """
+
+    peft_type: ClassVar[str] = "TINYLORA"
+    omitted_fields: ClassVar[tuple[str, ...]] = ("exclude_modules",)  # PEFT's TinyLoRA has no such field
+    r: int = 2
+    u: int = 64
+    weight_tying: float = 0.0
+    projection_seed: int = 42
+    save_projection: bool = True
+    init_v_bound: float = 0.02
+    tinylora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+
+    def validate(self) -> None:
+        check_positive_int("TinyLoraConfig", "r", self.r)
+        check_positive_int("TinyLoraConfig", "u", self.u)
+        if isinstance(self.weight_tying, bool) or not isinstance(self.weight_tying, (int, float)) \
+                or not 0.0 <= self.weight_tying <= 1.0:
+            raise ValueError(f"TinyLoraConfig.weight_tying must be a number from 0.0 to 1.0, got {self.weight_tying!r}")
+        if isinstance(self.projection_seed, bool) or not isinstance(self.projection_seed, int) \
+                or not 0 <= self.projection_seed < 2 ** 63:
+            raise ValueError(f"TinyLoraConfig.projection_seed must be a non-negative integer, "
+                             f"got {self.projection_seed!r}")
+        if not isinstance(self.init_v_bound, (int, float)) or not self.init_v_bound > 0:
+            raise ValueError(f"TinyLoraConfig.init_v_bound must be positive, got {self.init_v_bound!r}")
+        if not (isinstance(self.init_weights, bool) or self.init_weights == "uniform"):
+            raise ValueError(f"TinyLoraConfig.init_weights must be true, false or 'uniform', got {self.init_weights!r}")
+        if self.exclude_modules:
+            raise ValueError("TinyLoraConfig.exclude_modules: PEFT's TinyLoRA files have no such field; "
+                             "name the targets instead")
+        check_probability("TinyLoraConfig", "tinylora_dropout", self.tinylora_dropout)
+        _check_bias("TinyLoraConfig", self.bias, "tinylora_only")
+        _check_layers("TinyLoraConfig", self)
+
+
+@register_config
+@dataclass
+class LilyConfig(TargetedConfig):
+    """Lily (low-rank interconnected adaptation across layers): ``ΔW x = s · Σ_e p_e B_e (A x)``.
+
+    Per target suffix (and weight shape), every ``stride_A`` adjacent adapted layers share one
+    ``A`` (r × in), and all of them share ``num_B`` output factors ``B_e`` (r × out). Each layer
+    has a router (num_B × r) whose softmax over ``A x`` is averaged over every token of the
+    batch into one mixing weight per ``B_e``, so a row's output depends on the other rows: no
+    merge and no per-row routing. ``scaling`` multiplies the update directly (no ``alpha/r``).
+    ``init_weights``: the ``B`` factors start at zero (no change); false draws them at random.
+    nn.Linear layers only (as in PEFT; GPT-2's Conv1D is refused).
+    """
+
+    peft_type: ClassVar[str] = "LILY"
+    mergeable: ClassVar[bool] = False  # the batch-averaged router makes the update batch-dependent
+    r: int = 32
+    stride_A: int = 1
+    num_B: int = 2
+    scaling: float = 1.0
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    init_weights: bool = True
+
+    def validate(self) -> None:
+        check_positive_int("LilyConfig", "r", self.r)
+        check_positive_int("LilyConfig", "stride_A", self.stride_A)
+        if not isinstance(self.num_B, int) or isinstance(self.num_B, bool) or self.num_B < 2:
+            raise ValueError(f"LilyConfig.num_B must be an integer of at least 2 (the router mixes the B "
+                             f"factors, as PEFT requires), got {self.num_B!r}")
+        if isinstance(self.scaling, bool) or not isinstance(self.scaling, (int, float)) \
+                or self.scaling != self.scaling or abs(self.scaling) == float("inf"):
+            raise ValueError(f"LilyConfig.scaling must be a finite number, got {self.scaling!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"LilyConfig.init_weights must be true or false, got {self.init_weights!r}")
+        _check_layers("LilyConfig", self)

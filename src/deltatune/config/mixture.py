@@ -1,4 +1,4 @@
-"""Configs of methods that mix several adapters with a learned gate: X-LoRA.
+"""Configs of methods that mix several adapters with a learned gate: X-LoRA, Poly (and MHR).
 
 PEFT's field names, defaults and ``peft_type``, so an ``adapter_config.json`` reads the same in
 both tools.
@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional  # noqa: F401  (Any: config_from_dict resolves inherited hints here)
+from typing import Any, ClassVar, Optional, Union  # noqa: F401  (Any: config_from_dict resolves inherited hints here)
 
-from .base import AdapterConfig, check_positive_int, check_probability, register_config
+from .base import AdapterConfig, TargetedConfig, check_positive_int, check_probability, register_config
 
 _EXPERT_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -84,3 +84,37 @@ class XLoraConfig(AdapterConfig):
         if self.enable_softmax_topk and self.enable_softmax:
             warnings.warn(f"{owner}: enable_softmax and enable_softmax_topk are both on (two softmaxes)")
 
+
+
+@register_config
+@dataclass
+class PolyConfig(TargetedConfig):
+    """Polytropon (Ponti et al., 2022) and Multi-Head Routing (Caccia et al., 2023): each targeted
+    linear layer holds ``n_skills`` LoRA "skills" of rank ``r``; every task learns which skills to
+    mix, and each row of a batch uses its own task's mixture (``task_ids``).
+
+    ``n_tasks`` tasks share the skills; ``n_splits`` > 1 splits the input and output features into
+    that many heads, each mixed separately (Multi-Head Routing). The mixture is the sigmoid of a
+    learned logit per (task, head, skill), normalised over skills; training draws it from a relaxed
+    Bernoulli instead. The update is ``x A_mix B_mix / r``. ``init_weights``: True zeroes ``B``
+    (no change at first), False draws it as ``A`` is drawn. ``poly_type``: only ``"poly"``.
+    Not mergeable: rows of different tasks need different weights.
+    """
+
+    peft_type: ClassVar[str] = "POLY"
+    mergeable: ClassVar[bool] = False
+    r: int = 8
+    init_weights: bool = True
+    poly_type: str = "poly"
+    n_tasks: int = 1
+    n_skills: int = 4
+    n_splits: int = 1
+
+    def validate(self) -> None:
+        for name in ("r", "n_tasks", "n_skills", "n_splits"):
+            check_positive_int("PolyConfig", name, getattr(self, name))
+        if self.poly_type != "poly":
+            raise ValueError(f"PolyConfig.poly_type must be 'poly' (the only router PEFT 0.21 has), "
+                             f"got {self.poly_type!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"PolyConfig.init_weights must be true or false, got {self.init_weights!r}")

@@ -1,9 +1,11 @@
-"""Configs of the orthogonal family: OFT, BOFT and HRA, with PEFT's (0.21.2) class names, fields,
-defaults and ``peft_type`` strings. Each adapter multiplies a layer's input by a learned
-orthogonal (or nearly orthogonal) matrix, so a layer's weight ``W`` becomes ``W Mᵀ``."""
+"""Configs of the orthogonal family: OFT, BOFT, HRA and PSOFT, with PEFT's (0.21.2) class names, fields,
+defaults and ``peft_type`` strings. OFT, BOFT and HRA multiply a layer's input by a learned
+orthogonal (or nearly orthogonal) matrix, so a layer's weight ``W`` becomes ``W Mᵀ``; PSOFT
+rotates within the span of the weight's top singular vectors."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union  # noqa: F401  (Any: the base fields' hints resolve here)
 
@@ -128,3 +130,73 @@ class HRAConfig(TargetedConfig):
             raise ValueError("HRAConfig.layers_to_transform/layers_pattern cannot be used when target_modules is a "
                              "regular expression (PEFT's rule); put the layers into the expression")
         _check_common("HRAConfig", self, "hra_only")
+
+
+@register_config
+@dataclass
+class PsoftConfig(TargetedConfig):
+    """PSOFT (orthogonal fine-tuning in a principal subspace): each targeted linear layer keeps the
+    rank-``r`` SVD of its weight as frozen factors ``A`` (r, in) and ``B`` (out, r), recomputed
+    from the base weight (files hold neither), and trains an r×r matrix ``R`` between them:
+    ``ΔW = (psoft_alpha / r) · B (R − I) A``. ``psoft_orth``: ``R`` is the Cayley map of a learned
+    skew-symmetric matrix (exact, or a ``num_cayley_neumann_terms``-term Neumann series with
+    ``use_cayley_neumann``, its generator optionally clipped to Frobenius norm
+    ``cayley_neumann_eps``); otherwise ``R`` is a free matrix. ``psoft_mag_b``/``psoft_mag_a``:
+    trained vectors scale ``R``'s rows/columns. ``ab_svd_init``: ``"psoft_init"`` (``A`` the top
+    right singular vectors, ``B`` the left ones times the singular values over the scale) or
+    ``"pissa_init"`` (the square roots of those on both sides). ``psoft_svd``: ``"full"`` or
+    ``"lowrank"`` (a randomised SVD, ``psoft_svd_lowrank_niter`` power steps, seeded by
+    ``random_seed``). A new adapter is a no-op (``R = I``)."""
+
+    peft_type: ClassVar[str] = "PSOFT"
+    r: int = 32
+    psoft_alpha: int = 32
+    psoft_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    ab_svd_init: str = "psoft_init"
+    psoft_svd: str = "full"
+    psoft_svd_lowrank_niter: int = 10
+    random_seed: int = 0
+    psoft_orth: bool = True
+    psoft_mag_b: bool = True
+    psoft_mag_a: bool = True
+    use_cayley_neumann: bool = False
+    num_cayley_neumann_terms: int = 5
+    cayley_neumann_eps: Optional[float] = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+
+    def validate(self) -> None:
+        owner = "PsoftConfig"
+        check_positive_int(owner, "r", self.r)
+        if not isinstance(self.psoft_alpha, (int, float)) or isinstance(self.psoft_alpha, bool) \
+                or not math.isfinite(self.psoft_alpha) or self.psoft_alpha == 0:
+            raise ValueError(f"{owner}.psoft_alpha must be a non-zero number (the scale is psoft_alpha / r, and the "
+                             f"frozen B is divided by it), got {self.psoft_alpha!r}")
+        check_probability(owner, "psoft_dropout", self.psoft_dropout)
+        if self.ab_svd_init not in ("psoft_init", "pissa_init"):
+            raise ValueError(f"{owner}.ab_svd_init must be 'psoft_init' or 'pissa_init', got {self.ab_svd_init!r}")
+        if self.psoft_svd not in ("full", "lowrank"):
+            raise ValueError(f"{owner}.psoft_svd must be 'full' or 'lowrank', got {self.psoft_svd!r}")
+        check_positive_int(owner, "psoft_svd_lowrank_niter", self.psoft_svd_lowrank_niter)
+        if not isinstance(self.random_seed, int) or isinstance(self.random_seed, bool) \
+                or not -2 ** 63 <= self.random_seed < 2 ** 64:  # torch.manual_seed's range
+            raise ValueError(f"{owner}.random_seed must be an integer seed, got {self.random_seed!r}")
+        for name in ("psoft_orth", "psoft_mag_b", "psoft_mag_a", "use_cayley_neumann", "fan_in_fan_out"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{owner}.{name} must be true or false, got {getattr(self, name)!r}")
+        check_positive_int(owner, "num_cayley_neumann_terms", self.num_cayley_neumann_terms)
+        if self.num_cayley_neumann_terms > MAX_NEUMANN_TERMS:  # each term is a matrix product per step
+            raise ValueError(f"{owner}.num_cayley_neumann_terms must be at most {MAX_NEUMANN_TERMS}, got "
+                             f"{self.num_cayley_neumann_terms} (use use_cayley_neumann=false for the exact map)")
+        eps = self.cayley_neumann_eps
+        if eps is not None and (not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0.0 < eps < 1.0):
+            raise ValueError(f"{owner}.cayley_neumann_eps must be None or in (0, 1), got {eps!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"{owner}.init_weights must be true or false, got {self.init_weights!r}")
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            raise ValueError(f"{owner}.layers_to_transform/layers_pattern cannot be used when target_modules is a "
+                             "regular expression (PEFT's rule); put the layers into the expression")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"{owner}.layers_pattern is only meaningful together with layers_to_transform")

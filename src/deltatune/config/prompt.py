@@ -153,3 +153,48 @@ class CartridgeConfig(PrefixTuningConfig):
                 or not 0 <= self.num_frozen_tokens <= self.num_virtual_tokens:
             raise ValueError(f"CartridgeConfig.num_frozen_tokens must be in [0, num_virtual_tokens="
                              f"{self.num_virtual_tokens}], got {self.num_frozen_tokens!r}")
+
+
+# prompt_tuning_init values that start from a saved source adapter (a PEFT prompt-tuning or
+# multitask prompt-tuning file named by prompt_tuning_init_state_dict_path)
+SOURCE_TASK_INITS = ("AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED")
+
+
+@register_config
+@dataclass
+class MultitaskPromptTuningConfig(PromptTuningConfig):
+    """Multitask prompt tuning (Wang et al., 2023): one shared prompt times a task-specific rank
+    ``num_ranks`` matrix ``cols[t] @ rows[t]`` (entry by entry), so ``num_tasks`` tasks share most
+    of the prompt; each row of a batch uses its own task (``task_ids``).
+
+    ``prompt_tuning_init``: ``RANDOM``, ``TEXT`` and ``SAMPLE_VOCAB`` as for prompt tuning; or from
+    a source adapter file (``prompt_tuning_init_state_dict_path``, safetensors): ``AVERAGE_SOURCE_TASKS``
+    (the shared prompt and the mean of the source tasks' factors), ``EXACT_SOURCE_TASK`` (those of
+    source task ``prompt_tuning_init_task``) or ``ONLY_SOURCE_SHARED`` (the shared prompt only,
+    which a plain prompt-tuning file also holds). The first two give one task's factors, so they
+    need ``num_tasks`` 1, as in PEFT.
+    """
+
+    peft_type: ClassVar[str] = "MULTITASK_PROMPT_TUNING"
+    prompt_tuning_init_state_dict_path: Optional[str] = None
+    prompt_tuning_init_task: Optional[int] = 0
+    num_ranks: Optional[int] = 1
+    num_tasks: Optional[int] = 1
+
+    def validate(self) -> None:
+        owner = "MultitaskPromptTuningConfig"
+        check_positive_int(owner, "num_virtual_tokens", self.num_virtual_tokens)
+        check_positive_int(owner, "num_ranks", self.num_ranks)
+        check_positive_int(owner, "num_tasks", self.num_tasks)
+        inits = ("RANDOM", "TEXT", "SAMPLE_VOCAB", *SOURCE_TASK_INITS)
+        if self.prompt_tuning_init not in inits:
+            raise ValueError(f"{owner}.prompt_tuning_init must be one of {', '.join(inits)}, "
+                             f"got {self.prompt_tuning_init!r}")
+        if self.prompt_tuning_init == "TEXT" and not self.prompt_tuning_init_text:
+            raise ValueError(f"{owner}.prompt_tuning_init_text is required when prompt_tuning_init is TEXT")
+        if self.prompt_tuning_init in SOURCE_TASK_INITS and not self.prompt_tuning_init_state_dict_path:
+            raise ValueError(f"{owner}.prompt_tuning_init_state_dict_path (a source adapter's safetensors file) is "
+                             f"required when prompt_tuning_init is {self.prompt_tuning_init}")
+        task = self.prompt_tuning_init_task
+        if task is not None and (not isinstance(task, int) or isinstance(task, bool) or task < 0):
+            raise ValueError(f"{owner}.prompt_tuning_init_task must be a task index (0 or more), got {task!r}")

@@ -1,4 +1,4 @@
-"""Configs of the structured weight-delta methods: FourierFT (spectral), SHiRA (sparse), MiSS
+"""Configs of the structured weight-delta methods: FourierFT (spectral), SHiRA and Super-Tuning (sparse), MiSS
 (shared shards) and C3A (block-circulant). PEFT's class names, field names, defaults and
 ``peft_type``, so their ``adapter_config.json`` files read both ways."""
 
@@ -161,3 +161,98 @@ class C3AConfig(TargetedConfig):
         _check_bias("C3AConfig", self.bias, "c3a_only")
         _check_pattern("C3AConfig", "block_size_pattern", self.block_size_pattern)
         _check_layers("C3AConfig", self)
+
+
+@register_config
+@dataclass
+class SupertuningConfig(TargetedConfig):
+    """Super-Tuning: the base weight stays frozen and each layer trains a sparse support of single
+    entries, ``int(numel · (1 - sparsity))`` of them, picked by weight magnitude (the largest with
+    ``select_top``, else the smallest). With ``r`` set (the "Supra" hybrid) a LoRA pair ``A``
+    (r, in), ``B`` (out, r) scaled by ``lora_alpha / r`` (``lora_alpha`` defaults to ``2·r``) is
+    added, with ``lora_dropout`` on its input only.
+
+    ``init_weights``: values and ``B`` start at zero (no change); false draws them at random.
+    ``save_precomputed_indices``: the file stores each layer's support (``supertuning_indices``);
+    when false it is picked again from the base weight on load, so the base must be the very
+    weights the adapter was trained on (a different base, even by rounding, can pick other entries).
+    """
+
+    peft_type: ClassVar[str] = "SUPERTUNING"
+    # PEFT's Super-Tuning files carry no exclude_modules field
+    omitted_fields: ClassVar[tuple[str, ...]] = ("exclude_modules",)
+    sparsity: float = 0.99
+    select_top: bool = True
+    r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    init_weights: bool = True
+    save_precomputed_indices: bool = True
+
+    def __post_init__(self) -> None:
+        # written to the file as PEFT writes it: an explicit 2·r once r is set
+        if self.lora_alpha is None and isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0:
+            self.lora_alpha = 2 * self.r
+        super().__post_init__()
+
+    def validate(self) -> None:
+        owner = "SupertuningConfig"
+        if isinstance(self.sparsity, bool):
+            raise ValueError(f"{owner}.sparsity must be in [0, 1), got {self.sparsity!r}")
+        check_probability(owner, "sparsity", self.sparsity)
+        for name in ("select_top", "init_weights", "save_precomputed_indices"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{owner}.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.r is not None:
+            check_positive_int(owner, "r", self.r)
+            if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+                raise ValueError(f"{owner}.lora_alpha must be a number, got {self.lora_alpha!r}")
+        elif self.lora_alpha is not None:
+            raise ValueError(f"{owner}.lora_alpha is set but r is None; the LoRA part (Supra) needs an explicit r")
+        check_probability(owner, "lora_dropout", self.lora_dropout)
+        if self.exclude_modules:
+            raise ValueError(f"{owner}.exclude_modules: PEFT's Super-Tuning files have no such field; "
+                             "name the targets instead")
+
+
+GLORA_AB_KINDS = ("lora", "vector", "constant", "none")
+GLORA_C_KINDS = ("lora", "vector", "none")
+GLORA_DE_KINDS = ("vector", "constant", "none")
+
+
+@register_config
+@dataclass
+class GloraConfig(TargetedConfig):
+    """GLoRA (generalized LoRA): ``W' = W0 + W0 ⊙ A + B`` and ``b' = b0 + b0 ⊙ D + E + W0 C``.
+
+    Each term has a form: ``config_A_B`` for A and B (``"lora"``: a rank-``r`` product (out, r)
+    @ (r, in); ``"vector"``: one value per output row; ``"constant"``: one number; ``"none"``:
+    zero), ``config_C`` for C (``"lora"``: (in, r) @ (r, 1); ``"vector"``: (in, 1); ``"none"``)
+    and ``config_D_E`` for D and E (``"vector"``: one per output; ``"constant"``; ``"none"``).
+    Layers without a bias get no C, D or E. ``init_weights``: True starts as a no-op (the
+    left factors and all vectors and constants zero), False draws them. Plain ``nn.Linear``
+    bases only (and deltatune's 4-bit linears); GPT-2's Conv1D is refused, as PEFT refuses it.
+    """
+
+    peft_type: ClassVar[str] = "GLORA"
+    omitted_fields: ClassVar[tuple[str, ...]] = ("exclude_modules",)  # PEFT's GLoRA has no such field
+    r: int = 8
+    bias: str = "none"
+    config_A_B: str = "lora"
+    config_C: str = "lora"
+    config_D_E: str = "constant"
+    init_weights: bool = True
+
+    def validate(self) -> None:
+        check_positive_int("GloraConfig", "r", self.r)
+        for name, kinds in (("config_A_B", GLORA_AB_KINDS), ("config_C", GLORA_C_KINDS),
+                            ("config_D_E", GLORA_DE_KINDS)):
+            if getattr(self, name) not in kinds:
+                raise ValueError(f"GloraConfig.{name} must be one of {', '.join(map(repr, kinds))}, "
+                                 f"got {getattr(self, name)!r}")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"GloraConfig.init_weights must be true or false, got {self.init_weights!r}")
+        if self.exclude_modules:
+            raise ValueError("GloraConfig.exclude_modules: PEFT's GLoRA files have no such field; "
+                             "name the targets instead")
+        _check_bias("GloraConfig", self.bias, "glora_only")

@@ -57,6 +57,11 @@ def inside(root: Path, path: str) -> Path:
     return resolved
 
 
+# methods whose rows depend on each other (Lily's router averages over the batch): served in
+# batches of their own, never routed per row beside other adapters' rows
+ROW_DEPENDENT = frozenset({"LILY"})
+
+
 @dataclass
 class Entry:
     """A public adapter name: its folder and what was read from it."""
@@ -67,7 +72,7 @@ class Entry:
     method: str
     rank: Optional[int]
     created: int
-    routable: bool  # its rows can share a forward pass with other adapters' rows (not soft prompts)
+    routable: bool  # its rows can share a forward pass with other adapters' rows (not soft prompts, not Lily)
     virtual_tokens: int = 0  # soft prompts: positions added in front of every prompt
 
 
@@ -92,7 +97,8 @@ def describe(folder: Path, name: str) -> Entry:
     rank = getattr(config, "r", None)
     soft_prompt = isinstance(config, PromptLearningConfig)
     return Entry(name, folder, folder_digest(folder), config.peft_type, rank if isinstance(rank, int) else None,
-                 int(time.time()), not soft_prompt, config.num_virtual_tokens if soft_prompt else 0)
+                 int(time.time()), not soft_prompt and config.peft_type not in ROW_DEPENDENT,
+                 config.num_virtual_tokens if soft_prompt else 0)
 
 
 class Adapters:

@@ -50,7 +50,7 @@ class TrainConfig:
     quantize: str = ""
     """Load the base quantized: nf4, fp4 or int8 (QLoRA); empty: full precision."""
     method: str = "lora"
-    """Adapter method: lora, dylora (QDyLoRA with --quantize), dora, loha, lokr, adalora, ia3, vera, hira, pvera, nola, road, delora, randlora, vblora, gralora, unilora, deft, peanut, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, cartridge, p_tuning, adaption_prompt, beft, bitfit, top_layers, ln_tuning, trainable_tokens (with --adapter '{token_indices: [...]}'), fourierft, waveft, shira, miss, c3a, oft, boft, hra, xlora (with --adapter '{adapters: {name: LoRA adapter folder, ...}}')."""
+    """Adapter method: lora, dylora (QDyLoRA with --quantize), dora, loha, lokr, adalora, ia3, vera, hira, pvera, lily, nola, road, delora, randlora, vblora, gralora, unilora, tinylora, deft, peanut, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, cartridge, p_tuning, adaption_prompt, beft, bitfit, top_layers, ln_tuning, trainable_tokens (with --adapter '{token_indices: [...]}'), fourierft, waveft, shira, supertuning, glora, miss, c3a, oft, boft, hra, psoft, xlora (with --adapter '{adapters: {name: LoRA adapter folder, ...}}'), poly, multitask_prompt_tuning (every row is task 0)."""
     lora: LoraOptions = field(default_factory=LoraOptions)
     """LoRA/DoRA settings."""
     adapter: dict = field(default_factory=dict)

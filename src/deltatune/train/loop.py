@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from ..adapters.method import method_for
+from ..adapters.task_ids import TASKS_ATTR, set_task_ids
 from ..allocator import allocator_in_use
 from ..data import collate, pack, prepare_data
 from ..files import write_text_atomically
@@ -226,6 +227,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if dist.is_main:
             log(f"compile: {compiled} transformer blocks; the first step's time includes compiling")
     method = method_for(adapter_cfg)
+    if getattr(model, TASKS_ATTR, None) is not None:  # Poly, multitask prompts: records carry no task id
+        set_task_ids(model, 0)  # every row, in training, validation and the final evaluation, is task 0
     training_loss = pref.loss_module(model) if pref else TrainingLoss(model)
     model_bytes = tensor_bytes(model)
     if dist.choose(_strategy(cfg), model_bytes, device_memory_bytes(dist.device)) == "fsdp":

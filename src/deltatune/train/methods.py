@@ -46,6 +46,10 @@ RECIPES: dict[str, MethodRecipe] = {
     # HiRA: 4.5e-3, r=32 on q/v (the architecture's default targets), no dropout (PEFT's MetaMathQA
     # experiment hira/llama-3.2-3B-rank32-lr4.5e-3, weight decay 0 there); not yet chosen on validation data
     "hira": MethodRecipe("HIRA", 4.5e-3, {"r": 32}),
+    # Lily: r=448, scaling 8, num_B 2, stride_A 14 (two A groups on Llama-3.2-3B's 28 layers) on q/v (the
+    # architecture's default targets) at that benchmark's default rate 1e-4 (PEFT's MetaMathQA experiment
+    # lily/llama-3.2-3B-rank448-a2-b2-s8.0); not yet chosen on validation data
+    "lily": MethodRecipe("LILY", 1e-4, {"r": 448, "scaling": 8.0, "stride_A": 14, "num_B": 2}),
     # PVeRA: VeRA's recipe above (PVeRA is VeRA with a sampled middle; PEFT ships no PVeRA example),
     # generator_seed set so a run's noise is reproducible; not yet chosen on validation data
     "pvera": MethodRecipe("PVERA", 1e-2, {"r": 256, "target_modules": "all-linear", "generator_seed": 0}),
@@ -73,6 +77,10 @@ RECIPES: dict[str, MethodRecipe] = {
     # Uni-LoRA: 2e-3, r=4, one vector of 131072 on q/v (PEFT's MetaMathQA comparison
     # unilora/llama-3.2-3B-r4-td131072-lr0.002); not yet chosen on validation data
     "unilora": MethodRecipe("UNILORA", 2e-3, {"r": 4, "theta_d_length": 131072}),
+    # TinyLoRA: r=2, u=64, no weight tying on q/v at the comparison's shared lr 1e-4 (PEFT's MetaMathQA
+    # comparison tinylora/llama-3.2-3B-default; its weight_tying=1.0 variant ran at 1e-3); not yet chosen
+    # on validation data
+    "tinylora": MethodRecipe("TINYLORA", 1e-4, {"r": 2, "u": 64, "weight_tying": 0.0}),
     # DEFT: r=32, alpha 128, relu projection on q/v, at the comparison's shared lr 1e-4 (PEFT's
     # MetaMathQA comparison deft/llama-3.2-3B-rank32); not yet chosen on validation data
     "deft": MethodRecipe("DEFT", 1e-4, {"r": 32, "alpha": 128}),
@@ -90,10 +98,11 @@ RECIPES: dict[str, MethodRecipe] = {
     "p_tuning": MethodRecipe("P_TUNING", 1e-3, {"num_virtual_tokens": 20, "encoder_hidden_size": 128}),
     "bitfit": MethodRecipe("SELECTIVE", 1e-3, {"bitfit": True}),
     "top_layers": MethodRecipe("SELECTIVE", 1e-4, {"top_k_layers": 1}),
-    # LN tuning: PEFT's norms per architecture at 1e-4, as PEFT's MetaMathQA comparison runs it
-    # (method_comparison/MetaMathQA/experiments/ln_tuning/llama-3.2-3B-default, the benchmark's lr);
-    # not yet chosen on validation data
-    "ln_tuning": MethodRecipe("LN_TUNING", 1e-4),
+    # LN tuning: PEFT's norms per architecture, as PEFT's MetaMathQA comparison runs it
+    # (method_comparison/MetaMathQA/experiments/ln_tuning/llama-3.2-3B-default); the rate chosen on
+    # validation data from that benchmark's 1e-4 by `deltatune compare --lr-search 4`
+    # (benchmarks/compare-cpu-catalogue.json): 6.4e-3, the walk's fourth and last rate, still improving
+    "ln_tuning": MethodRecipe("LN_TUNING", 6.4e-3),
     # Trainable tokens: the rows of --adapter '{token_indices: [...]}' (required). PEFT publishes no
     # rate for it; LoRA's 1e-3 here. Not yet chosen on validation data.
     "trainable_tokens": MethodRecipe("TRAINABLE_TOKENS", 1e-3),
@@ -112,6 +121,14 @@ RECIPES: dict[str, MethodRecipe] = {
     # (method_comparison/MetaMathQA/experiments/shira/llama-3.2-3B-lr_0.0003-random_seed_42); not yet chosen on
     # validation data
     "shira": MethodRecipe("SHIRA", 3e-4, {"r": 32, "random_seed": 42, "target_modules": ["q_proj", "v_proj"]}),
+    # Super-Tuning: sparsity 0.974, the largest entries, on q/v as in PEFT's MetaMathQA comparison
+    # (method_comparison/MetaMathQA/experiments/supertuning/llama-3.2-3B-s974-topk, the benchmark's lr 1e-4;
+    # Supra with --adapter '{r: 8}' as in its s99-supra-r8); not yet chosen on validation data
+    "supertuning": MethodRecipe("SUPERTUNING", 1e-4, {"sparsity": 0.974, "target_modules": ["q_proj", "v_proj"]}),
+    # GLoRA: r 8, the default forms (lora A/B and C, constant D/E) on q/v as in PEFT's MetaMathQA comparison
+    # (method_comparison/MetaMathQA/experiments/glora/llama-3.2-3B-default, the benchmark's lr 1e-4); not yet
+    # chosen on validation data
+    "glora": MethodRecipe("GLORA", 1e-4, {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
     # MiSS: r 64, the balanced (default) variant on q/v as in PEFT's MetaMathQA comparison
     # (method_comparison/MetaMathQA/experiments/miss/llama-3.2-3B-default, the benchmark's lr 1e-4); not yet chosen
     # on validation data
@@ -121,18 +138,33 @@ RECIPES: dict[str, MethodRecipe] = {
     # recipe); the update is divided by the input size, hence the large rate. Not yet chosen on validation data
     "c3a": MethodRecipe("C3A", 3e-1, {"block_size": 64, "init_weights": "xavier_uniform",
                                       "target_modules": ["q_proj", "v_proj"]}),
-    # OFT, BOFT, HRA: the settings of PEFT's MetaMathQA comparison at its shared lr 1e-4
-    # (method_comparison/MetaMathQA/experiments: oft/llama-3.2-3B-rank32 = 32 blocks per layer on q/v,
-    # boft/llama-3.2-3B-default = blocks of 4, one butterfly factor, hra/llama-3.2-3B-rank32 = 32
-    # reflections, both on the default targets); not yet chosen on validation data
-    "oft": MethodRecipe("OFT", 1e-4, {"r": 32, "oft_block_size": 0, "target_modules": ["q_proj", "v_proj"]}),
-    "boft": MethodRecipe("BOFT", 1e-4, {"boft_block_size": 4, "boft_n_butterfly_factor": 1}),
-    "hra": MethodRecipe("HRA", 1e-4, {"r": 32}),
+    # OFT, BOFT, HRA: the settings of PEFT's MetaMathQA comparison (method_comparison/MetaMathQA/
+    # experiments: oft/llama-3.2-3B-rank32 = 32 blocks per layer on q/v, boft/llama-3.2-3B-default =
+    # blocks of 4, one butterfly factor, hra/llama-3.2-3B-rank32 = 32 reflections, both on the default
+    # targets). Rates chosen on validation data, starting from that comparison's 1e-4, by
+    # `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): OFT and BOFT 6.4e-3
+    # (the walk's fourth and last rate, still improving), HRA 1.6e-3 (6.4e-3 was worse)
+    "oft": MethodRecipe("OFT", 6.4e-3, {"r": 32, "oft_block_size": 0, "target_modules": ["q_proj", "v_proj"]}),
+    "boft": MethodRecipe("BOFT", 6.4e-3, {"boft_block_size": 4, "boft_n_butterfly_factor": 1}),
+    "hra": MethodRecipe("HRA", 1.6e-3, {"r": 32}),
+    # PSOFT: r=128, alpha 128, exact Cayley, both vectors on the default targets, at the comparison's
+    # shared lr 1e-4 (PEFT's MetaMathQA comparison psoft/llama-3.2-3B-r128; its default experiment's r=256
+    # exceeds SmolLM2's 192-wide k/v projections); not yet chosen on validation data
+    "psoft": MethodRecipe("PSOFT", 1e-4, {"r": 128, "psoft_alpha": 128}),
     # X-LoRA: mixes existing LoRA adapters, which --adapter must name (name -> adapter folder):
     # --adapter '{adapters: {"0": out/a/adapter, "1": out/b/adapter}}' (without them the config says so).
     # PEFT's defaults (a one-layer classifier, softmax over the experts, frozen experts); lr 1e-3 is
     # deltatune's LoRA rate (the classifier is a small head), not yet chosen on validation data
     "xlora": MethodRecipe("XLORA", 1e-3),
+    # Poly / MHR: PEFT's Poly example (examples/poly/peft_poly_seq2seq_with_generate.ipynb: r=8, 2 skills,
+    # 4 heads, lr 5e-5) with one task (the default job's records carry no task id: every row is task 0);
+    # not yet chosen on validation data
+    "poly": MethodRecipe("POLY", 5e-5, {"r": 8, "n_skills": 2, "n_splits": 4, "n_tasks": 1}),
+    # Multitask prompt tuning: 50 virtual tokens as PEFT's example (examples/conditional_generation/
+    # multitask_prompt_tuning.ipynb, which starts from a TEXT prompt) with prompt tuning's SAMPLE_VOCAB start and
+    # rate above, one task (every row is task 0); not yet chosen on validation data
+    "multitask_prompt_tuning": MethodRecipe("MULTITASK_PROMPT_TUNING", 3e-2, {
+        "num_virtual_tokens": 50, "prompt_tuning_init": "SAMPLE_VOCAB", "num_tasks": 1, "num_ranks": 1}),
 }
 
 
@@ -157,7 +189,8 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
             raise ConfigError(f"lora.*: settings of the lora group do not apply to --method {cfg.method}; "
                               "use --adapter '{field: value}' (the method's config fields)")
         options = {**recipe.options, **cfg.adapter}
-    if recipe.peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE") and cfg.data.packing:
+    if recipe.peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE",
+                            "MULTITASK_PROMPT_TUNING") and cfg.data.packing:
         raise ConfigError(f"data.packing: --method {cfg.method} puts virtual tokens before each sequence; "
                           "packed rows would share them, so packing is not supported with soft prompts")
     if recipe.peft_type == "ADALORA":

@@ -68,13 +68,7 @@ class HiraLinear(WeightDeltaLayer):
 
     def frozen_weight(self) -> torch.Tensor:
         """``W0`` in (out, in) layout: the weight before any merge, dequantized for a 4-bit base."""
-        if self._original_quant is not None:
-            weight = self._original_quant[0].dequantize()
-        elif self._original_weight is not None:
-            weight = self._original_weight.to(self.base_weight().device)
-        else:
-            weight = self.base_weight()
-        return self.canonical(weight.detach())
+        return self.canonical(self.unmerged_weight().detach())
 
     def _product(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         return self.hira_B[name].to(dtype) @ self.hira_A[name].to(dtype)

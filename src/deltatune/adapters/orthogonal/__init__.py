@@ -1,3 +1,3 @@
 """Methods that rotate or reflect what a layer computes with learned orthogonal maps."""
 
-from . import boft, hra, oft  # noqa: F401  (register their methods)
+from . import boft, hra, oft, psoft  # noqa: F401  (register their methods)

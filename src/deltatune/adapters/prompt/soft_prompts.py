@@ -103,6 +103,7 @@ class SoftPrompts(AdapterContainer):
         self._handles: list = []
         self._strip = 0  # virtual positions to drop from the logits of the current call
         self._full_length = 0
+        self.tasks = None  # the model's TaskIds, for prompts that depend on each row's task
 
     @property
     def adapter_names(self) -> list[str]:
@@ -120,6 +121,15 @@ class SoftPrompts(AdapterContainer):
 
     def prompts(self, name: str) -> torch.Tensor:
         return self.encoders[name]()
+
+    def batch_prompts(self, name: str, batch: int, device: torch.device) -> torch.Tensor:
+        """(batch, tokens, dim): the same prompts for every row, or each row's task's
+        (multitask prompt tuning, whose encoder is ``task_routed``)."""
+        encoder = self.encoders[name]
+        if getattr(encoder, "task_routed", False):
+            ids = self.tasks.for_batch(batch, device, f"multitask prompt adapter {name!r}", encoder.num_tasks)
+            return encoder(ids)
+        return self.prompts(name).unsqueeze(0).expand(batch, -1, -1)
 
     # ----- hooks -------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -163,7 +173,7 @@ class SoftPrompts(AdapterContainer):
         elif starting:
             if embeds is None:
                 embeds = model.get_input_embeddings()(ids)
-            prompts = self.prompts(name).to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+            prompts = self.batch_prompts(name, batch, embeds.device).to(embeds.dtype)
             kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
             kwargs["input_ids"] = None
             labels = kwargs.get("labels")
