@@ -25,6 +25,10 @@ FILE_PREFIX = "base_model.model."
 class Method:
     """What a method does at the model level; the defaults suit methods without layers."""
 
+    # False where a row's output depends on the other rows of its batch (Lily's router averages over
+    # the batch): such an adapter is never routed per row beside others, and the server batches it alone
+    rows_independent: bool = True
+
     def prepare(self, model: nn.Module, config: AdapterConfig) -> None:
         """Fill the config's model-dependent fields (resolved targets, sizes) before adding."""
 

@@ -21,7 +21,7 @@ from typing import Optional
 from torch import nn
 
 from ..adapter_ops import delete_adapter
-from ..adapters.method import MethodConflict
+from ..adapters.method import MethodConflict, method_for
 from ..config import PromptLearningConfig
 from ..io import CONFIG_NAME, WEIGHTS_NAME, load_adapter, read_adapter_config, weights_file
 
@@ -55,11 +55,6 @@ def inside(root: Path, path: str) -> Path:
     if not resolved.is_dir():
         raise AdapterError(f"{path!r} is not a folder")
     return resolved
-
-
-# methods whose rows depend on each other (Lily's router averages over the batch): served in
-# batches of their own, never routed per row beside other adapters' rows
-ROW_DEPENDENT = frozenset({"LILY"})
 
 
 @dataclass
@@ -97,7 +92,7 @@ def describe(folder: Path, name: str) -> Entry:
     rank = getattr(config, "r", None)
     soft_prompt = isinstance(config, PromptLearningConfig)
     return Entry(name, folder, folder_digest(folder), config.peft_type, rank if isinstance(rank, int) else None,
-                 int(time.time()), not soft_prompt and config.peft_type not in ROW_DEPENDENT,
+                 int(time.time()), not soft_prompt and method_for(config).rows_independent,
                  config.num_virtual_tokens if soft_prompt else 0)
 
 

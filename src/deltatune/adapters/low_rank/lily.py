@@ -136,6 +136,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class LilyMethod(LayerMethod):
+    rows_independent = False  # the router's average over the batch
+
     def __init__(self) -> None:
         super().__init__(LilyLinear, self._make)
 
