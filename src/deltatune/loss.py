@@ -7,7 +7,7 @@ decoder stack, keeps the hidden states whose next-token label counts, and projec
 through ``kernels.linear_cross_entropy`` (no full logits) when the head is a plain linear. The
 result is the model's own loss (the tests compare them); model classes whose forward does
 more after the projection (soft-capping, logit scales) or whose top-level forward carries
-hooks (soft prompts) use the model's forward, and the log says which path a run takes.
+hooks (soft prompts, task ids) use the model's forward, and the log says which path a run takes.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def why_model_loss(model: nn.Module) -> Optional[str]:
     if name not in LABELLED_ONLY_CLASSES:
         return f"{name} is not among the classes checked for the labelled-positions loss"
     if model._forward_hooks or model._forward_pre_hooks:
-        return "hooks on the model's forward (soft prompts) need the model's own forward"
+        return "hooks on the model's forward (soft prompts, task ids) need the model's own forward"
     return None
 
 
