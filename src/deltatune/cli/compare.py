@@ -93,10 +93,11 @@ def _run_process(cmd: list[str], log_path: Path) -> tuple[int, float, float]:
     with open(log_path, "w") as stream:
         proc = subprocess.Popen(cmd, stdout=stream, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
     with open(log_path, "a") as stream:  # CPU time beside wall time: a busy machine shows as wall >> CPU / threads
-        stream.write(f"\ncompare: {time.perf_counter() - started:.1f} s wall, "
-                     f"{usage.ru_utime + usage.ru_stime:.1f} s CPU, load {os.getloadavg()[0]:.2f}\n")
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - started, usage.ru_maxrss / 1024
+        stream.write(f"\ncompare: {wall:.1f} s wall, {usage.ru_utime + usage.ru_stime:.1f} s CPU, "
+                     f"load {os.getloadavg()[0]:.2f}\n")
+    return os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss / 1024
 
 
 def _last_line(log_path: Path) -> str:
@@ -145,40 +146,43 @@ def _run_one(cfg: CompareConfig, method: str, out: Path, log) -> dict:
     return row
 
 
+def _saved_config(out: Path):
+    """The ``TrainConfig`` a finished run in ``out`` wrote (defaults filled in as training read them)."""
+    from ..train.config import load_config
+
+    return load_config(str(out / "config.yaml"))
+
+
 def _finished_run(cfg: CompareConfig, method: str, out: Path, lr: float) -> Optional[dict]:
     """The summary of a run already in ``out`` that this comparison would have made (a stopped
     comparison resumes without training it again); None when there is none."""
     if not (out / "summary.json").is_file() or not (out / "config.yaml").is_file():
         return None
-    import yaml
+    from ..train.loop import DEFAULT_DATA
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    data = saved.get("data", {}).get("path", "")
-    same = (saved.get("method") == method and saved.get("lr") == lr and saved.get("max_steps") == cfg.max_steps
-            and saved.get("model", "") == cfg.model and saved.get("final_eval") == "off"
-            and (not cfg.batch_size or saved.get("batch_size") == cfg.batch_size)
-            and (data == cfg.data if cfg.data else data.endswith("velmar/train.jsonl")))
+    saved = _saved_config(out)
+    same = (saved.method == method and saved.lr == lr and saved.max_steps == cfg.max_steps
+            and saved.model == cfg.model and saved.final_eval == "off"
+            and (not cfg.batch_size or saved.batch_size == cfg.batch_size)
+            and saved.data.path == (cfg.data or str(DEFAULT_DATA / "train.jsonl")))
     return json.loads((out / "summary.json").read_text()) if same else None
 
 
 def _test_scores(out: Path, log_path: Path) -> tuple[dict, Optional[str], float]:
     """(``deltatune eval`` results, split, wall seconds) of the adapter trained in ``out``, on the
-    run's test file; ({}, None, 0) when the run has none (its validation data chose the rate)."""
-    import yaml
+    run's test file, with the settings training's final evaluation uses; ({}, None, 0) when the run
+    has none (its validation data chose the rate)."""
+    from ..train.validation import eval_batch_size
 
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    test = saved.get("data", {}).get("test_path")
-    if not test:
+    saved = _saved_config(out)
+    if not saved.data.test_path:
         return {}, None, 0.0
-    from ..train.config import TrainConfig
-
-    eval_batch = saved.get("eval_batch_size") or 4 * saved.get("batch_size", TrainConfig.batch_size)
-    cmd = [sys.executable, "-m", "deltatune", "eval", "--adapter", str(out / "adapter"), "--data", test,
-           "--output-dir", str(out / "eval"), "--batch-size", str(eval_batch),
-           "--max-new-tokens", str(saved.get("eval_max_new_tokens", TrainConfig.eval_max_new_tokens))]
-    cmd += ["--model", saved["model"]] if saved.get("model") else []
-    cmd += ["--quantize", saved["quantize"]] if saved.get("quantize") else []
-    cmd += ["--chat-template"] if saved.get("data", {}).get("chat_template") else []
+    cmd = [sys.executable, "-m", "deltatune", "eval", "--adapter", str(out / "adapter"), "--data",
+           saved.data.test_path, "--output-dir", str(out / "eval"), "--batch-size", str(eval_batch_size(saved)),
+           "--max-new-tokens", str(saved.eval_max_new_tokens)]
+    cmd += ["--model", saved.model] if saved.model else []
+    cmd += ["--quantize", saved.quantize] if saved.quantize else []
+    cmd += ["--chat-template"] if saved.data.chat_template else []
     code, wall, _ = _run_process(cmd, log_path)
     if code != 0:
         raise RuntimeError(f"deltatune eval of {out} failed: {_last_line(log_path)}")

@@ -172,13 +172,7 @@ class GloraLinear(LinearAdapterLayer):
     # ----- the frozen tensors the terms act on ---------------------------------------------
     def frozen_weight(self) -> torch.Tensor:
         """``W0`` in (out, in) layout: the weight before any merge, dequantized for a 4-bit base."""
-        if self._original_quant is not None:
-            weight = self._original_quant[0].dequantize()
-        elif self._original_weight is not None:
-            weight = self._original_weight.to(self.base_weight().device)
-        else:
-            weight = self.base_weight()
-        return self.canonical(weight.detach())
+        return self.canonical(self.unmerged_weight().detach())
 
     def frozen_bias(self) -> Optional[torch.Tensor]:
         """``b0``: the bias before any merge; the live one otherwise, so that a bias trained with
