@@ -51,10 +51,8 @@ class MultitaskPromptEncoder(nn.Module):
 def read_source(path: str) -> dict[str, torch.Tensor]:
     """A source adapter's tensors: a ``.safetensors`` file, or a folder holding ``adapter_model.safetensors``."""
     source = Path(path)
-    if source.is_dir():  # the folder's weights file, as an adapter is read (pickles named, never read)
-        from ...io import weights_file
-
-        source = weights_file(source)
+    if source.is_dir():
+        source = source / "adapter_model.safetensors"
     if source.suffix != ".safetensors":
         raise ValueError(f"MultitaskPromptTuningConfig.prompt_tuning_init_state_dict_path={path!r}: deltatune reads "
                          "safetensors files only (never pickles); save the source adapter as safetensors")
