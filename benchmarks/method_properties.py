@@ -79,11 +79,12 @@ def _refusal(err: Exception) -> str:
     return f"no: {reason}"
 
 
-def trainable_on_default(name: str, model) -> int | str:
-    """The adapter's trainable parameters on ``model`` with the recipe's settings, or why not."""
+def trainable_on_default(name: str, model, examples: list) -> int | str:
+    """The adapter's trainable parameters on ``model`` with the recipe's settings (and settings made
+    from the default job's training ``examples``, as CPT's context), or why not."""
     cfg = TrainConfig(method=name, adapter=REQUIRED_OPTIONS.get(name, {}))
     try:
-        adapter = adapter_config(cfg, "CAUSAL_LM", total_steps=100)
+        adapter = adapter_config(cfg, "CAUSAL_LM", total_steps=100, examples=examples)
         dt.add_adapter(model, adapter, name="probe")
     except Exception as err:  # a method that needs more than a recipe (X-LoRA's adapter paths)
         return _refusal(err)
@@ -168,14 +169,19 @@ def worst_parity(name: str, parity: dict[str, float]) -> float | None:
 def main() -> int:
     parity_file = HERE / "parity-cpu.json"
     parity = json.loads(parity_file.read_text()) if parity_file.exists() else {}
-    default, _ = dt.load_model()
+    default, tokenizer = dt.load_model()
+    from deltatune.data import DataConfig, prepare_data
+    from deltatune.train.loop import DEFAULT_DATA
+
+    examples = prepare_data(DataConfig(path=str(DEFAULT_DATA / "train.jsonl"),
+                                       validation_path=str(DEFAULT_DATA / "validation.jsonl")), tokenizer).train
     REQUIRED_OPTIONS["xlora"] = {"adapters": lora_experts(default, SCRATCH / "default")}
     extra_entries = {"xlora": tiny_xlora_entry()}
     rows = []
     for name, recipe in RECIPES.items():
         entry = MATRIX.get(MATRIX_NAME.get(name, name.replace("_", "-"))) or extra_entries.get(name)
         row = {"method": name, "peft_type": recipe.peft_type, "config": dt.config.CONFIG_REGISTRY[recipe.peft_type].__name__,
-               "trainable_default_model": trainable_on_default(name, default), "parity_worst": worst_parity(name, parity)}
+               "trainable_default_model": trainable_on_default(name, default, examples), "parity_worst": worst_parity(name, parity)}
         if entry is None:
             row.update(merge="not measured", routing="not measured", nf4="not measured")
         else:

@@ -203,7 +203,9 @@ def merge(model: nn.Module, names: Optional[Sequence[str]] = None, *, requantize
 _VIRTUAL_TOKENS = "it adds virtual tokens in front of the input"
 # why a method's update cannot live in the base weights, by peft_type (default: not linear)
 _WHY_NOT_MERGEABLE = {
-    **dict.fromkeys(("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE", "MULTITASK_PROMPT_TUNING"),
+    "SHADOW": "its shadow network's state depends on the input and steers every block's input, which is not a "
+              "weight update",
+    **dict.fromkeys(("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE", "MULTITASK_PROMPT_TUNING", "CPT"),
                     _VIRTUAL_TOKENS),
     "POLY": "it mixes its LoRA skills per task from each row's task_ids, so rows of different tasks need "
             "different weights (and training samples the mixture)",

@@ -101,6 +101,9 @@ def add_weighted_adapter(
         if type(cfg) is not LoraConfig or cfg.use_dora:
             raise ValueError(f"adapter {a!r} ({cfg.peft_type}): add_weighted_adapter combines plain LoRA adapters "
                              "only (not DoRA or other methods)")
+        if cfg.target_parameters:  # PEFT refuses these too
+            raise ValueError(f"adapter {a!r}: add_weighted_adapter does not combine LoRA on parameters "
+                             f"(target_parameters={cfg.target_parameters}), as PEFT does not")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     generator = torch.Generator().manual_seed(seed)

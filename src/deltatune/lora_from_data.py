@@ -231,4 +231,5 @@ def training_init_batches(rows: list, pad_id: int, batch_size: int, packed: bool
     size = 1 if init == "corda" else batch_size
     picked = rows[: count * size]
     batches = [collate(picked[i:i + size], pad_id, packed, seq2seq) for i in range(0, len(picked), size)]
-    return [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    # a LoRA never picks weights by task: a task id column's ids stay out of its forward
+    return [{k: v.to(device) for k, v in batch.items() if k != "task_ids"} for batch in batches]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters.task_ids import TASKS_ATTR
 from .kernels import linear_cross_entropy
 
 IGNORE_INDEX = -100
@@ -77,7 +78,10 @@ class TrainingLoss(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], cache=None) -> torch.Tensor:
         """The mean loss over ``batch``'s labelled positions; ``cache``: see ``hidden_states``
-        (``batch["attention_mask"]`` then covers the cached tokens too)."""
+        (``batch["attention_mask"]`` then covers the cached tokens too). A batch's ``task_ids``
+        (from a task id column) reach a task-routed model and are left out for any other."""
+        if "task_ids" in batch and getattr(self.model, TASKS_ATTR, None) is None:
+            batch = {k: v for k, v in batch.items() if k != "task_ids"}
         if self.reason is not None:
             if cache is not None:
                 raise ValueError(f"a cached prefix needs the labelled-positions loss, and {self.reason}")

@@ -42,6 +42,11 @@ def test_compare_passes_its_settings_to_each_run(tmp_path):
     # by default the passes at step 0 and the end, the two the table reads, whatever they cost
     cmd = _train_command(CompareConfig(max_steps=40), "lora", tmp_path / "lora")
     assert cmd[cmd.index("--eval-steps") + 1] == "40"
+    # a method's own settings reach its runs only
+    options = CompareConfig(method_options={"trainable_tokens": {"token_indices": [1, 2]}})
+    cmd = _train_command(options, "trainable_tokens", tmp_path / "tt")
+    assert json.loads(cmd[cmd.index("--adapter") + 1]) == {"token_indices": [1, 2]}
+    assert "--adapter" not in _train_command(options, "lora", tmp_path / "lora")
 
 
 def test_compare_chooses_each_rate_on_validation_and_scores_only_that_one_on_test(tmp_path, default_tokenizer):
@@ -70,10 +75,12 @@ def test_compare_chooses_each_rate_on_validation_and_scores_only_that_one_on_tes
     assert row["exact_match"] == tuned["exact_match"] and row["base_exact_match"] == metrics["base"]["exact_match"]
     assert [p.parent.name for p in (out / "ia3").glob("lr-*/eval")] == [f"lr-{best}"]  # only the chosen one
     assert "lr (chosen on validation)" in (out / "compare.md").read_text()
-    # a second call finds the runs done and trains nothing again
+    # a second call finds the runs done and trains nothing again, nor scores the chosen adapter again
     stamps = {run: (run / "summary.json").stat().st_mtime_ns for run in tried}
+    scored = (out / "ia3" / f"lr-{best}" / "eval" / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0
     assert {run: (run / "summary.json").stat().st_mtime_ns for run in tried} == stamps
+    assert (out / "ia3" / f"lr-{best}" / "eval" / "metrics.json").stat().st_mtime_ns == scored
     assert json.loads((out / "compare.json").read_text())[0]["lr"] == row["lr"]
 
 
@@ -92,3 +99,15 @@ def test_method_groups_name_every_runnable_recipe_once():
     assert sorted(method_group("classic") + method_group("catalogue")) == sorted(method_group("all"))
     assert set(method_group("all")) == set(RECIPES) - set(NEEDS_OPTIONS)
     assert "oft" in method_group("catalogue") and "lora" not in method_group("catalogue")
+    # a method that needs settings joins the groups once they are given
+    assert "xlora" in method_group("catalogue", frozenset({"xlora"})) and "xlora" not in method_group("catalogue")
+
+
+@pytest.mark.parametrize("options, words", [({"lora": 3}, "not a mapping"), ({"nope": {"r": 2}}, "nope")])
+def test_method_options_are_checked_before_any_run(tmp_path, options, words):
+    from deltatune.cli.compare import CompareConfig, run_compare
+    from deltatune.train import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        run_compare(CompareConfig(methods=["lora"], method_options=options, output_dir=str(tmp_path / "cmp")))
+    assert not (tmp_path / "cmp").exists()

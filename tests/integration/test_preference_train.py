@@ -172,3 +172,10 @@ def test_the_command_line_takes_the_flags(tmp_path, setup, capsys):
     assert main(["train", *flags]) == 0
     summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
     assert summary["objective"] == "orpo" and summary["steps"] == 1
+
+
+def test_a_method_with_a_loss_term_of_its_own_is_refused(tmp_path, setup):
+    # ShadowPEFT adds a supervised term to the loss; DPO and ORPO have no place for it
+    plain = {k: v for k, v in setup.items() if not k.startswith("lora.")}
+    with pytest.raises(ConfigError, match=r"objective dpo: --method shadow adds a supervised term"):
+        _run(tmp_path, "shadow", **{**plain, "method": "shadow"})

@@ -53,6 +53,14 @@ METHOD_OPTIONS = {
     "peanut": {"r": 4, "depth": 1},
     "oft": {"r": 0, "oft_block_size": 8}, "boft": {"boft_block_size": 4}, "hra": {"r": 4},
     "psoft": {"r": 4, "psoft_alpha": 4},
+    # ASA on: 16 subspaces (q/v of 2 layers, 4 each) pruned from step 1 to step 6 (the training loop's after_step)
+    "adamss": {"r": 16, "num_subspaces": 4, "subspace_rank": 2, "use_asa": True, "asa_target_subspaces": 6,
+               "init_warmup": 1, "final_warmup": 6, "mask_interval": 2},
+    "cpt": {},  # the context: the first training examples (tests/integration/test_train_cpt.py)
+    "frod": {"sparse_rate": 0.05},
+    # the tiny model's width and heads (the recipe's 32-wide, 3-head backbone suits SmolLM2's 3 key/value heads)
+    "shadow": {"r": 4, "shadow_hidden_size": 32, "shadow_intermediate_size": 64, "shadow_num_attention_heads": 4},
+    "osf": {"effective_rank": 0.5},
 }
 
 

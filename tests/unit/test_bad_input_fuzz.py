@@ -422,6 +422,9 @@ METHODS = {  # name -> (architecture, config)
     "boft": ("llama", lambda: dt.BOFTConfig(boft_block_size=4, target_modules=["q_proj"])),
     "hra": ("llama", lambda: dt.HRAConfig(r=2, target_modules=["q_proj"])),
     "psoft": ("llama", lambda: dt.PsoftConfig(r=2, target_modules=["q_proj"])),
+    "adamss": ("qwen2", lambda: dt.AdamssConfig(r=4, num_subspaces=2, target_modules=["q_proj"])),
+    "frod": ("llama", lambda: dt.FrodConfig(target_modules=["q_proj", "v_proj"])),
+    "osf": ("llama", lambda: dt.OSFConfig(effective_rank=28, target_modules=["q_proj"])),
     "road": ("llama", lambda: dt.RoadConfig(group_size=8, target_modules=["q_proj"])),
     "delora": ("llama", lambda: dt.DeloraConfig(r=2, target_modules=["q_proj"])),
     "randlora": ("llama", lambda: dt.RandLoraConfig(r=4, target_modules=["q_proj", "v_proj"])),
@@ -448,6 +451,8 @@ METHODS = {  # name -> (architecture, config)
     "cartridge": ("llama", lambda: dt.CartridgeConfig(num_virtual_tokens=3)),
     "poly": ("llama", lambda: dt.PolyConfig(r=2, n_tasks=2, n_skills=2, target_modules=["q_proj"])),
     "multitask_prompt_tuning": ("llama", lambda: dt.MultitaskPromptTuningConfig(num_virtual_tokens=3, num_tasks=2)),
+    "cpt": ("llama", lambda: dt.CPTConfig(cpt_token_ids=[5, 9, 17], cpt_tokens_type_mask=[1, 2, 4])),
+    "shadow": ("llama", lambda: dt.ShadowConfig(r=2, task_type="CAUSAL_LM")),
 }
 
 

@@ -32,6 +32,9 @@ METHODS = {
     "poly": ("llama", lambda: dt.PolyConfig(r=2, n_skills=2, target_modules="all-linear"), True),
     "poly-mhr": ("qwen2", lambda: dt.PolyConfig(r=2, n_skills=3, n_splits=2, target_modules="all-linear"), True),
     "multitask-prompt-tuning": ("llama", lambda: dt.MultitaskPromptTuningConfig(num_virtual_tokens=4), False),
+    # a context of real tokens before every row: a new adapter already changes outputs
+    "cpt": ("llama", lambda: dt.CPTConfig(cpt_token_ids=[5, 9, 17, 33, 40], cpt_tokens_type_mask=[1, 2, 2, 3, 4]),
+            False),
     "hira-gpt2": ("gpt2", lambda: dt.HiraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True), True),
     "pvera": ("llama", lambda: dt.PveraConfig(r=8, target_modules="all-linear", generator_seed=0), True),
     "cartridge": ("llama", lambda: dt.CartridgeConfig(num_virtual_tokens=4), False),  # a random KV prefix
@@ -88,9 +91,22 @@ METHODS = {
     "tinylora-gpt2": ("gpt2", lambda: dt.TinyLoraConfig(r=2, u=4, save_projection=False, fan_in_fan_out=True,
                                                         target_modules=["c_attn", "c_fc"]), True),
     "psoft": ("llama", lambda: dt.PsoftConfig(r=4, target_modules="all-linear"), True),
+    # AdaMSS on Qwen2: the q/k/v biases are the decomposed weight's extra column
+    "adamss": ("qwen2", lambda: dt.AdamssConfig(r=8, num_subspaces=3, subspace_rank=2, target_modules="all-linear"),
+               True),
+    # FRoD rebuilds each weight as U diag(λ) Vᵀ: equal to W only up to rounding (tests/parity/test_frod_peft_parity.py)
+    "frod": ("llama", lambda: dt.FrodConfig(target_modules="all-linear", sparse_rate=0.05), False),
+    "frod-gpt2": ("gpt2", lambda: dt.FrodConfig(target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                                save_projection=False), False),
+    # OSF: U_low S_low V_low − U₀ S₀ V₀ is one rank-2m product (PEFT's forward): it cancels only up to rounding
+    "osf": ("llama", lambda: dt.OSFConfig(effective_rank=0.75, target_modules="all-linear"), False),
     # Lily: not routed per row, not merged (its router averages over the batch; tests/parity/test_lily_peft_parity.py)
     "lily": ("llama", lambda: dt.LilyConfig(r=4, stride_A=2, num_B=3, target_modules=["q_proj", "v_proj", "down_proj"]),
              True),
+    # ShadowPEFT: hooks on the decoder blocks; not routed per row, not merged (tests/parity/test_shadow_peft_parity.py)
+    "shadow": ("llama", lambda: dt.ShadowConfig(r=4, task_type="CAUSAL_LM"), True),
+    "shadow-small-gpt2": ("gpt2", lambda: dt.ShadowConfig(r=4, shadow_hidden_size=16, shadow_num_attention_heads=2,
+                                                          shadow_intermediate_size=24), True),
 }
 
 
@@ -99,6 +115,7 @@ STEP_LR = {"ia3": 1e-1, "ia3-gpt2": 1e-1, "vera": 5e-2, "prompt-tuning": 5e-2, "
 STEP_LR.update({"adaption-prompt": 1e-1, "adaption-prompt-gpt2": 1e-1})  # zero gates: the prompts start unused
 STEP_LR.update({"hira-gpt2": 2e-1, "pvera": 5e-2, "cartridge": 5e-2})  # ΔW = W0 ⊙ BA is small where W0 is (GPT-2's std 0.02 weights)
 STEP_LR.update({"tinylora": 3e-1, "tinylora-gpt2": 3.0})  # a few numbers steer B R A, small where √Σ is (GPT-2)
+STEP_LR.update({"frod-gpt2": 1e-1})  # λ and S scale unit columns of U; GPT-2's std-0.02 weights move little per step
 STEP_LR.update({"glora-vector": 5e-3})  # a vector B adds b · Σx to every output: a large step per unit of lr
 
 
@@ -225,6 +242,10 @@ ROUTED += ["hira", "hira-gpt2", "pvera", "waveft"]  # catalogue A (PVeRA: eval m
 ROUTED += ["glora", "glora-vector"]
 ROUTED += ["tinylora", "tinylora-gpt2"]
 ROUTED += ["psoft"]
+ROUTED += ["shadow", "shadow-small-gpt2"]  # each row group runs its own shadow backbone
+ROUTED += ["adamss"]
+ROUTED += ["frod", "frod-gpt2"]  # each routed row group gets its own rebuilt weight
+ROUTED += ["osf"]
 ROUTED += ["ln-tuning", "ln-tuning-gpt2", "trainable-tokens", "trainable-tokens-tied-gpt2", "lora-trainable-tokens"]
 ROUTED += ["lora-orthogonal", "lora-mica"]  # LoRA's initialisations (tests/unit/test_lora_inits.py)
 ROUTED += ["poly", "poly-mhr"]  # each routed group keeps its rows' task ids
@@ -268,9 +289,13 @@ def test_soft_prompts_refuse_per_row_routing():
                          + ["glora", "glora-vector"]  # W0 is the dequantized weight
                          + ["tinylora"]  # the SVD is of the dequantized weight
                          + ["psoft"]  # the SVD is of the dequantized weight
+                         + ["adamss"]  # the SVD and clusters are of the dequantized weight
+                         + ["frod"]  # bases and U from the dequantized weight
+                         + ["osf"]  # the SVD is of the dequantized weight
                          + ["lily"]  # reads the base's input only
                          + ["supertuning", "supertuning-supra-bottom"]  # support picked on the dequantized weight
-                         + ["poly"])  # the update never reads the base weight
+                         + ["poly"]  # the update never reads the base weight
+                         + ["shadow"])  # hooks around the blocks, whatever their linears store
 def test_weight_methods_on_an_nf4_base(method):
     from deltatune.quant import QuantizeConfig, dequantize_model, quantize_model
 

@@ -25,3 +25,4 @@ __all__ = [
 ]
 
 from . import inserted, mixture, orthogonal, prompt, scaling, selective, structured  # noqa: E402,F401  (register their methods)
+from . import parallel  # noqa: E402,F401  (registers SHADOW: a network beside the decoder)

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import AdapterConfig, TargetedConfig
 from ..module_tree import replace_module
 from ..targeting import expand_target_modules, find_targets, modules_to_save_targets
+from ..targeting_experts import warn_untargeted_experts
 from .base import AdapterLayer, ModulesToSave
 
 FILE_PREFIX = "base_model.model."
@@ -59,6 +60,12 @@ class Method:
         """A term the training loop adds to the loss (AdaLoRA's orthogonality penalty)."""
         return None
 
+    def auxiliary_loss(self, model: nn.Module, name: str, config: AdapterConfig,
+                       batch: dict[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        """A term of the supervised loss that the training loop adds right after the forward of
+        ``batch`` (ShadowPEFT's shadow network predicting ``batch["labels"]`` on its own)."""
+        return None
+
     def before_step(self, model: nn.Module, name: str, config: AdapterConfig, step: int) -> None:
         """Called by the training loop before optimizer step ``step`` (0-based) takes its first
         micro-batch (DyLoRA draws the step's rank)."""
@@ -97,6 +104,7 @@ class LayerMethod(Method):
     def prepare(self, model: nn.Module, config: AdapterConfig) -> None:
         assert isinstance(config, TargetedConfig)
         config.target_modules = expand_target_modules(model, config)
+        warn_untargeted_experts(model, config)  # fused expert weights no target reaches (MoE models)
 
     def inject(self, model: nn.Module, config: AdapterConfig, name: str, from_file: bool) -> None:
         assert isinstance(config, TargetedConfig)

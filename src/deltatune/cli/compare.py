@@ -30,12 +30,13 @@ DEFAULT_METHODS = ["lora", "dora", "loha", "lokr", "adalora", "ia3", "vera", "no
 NEEDS_OPTIONS = ("trainable_tokens", "xlora")
 
 
-def method_group(name: str) -> list[str]:
+def method_group(name: str, given_options: frozenset = frozenset()) -> list[str]:
     """The methods a group name stands for: ``classic`` (the default list), ``catalogue`` (every
-    other recipe that runs on its own) or ``all``; a plain method name stands for itself."""
+    other recipe that runs on its own, or with its settings in ``given_options``) or ``all``; a plain
+    method name stands for itself."""
     from ..train.methods import RECIPES
 
-    runnable = [m for m in RECIPES if m not in NEEDS_OPTIONS]
+    runnable = [m for m in RECIPES if m not in NEEDS_OPTIONS or m in given_options]
     groups = {"classic": list(DEFAULT_METHODS), "catalogue": [m for m in runnable if m not in DEFAULT_METHODS],
               "all": runnable}
     return groups.get(name, [name])
@@ -67,6 +68,8 @@ class CompareConfig:
     """Choose each method's learning rate on validation data: train at its recipe's rate and at this factor times it, then step by the factor in the better direction while the validation loss after training falls; only the chosen rate's adapter is scored on the test file. 0: each method at its recipe's rate (or --lr)."""
     lr_search_tries: int = 4
     """With --lr-search: the most rates tried per method."""
+    method_options: dict = field(default_factory=dict)
+    """Config fields per method, given to its runs as train's --adapter, e.g. '{trainable_tokens: {token_indices: [1, 2]}, xlora: {adapters: {a: DIR, b: DIR}}}'; the groups include trainable_tokens and xlora only when given here."""
 
 
 def _train_command(cfg: CompareConfig, method: str, out: Path, lr: float = 0.0, final_eval: bool = True) -> list[str]:
@@ -82,6 +85,8 @@ def _train_command(cfg: CompareConfig, method: str, out: Path, lr: float = 0.0, 
         cmd += ["--batch-size", str(cfg.batch_size)]
     if lr or cfg.lr:
         cmd += ["--lr", str(lr or cfg.lr)]
+    if cfg.method_options.get(method):
+        cmd += ["--adapter", json.dumps(cfg.method_options[method])]  # JSON is YAML
     # an explicit spacing keeps the pass at step 0, the "before" of the table, whatever it costs
     cmd += ["--eval-steps", str(cfg.eval_steps or cfg.max_steps)]
     return cmd
@@ -164,6 +169,7 @@ def _finished_run(cfg: CompareConfig, method: str, out: Path, lr: float) -> Opti
     same = (saved.method == method and saved.lr == lr and saved.max_steps == cfg.max_steps
             and saved.model == cfg.model and saved.final_eval == "off"
             and (not cfg.batch_size or saved.batch_size == cfg.batch_size)
+            and saved.adapter == (cfg.method_options.get(method) or {})
             and saved.data.path == (cfg.data or str(DEFAULT_DATA / "train.jsonl")))
     return json.loads((out / "summary.json").read_text()) if same else None
 
@@ -177,6 +183,11 @@ def _test_scores(out: Path, log_path: Path) -> tuple[dict, Optional[str], float]
     saved = _saved_config(out)
     if not saved.data.test_path:
         return {}, None, 0.0
+    metrics, wall_file = out / "eval" / "metrics.json", out / "eval" / "compare-wall-seconds.txt"
+    adapter = out / "adapter" / "adapter_model.safetensors"
+    if metrics.is_file() and wall_file.is_file() and metrics.stat().st_mtime > adapter.stat().st_mtime:
+        # a rerun of the comparison (more methods, more tries) scores an unchanged adapter once only
+        return json.loads(metrics.read_text()), "test", float(wall_file.read_text())
     cmd = [sys.executable, "-m", "deltatune", "eval", "--adapter", str(out / "adapter"), "--data",
            saved.data.test_path, "--output-dir", str(out / "eval"), "--batch-size", str(eval_batch_size(saved)),
            "--max-new-tokens", str(saved.eval_max_new_tokens)]
@@ -186,7 +197,8 @@ def _test_scores(out: Path, log_path: Path) -> tuple[dict, Optional[str], float]
     code, wall, _ = _run_process(cmd, log_path)
     if code != 0:
         raise RuntimeError(f"deltatune eval of {out} failed: {_last_line(log_path)}")
-    return json.loads((out / "eval" / "metrics.json").read_text()), "test", wall
+    write_text_atomically(wall_file, f"{wall:.3f}\n")
+    return json.loads(metrics.read_text()), "test", wall
 
 
 def _searched_row(cfg: CompareConfig, method: str, folder: Path, log) -> dict:
@@ -276,11 +288,13 @@ def run_compare(cfg: CompareConfig, log=print) -> list[dict]:
     """Train every method in ``cfg.methods``; write compare.json, compare.md and compare.png."""
     from ..train.methods import RECIPES
 
-    cfg.methods = [m for name in cfg.methods for m in method_group(name)]
-    unknown = [m for m in cfg.methods if m not in RECIPES]
-    if unknown:
-        from ..train import ConfigError
+    from ..train import ConfigError
 
+    if not isinstance(cfg.method_options, dict) or any(not isinstance(v, dict) for v in cfg.method_options.values()):
+        raise ConfigError(f"method_options: {cfg.method_options!r} is not a mapping of method names to config fields")
+    cfg.methods = [m for name in cfg.methods for m in method_group(name, frozenset(cfg.method_options))]
+    unknown = [m for m in cfg.methods + list(cfg.method_options) if m not in RECIPES]
+    if unknown:
         raise ConfigError(f"methods: {unknown} are not known; choose from {sorted(RECIPES)}")
     for name in ("max_steps", "batch_size", "eval_steps"):
         if getattr(cfg, name) < (1 if name == "max_steps" else 0):

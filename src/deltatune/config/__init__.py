@@ -36,14 +36,22 @@ from .structured import C3AConfig, FourierFTConfig, MissConfig, ShiraConfig
 from .structured import SupertuningConfig
 from .structured import GloraConfig
 from .orthogonal import BOFTConfig, HRAConfig, OFTConfig, PsoftConfig
+from .osf import OSFConfig
+from .frod import FrodConfig
 from .mixture import XLoraConfig
 from .mixture import PolyConfig
 from .prompt import MultitaskPromptTuningConfig
+from .shadow import ShadowConfig
+from .cpt import CPTConfig
+from .adamss import AdamssConfig
 
 __all__ = [
     "AdaLoraConfig",
     "AdaptionPromptConfig",
     "MultitaskPromptTuningConfig",
+    "ShadowConfig",
+    "CPTConfig",
+    "AdamssConfig",
     "PolyConfig",
     "AdapterConfig",
     "BeftConfig",
@@ -80,6 +88,8 @@ __all__ = [
     "HRAConfig",
     "OFTConfig",
     "PsoftConfig",
+    "OSFConfig",
+    "FrodConfig",
     "XLoraConfig",
     "HiraConfig",
     "PveraConfig",

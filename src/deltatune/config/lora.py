@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
 from .base import TargetedConfig, register_config
+from .lora_experts import check_target_parameters
 from .lora_init import check_init_sub_configs
 from .lora_variants import check_variant_fields
 from .selective import check_lora_token_indices
@@ -20,9 +21,7 @@ _PEFT_PASSIVE_LORA_FIELDS: dict[str, Any] = {
 }
 # ... but these change what the adapter computes, so a non-default value is refused rather
 # than silently giving different outputs.
-_PEFT_UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {
-    "target_parameters": None,
-}
+_PEFT_UNSUPPORTED_LORA_FIELDS: dict[str, Any] = {}
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "mica", "loftq", "eva", "corda", "lora_ga")
 
@@ -35,7 +34,9 @@ class LoraConfig(TargetedConfig):
     ``target_modules``: a list of module names matched as the full name or a dotted suffix,
     a regular expression matched against the whole module name, or ``"all-linear"`` (every
     linear layer but the output head). ``None`` picks the usual attention projections for
-    known architectures.
+    known architectures. ``target_parameters``: parameters adapted directly, PEFT's names and
+    matching (the fused 3-D expert weights of transformers 5 mixture-of-experts models, e.g.
+    ``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``; adapters/low_rank/moe_experts.py).
 
     Variants, PEFT's fields (one per adapter; config/lora_variants.py checks them, each has its
     module under adapters/low_rank/): ``layer_replication`` (a deeper model from ranges of shared
@@ -81,6 +82,9 @@ class LoraConfig(TargetedConfig):
     # rows of the input embedding (a list) or of named modules (a dict) trained beside LoRA
     # (adapters/selective/trainable_tokens.py)
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    # parameters adapted directly, PEFT's names (fused expert weights such as
+    # "mlp.experts.gate_up_proj"; config/lora_experts.py checks, adapters/low_rank/moe_experts.py adapts)
+    target_parameters: Optional[list[str]] = None
 
     def validate(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
@@ -100,6 +104,7 @@ class LoraConfig(TargetedConfig):
             )
         check_init_sub_configs(self, type(self).__name__)
         check_variant_fields(self)
+        check_target_parameters(self)
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
@@ -113,6 +118,7 @@ class LoraConfig(TargetedConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_variant_fields(self)  # again for subclasses whose validate() does not call this one
+        check_target_parameters(self)  # likewise (AdaLoRA): only plain LoRA adapts parameters
         check_lora_token_indices(self)  # here, so that subclasses without the rows refuse them too
 
 @register_config

@@ -12,6 +12,7 @@ from typing import Optional
 from .formats import detect_format, segments
 from .packing import collate, pack, trained_token_count
 from .records import DataError, load_records, split_validation
+from .tasks import task_column, task_id_of
 from .tokenize import Example, TokenizeStats, has_trained_token, tokenize_record, tokenize_seq2seq, truncate
 
 __all__ = ["DataConfig", "DataError", "PreparedData", "prepare_data", "collate", "pack", "load_records",
@@ -56,10 +57,11 @@ class PreparedData:
 
 
 def _tokenize_split(records, config: DataConfig, tokenizer, fmt: str, where: str,
-                    seq2seq: bool = False) -> tuple[list, TokenizeStats]:
+                    seq2seq: bool = False, tasks: Optional[str] = None) -> tuple[list, TokenizeStats]:
     stats = TokenizeStats()
     out: list[Example] = []
     for index, record in enumerate(records):
+        task_id = task_id_of(record, tasks, index, where)
         parts = segments(record, fmt, config.columns, index, where)
         if seq2seq:
             if fmt not in ("seq2seq", "prompt_completion", "instruction"):
@@ -71,6 +73,7 @@ def _tokenize_split(records, config: DataConfig, tokenizer, fmt: str, where: str
             example = tokenize_record(tokenizer, parts, "chat", index, config.train_on_prompt, where)
         else:
             example = tokenize_record(tokenizer, parts, fmt, index, config.train_on_prompt, where)
+        example.task_id = task_id
         example, cut = truncate(example, config.max_seq_len, seq2seq)
         stats.truncated += cut
         if not has_trained_token(example, seq2seq):
@@ -102,6 +105,16 @@ def _rows(records, where: str) -> list[dict]:
         raise DataError(f"{where}could not be read ({type(err).__name__}: {err})") from None
 
 
+def _same_tasks(tasks: Optional[str], records, config: DataConfig, path: str, split: str) -> Optional[str]:
+    """The task id column of a validation or test file, which must have one exactly when the
+    training data has one."""
+    found = task_column(records.column_names, config.columns, f"{path}: ")
+    if (found is None) != (tasks is None):
+        raise DataError(f"{path}: the training data {'has' if tasks else 'has no'} a task id column and the "
+                        f"{split} data {'has' if found else 'has no'} one; give both or neither")
+    return found
+
+
 def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Optional[str] = None,
                  seq2seq: bool = False) -> PreparedData:
     """Read, split, tokenize and check the data of ``config`` (``seq2seq``: for an encoder-decoder)."""
@@ -116,20 +129,28 @@ def prepare_data(config: DataConfig, tokenizer, seed: int = 0, default_path: Opt
     records = load_records(path)
     where = f"{path}: "
     fmt = detect_format(records.column_names, config.columns, config.format, where)
+    tasks = task_column(records.column_names, config.columns, where)
+    if tasks and config.packing:
+        raise DataError(f"{where}data.packing puts several records in one row, but a row has one task: "
+                        f"the {tasks!r} column needs unpacked rows (turn packing off)")
     rows = _rows(records, where)
     if not rows:
         raise DataError(f"{where}the dataset is empty")
+    val_tasks = tasks
     if config.validation_path:
         val_records = load_records(config.validation_path)
         # The validation file must have the training format's columns (detect_format checks them).
         detect_format(val_records.column_names, config.columns, fmt, f"{config.validation_path}: ")
+        val_tasks = _same_tasks(tasks, val_records, config, config.validation_path, "validation")
         val_rows, val_where = _rows(val_records, f"{config.validation_path}: "), f"{config.validation_path}: "
     else:
         rows, val_rows = split_validation(rows, config.validation_fraction, seed)
         val_where = where
-    train, train_stats = _tokenize_split(rows, config, tokenizer, fmt, where, seq2seq)
+    if config.test_path:  # the final evaluation gives each record its task too: the test file needs the column
+        _same_tasks(tasks, load_records(config.test_path), config, config.test_path, "test")
+    train, train_stats = _tokenize_split(rows, config, tokenizer, fmt, where, seq2seq, tasks)
     if not train:
         raise DataError(f"{where}no example has a trained token within max_seq_len={config.max_seq_len} "
                         f"({train_stats.dropped} dropped); raise max_seq_len")
-    validation, val_stats = _tokenize_split(val_rows, config, tokenizer, fmt, val_where, seq2seq)
+    validation, val_stats = _tokenize_split(val_rows, config, tokenizer, fmt, val_where, seq2seq, val_tasks)
     return PreparedData(train, validation, train_stats, val_stats, fmt, seq2seq, val_rows)

@@ -35,10 +35,11 @@ def collate(rows: list, pad_id: int, packed: bool, seq2seq: bool = False) -> dic
     ``seq2seq``: inputs and labels are padded separately (the model builds decoder inputs
     from the labels).
     """
+    tasks = _task_ids(rows)
     if seq2seq:
         width = max(len(r.input_ids) for r in rows)
         label_width = max(len(r.labels) for r in rows)
-        return {
+        return tasks | {
             "input_ids": torch.tensor([r.input_ids + [pad_id] * (width - len(r.input_ids)) for r in rows]),
             "attention_mask": torch.tensor([[1] * len(r.input_ids) + [0] * (width - len(r.input_ids))
                                             for r in rows]),
@@ -58,7 +59,17 @@ def collate(rows: list, pad_id: int, packed: bool, seq2seq: bool = False) -> dic
     else:
         batch["attention_mask"] = torch.tensor(
             [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
-    return batch
+    return batch | tasks
+
+
+def _task_ids(rows: list) -> dict[str, torch.Tensor]:
+    """``{"task_ids": one id per row}`` for examples that carry their task (data/tasks.py), else {}."""
+    ids = [getattr(r, "task_id", None) for r in rows]
+    if all(i is None for i in ids):
+        return {}
+    if any(i is None for i in ids):
+        raise ValueError("a batch mixes examples with and without a task id")
+    return {"task_ids": torch.tensor(ids)}
 
 
 def trained_token_count(batch: dict[str, torch.Tensor], seq2seq: bool = False) -> torch.Tensor:

@@ -7,7 +7,8 @@ are cut; one with no trained token left is dropped. Both are counted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from jinja2 import TemplateError
 
@@ -20,6 +21,7 @@ IGNORE = -100
 class Example:
     input_ids: list[int]
     labels: list[int]
+    task_id: Optional[int] = None  # the record's task, for task-routed adapters (data/tasks.py)
 
 
 @dataclass
@@ -105,10 +107,10 @@ def truncate(example: Example, max_seq_len: int, seq2seq: bool = False) -> tuple
     """(example cut to ``max_seq_len``, whether it was cut); seq2seq cuts input and target apart."""
     if seq2seq:
         cut = len(example.input_ids) > max_seq_len or len(example.labels) > max_seq_len
-        return Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len]), cut
+        return replace(example, input_ids=example.input_ids[:max_seq_len], labels=example.labels[:max_seq_len]), cut
     if len(example.input_ids) <= max_seq_len:
         return example, False
-    return Example(example.input_ids[:max_seq_len], example.labels[:max_seq_len]), True
+    return replace(example, input_ids=example.input_ids[:max_seq_len], labels=example.labels[:max_seq_len]), True
 
 
 def has_trained_token(example: Example, seq2seq: bool = False) -> bool:

@@ -8,6 +8,7 @@ from typing import Optional
 
 from ..data import DataConfig, DataError, load_records
 from ..data.formats import detect_format, segments
+from ..data.tasks import task_column, task_id_of
 from ..data.tokenize import Example, tokenize_record, tokenize_seq2seq
 
 
@@ -36,11 +37,13 @@ def load_eval_examples(path: str, tokenizer, config: DataConfig, seq2seq: bool, 
     if fmt == "text":
         raise DataError(f"{where}records have only 'text': evaluation needs a reference (prompt/completion, "
                         "instruction/output, messages or source/target)")
+    tasks = task_column(records.column_names, config.columns, where)
     out = []
     for index, record in enumerate(records):
         if limit and len(out) >= limit:
             break
         record = dict(record)
+        task_id = task_id_of(record, tasks, index, where)
         parts = segments(record, fmt, config.columns, index, where)
         if fmt == "chat":
             if parts[-1]["role"] != "assistant":
@@ -63,6 +66,7 @@ def load_eval_examples(path: str, tokenizer, config: DataConfig, seq2seq: bool, 
             else:
                 scored = tokenize_record(tokenizer, parts, fmt, index, where=where)
                 prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        scored.task_id = task_id  # generation and the loss pick each record's task (task-routed adapters)
         choices, answer = _choices(record, index, where)
         out.append(EvalExample(index, prompt, prompt_ids, str(reference), scored, choices, answer))
     return out

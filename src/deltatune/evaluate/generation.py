@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
 import torch
 
+from ..adapters.task_ids import TASKS_ATTR, use_task_ids
 from ..data import collate, trained_token_count
 from ..loss import TrainingLoss
 from .examples import EvalExample
@@ -15,6 +17,14 @@ from .shared_prefix import loss_batches, prefix_loss_sum
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _tasks(model, examples: list[EvalExample]):
+    """A block in which ``model`` (when it routes by task) uses the examples' task ids."""
+    ids = [e.scored.task_id for e in examples]
+    if getattr(model, TASKS_ATTR, None) is None or any(i is None for i in ids):
+        return contextlib.nullcontext()
+    return use_task_ids(model, ids)
 
 
 def _shortest_first(lengths: list[int]) -> list[int]:
@@ -45,9 +55,10 @@ def generate(model, tokenizer, examples: list[EvalExample], batch_size: int, max
         input_ids = torch.tensor(ids, device=device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
             "do_sample": False}
-        out = model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=device),
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                             use_cache=True, **sampling)
+        with _tasks(model, [examples[i] for i in picked]):
+            out = model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=device),
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
         new = out if seq2seq else out[:, width:]
         for i, row in zip(picked, new):
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
@@ -105,7 +116,8 @@ def choice_accuracy(model, tokenizer, examples: list[EvalExample], seq2seq: bool
             cont = list(tokenizer(" " + choice if not choice.startswith(" ") else choice,
                                   add_special_tokens=False)["input_ids"])
             ids = torch.tensor([e.input_ids + cont], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, len(e.input_ids) - 1:-1].float()
+            with _tasks(model, [e]):
+                logits = model(input_ids=ids, use_cache=False).logits[0, len(e.input_ids) - 1:-1].float()
             logp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(cont, device=device)[:, None])
             totals.append(logp.sum().item())
         right += int(max(range(len(totals)), key=totals.__getitem__) == e.answer)

@@ -44,7 +44,8 @@ def read_plain_lora(folder: Union[str, os.PathLike]) -> tuple[LoraConfig, dict[s
                          f"{config.peft_type}{hint}; {advice}")
     refused = [(config.use_dora, "use_dora (DoRA)"), (config.bias != "none", f"bias={config.bias!r}"),
                (config.lora_bias, "lora_bias"), (bool(config.modules_to_save), "modules_to_save"),
-               (config.fan_in_fan_out, "fan_in_fan_out")]
+               (config.fan_in_fan_out, "fan_in_fan_out"),
+               (bool(config.target_parameters), "target_parameters (LoRA on fused expert weights)")]
     for present, what in refused:
         if present:
             raise ValueError(f"{folder}: llama.cpp's LoRA adapters cannot express {what}; {advice}")

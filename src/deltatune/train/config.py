@@ -39,6 +39,10 @@ class LoraOptions:
     """scale by lora_alpha / sqrt(r)"""
     init_lora_weights: Any = "true"
     """initialisation: true (B = 0), gaussian, pissa, pissa_niter_<n>, olora, orthogonal, mica (B frozen), loftq (quantizes the base; with --adapter '{loftq_config: {loftq_bits: 4}}', without --quantize), eva, corda, lora_ga (from the first 8 training batches; settings in --adapter '{eva_config: {...}}')"""
+    target_experts: bool = False
+    """mixture-of-experts models: LoRA on every fused expert weight too (PEFT's target_parameters, e.g. mlp.experts.gate_up_proj and mlp.experts.down_proj); lora_dropout becomes 0, as dropout cannot act on a weight"""
+    train_router: bool = False
+    """mixture-of-experts models: train the routers in full, saved with the adapter (PEFT's modules_to_save); without it they stay frozen"""
 
 
 @dataclass
@@ -50,7 +54,7 @@ class TrainConfig:
     quantize: str = ""
     """Load the base quantized: nf4, fp4 or int8 (QLoRA); empty: full precision."""
     method: str = "lora"
-    """Adapter method: lora, dylora (QDyLoRA with --quantize), dora, loha, lokr, adalora, ia3, vera, hira, pvera, lily, nola, road, delora, randlora, vblora, gralora, unilora, tinylora, deft, peanut, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, cartridge, p_tuning, adaption_prompt, beft, bitfit, top_layers, ln_tuning, trainable_tokens (with --adapter '{token_indices: [...]}'), fourierft, waveft, shira, supertuning, glora, miss, c3a, oft, boft, hra, psoft, xlora (with --adapter '{adapters: {name: LoRA adapter folder, ...}}'), poly, multitask_prompt_tuning (every row is task 0)."""
+    """Adapter method: lora, dylora (QDyLoRA with --quantize), dora, loha, lokr, adalora, ia3, vera, hira, pvera, lily, nola, road, delora, randlora, vblora, gralora, unilora, tinylora, deft, peanut, bottleneck, pfeiffer, prompt_tuning, prefix_tuning, cartridge, p_tuning, adaption_prompt, beft, bitfit, top_layers, ln_tuning, trainable_tokens (with --adapter '{token_indices: [...]}'), fourierft, waveft, shira, supertuning, glora, miss, c3a, oft, boft, hra, psoft, adamss (ASA with --adapter '{use_asa: true, ...}'), osf, frod, xlora (with --adapter '{adapters: {name: LoRA adapter folder, ...}}'), poly, multitask_prompt_tuning (each row's task from the data's task_id column, else task 0), cpt (its context: the first training examples, unless --adapter '{cpt_token_ids: [...]}'), shadow (ShadowPEFT: its shadow loss is added to the training loss)."""
     lora: LoraOptions = field(default_factory=LoraOptions)
     """LoRA/DoRA settings."""
     adapter: dict = field(default_factory=dict)

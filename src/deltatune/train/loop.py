@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from ..adapters.method import method_for
+from ..adapters.method import Method, method_for
 from ..adapters.task_ids import TASKS_ATTR, set_task_ids
 from ..allocator import allocator_in_use
 from ..data import collate, pack, prepare_data
@@ -42,6 +42,7 @@ from ..distributed.sharded_loading import fill_shards, keep_real_tensors, skelet
 from .recompute import MIN_TOKENS as RECOMPUTE_MIN_TOKENS, cheap_recompute
 from .resume import read_checkpoint, write_checkpoint
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
+from .moe import RouterLoad, apply_expert_presets
 from .optimizers import make_optimizer
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .preference_step import PreferenceRun
@@ -68,6 +69,19 @@ def _final_eval(model, tokenizer, cfg: TrainConfig, data, output_dir: Path, log)
     eval_cfg = EvalConfig(data=str(records), output_dir=str(output_dir / "eval"), batch_size=eval_batch_size(cfg),
                           max_new_tokens=cfg.eval_max_new_tokens, chat_template=cfg.data.chat_template)
     return run_eval(eval_cfg, model=model, tokenizer=tokenizer, log=log, loss_curve=output_dir / "loss.png")
+
+
+def _route_tasks(model, cfg: TrainConfig, train_rows: list, log) -> None:
+    """Task ids for task-routed adapters (Poly, multitask prompts): each record's own from the
+    data's task id column, else task 0 for every row (training, validation, final evaluation)."""
+    given = any(getattr(row, "task_id", None) is not None for row in train_rows)
+    routed = getattr(model, TASKS_ATTR, None) is not None
+    if routed and not given:
+        set_task_ids(model, 0)
+    if log is not None and given:
+        log(f"task ids: each record's own, from the data's task id column ({len({r.task_id for r in train_rows})} "
+            "tasks in training)" if routed else
+            f"task ids: the data's task id column is not used; method {cfg.method} does not pick weights by task")
 
 
 @dataclass
@@ -206,7 +220,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             + ("" if validation.at_start else f" (none at step 0: with the last it would cost more than "
                f"{VALIDATION_BUDGET:.0%} of the training time; eval_steps asks for it)"))
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"  # recorded in adapter_config.json
-    adapter_cfg = adapter_config(cfg, task_type, total_steps)
+    adapter_cfg = adapter_config(cfg, task_type, total_steps, examples=train_rows)  # CPT's context: the first rows
+    adapter_cfg = apply_expert_presets(adapter_cfg, cfg.lora, model, log if dist.is_main else None)  # MoE models
     if pref:  # a new adapter, or the supervised one given with init_adapter and its frozen copy
         adapter_cfg = pref.attach(model, adapter_cfg)
     elif getattr(adapter_cfg, "init_lora_weights", None) in ("eva", "corda", "lora_ga"):  # read a few batches
@@ -227,8 +242,10 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
         if dist.is_main:
             log(f"compile: {compiled} transformer blocks; the first step's time includes compiling")
     method = method_for(adapter_cfg)
-    if getattr(model, TASKS_ATTR, None) is not None:  # Poly, multitask prompts: records carry no task id
-        set_task_ids(model, 0)  # every row, in training, validation and the final evaluation, is task 0
+    if pref and type(method).auxiliary_loss is not Method.auxiliary_loss:  # DPO/ORPO take no such term
+        raise ConfigError(f"objective {cfg.objective}: --method {cfg.method} adds a supervised term of its own "
+                          "(its auxiliary loss), which preference tuning has no place for; train it with sft")
+    _route_tasks(model, cfg, train_rows, log if dist.is_main else None)
     training_loss = pref.loss_module(model) if pref else TrainingLoss(model)
     model_bytes = tensor_bytes(model)
     if dist.choose(_strategy(cfg), model_bytes, device_memory_bytes(dist.device)) == "fsdp":
@@ -297,6 +314,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             initial_eval = pref.validate(model) if pref else evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
         if initial_eval is not None:
             metrics.write({"step": 0, "eval_loss": initial_eval, **(pref.eval_metrics if pref else {})})
+    router_load = RouterLoad.attach(model)  # MoE models: tokens per expert in each later validation pass
     if dist.is_main:
         write_text_atomically(output_dir / "config.yaml", config_text)
 
@@ -327,6 +345,9 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                         loss = ddp_loss(batch)
                         penalty = method.loss_penalty(model, "default", adapter_cfg)
                         loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
+                        # a supervised term from this forward (ShadowPEFT's shadow loss on the labels)
+                        extra = None if pref else method.auxiliary_loss(model, "default", adapter_cfg, batch)
+                        loss = loss if extra is None else loss + extra / cfg.grad_accum
                     scaler.scale(loss).backward()
                 step_loss += loss.item()
                 tokens_seen += int(batch["input_ids"].numel())
@@ -350,6 +371,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                 eval_loss = pref.validate(model) if pref else evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
             if eval_loss is not None:
                 record.update({"eval_loss": eval_loss, **(pref.eval_metrics if pref else {})})
+                record.update(router_load.take() if router_load else {})
                 if eval_loss < best:
                     best, bad_evals = eval_loss, 0
                     with timer.phase("checkpoints"):
@@ -406,6 +428,11 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                                                                cfg.group_by_length, cfg.seed, 0), lengths),
                    "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
                    "validation_passes": validation.passes(step) if val_rows else 0}
+        if router_load is not None and router_load.last:  # the last validation pass's routing
+            summary["router_load"] = router_load.last
+            log(RouterLoad.describe(router_load.last))
+        if router_load is not None:  # the final evaluation and the caller's later calls count nothing
+            router_load.remove()
         if _wants_final_eval(cfg, default_job) and dist.sharded:
             log("final evaluation: not run on a sharded model; score the adapter with deltatune eval")
         elif _wants_final_eval(cfg, default_job) and (cfg.data.test_path or data.validation_records):

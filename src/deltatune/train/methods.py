@@ -6,10 +6,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 from ..config import CONFIG_REGISTRY, AdapterConfig, LoraConfig
+from ..config.cpt import context_from_examples
 from .config import ConfigError, TrainConfig, to_dict
+from .moe import lora_config_fields
 
 
 @dataclass(frozen=True)
@@ -64,13 +66,16 @@ RECIPES: dict[str, MethodRecipe] = {
     # DeLoRA: 3e-3, r=32, lambda 15, module_dropout 0.1 on q/v (PEFT's examples/delora_finetuning:
     # "10-100x larger learning rate than LoRA"); not yet chosen on validation data
     "delora": MethodRecipe("DELORA", 3e-3, {"r": 32, "delora_lambda": 15, "module_dropout": 0.1}),
-    # RandLoRA: 3e-4, r=32, alpha 640 (20x r), dropout 0.05 (PEFT's examples/randlora_finetuning, which
-    # targets k/v; here the architecture's default targets); not yet chosen on validation data
-    "randlora": MethodRecipe("RANDLORA", 3e-4, {"r": 32, "randlora_alpha": 640, "randlora_dropout": 0.05}),
-    # VB-LoRA: 5e-4, r=4, top-2 of 256 vectors on q/v (PEFT's MetaMathQA experiment
+    # RandLoRA: r=32, alpha 640 (20x r), dropout 0.05 (PEFT's examples/randlora_finetuning, which
+    # targets k/v; here the architecture's default targets). Rate chosen on validation data from that
+    # example's 3e-4 by `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 1.2e-3
+    # (4.8e-3 was worse)
+    "randlora": MethodRecipe("RANDLORA", 1.2e-3, {"r": 32, "randlora_alpha": 640, "randlora_dropout": 0.05}),
+    # VB-LoRA: r=4, top-2 of 256 vectors on q/v (PEFT's MetaMathQA experiment
     # vblora/llama-3.2-3B-bank1024-lr5e4); vectors of 64, not 256, so that SmolLM2's sizes (576, 192)
-    # divide; not yet chosen on validation data
-    "vblora": MethodRecipe("VBLORA", 5e-4, {"r": 4, "num_vectors": 256, "vector_length": 64, "topk": 2}),
+    # divide. Rate chosen on validation data from that experiment's 5e-4 by `deltatune compare --lr-search 4`
+    # (benchmarks/compare-cpu-catalogue.json): 3.2e-2, the walk's fourth and last rate, still improving
+    "vblora": MethodRecipe("VBLORA", 3.2e-2, {"r": 4, "num_vectors": 256, "vector_length": 64, "topk": 2}),
     # GraLoRA: 2e-4, r=32, alpha 64, gralora_k 2 on q/v (PEFT's MetaMathQA comparison
     # gralora/llama-3.2-3B-rank32); not yet chosen on validation data
     "gralora": MethodRecipe("GRALORA", 2e-4, {"r": 32, "alpha": 64, "gralora_k": 2}),
@@ -117,10 +122,11 @@ RECIPES: dict[str, MethodRecipe] = {
     # (method_comparison/MetaMathQA/experiments/fourierft); lr 1e-3 not yet chosen on validation data
     "fourierft": MethodRecipe("FOURIERFT", 1e-3, {"n_frequency": 1000, "scaling": 300.0,
                                                   "target_modules": ["q_proj", "v_proj"]}),
-    # SHiRA: r 32, random_seed 42, lr 3e-4 on q/v as in PEFT's MetaMathQA comparison
-    # (method_comparison/MetaMathQA/experiments/shira/llama-3.2-3B-lr_0.0003-random_seed_42); not yet chosen on
-    # validation data
-    "shira": MethodRecipe("SHIRA", 3e-4, {"r": 32, "random_seed": 42, "target_modules": ["q_proj", "v_proj"]}),
+    # SHiRA: r 32, random_seed 42 on q/v as in PEFT's MetaMathQA comparison
+    # (method_comparison/MetaMathQA/experiments/shira/llama-3.2-3B-lr_0.0003-random_seed_42). Rate chosen on
+    # validation data from that experiment's 3e-4 by `deltatune compare --lr-search 4`
+    # (benchmarks/compare-cpu-catalogue.json): 4.8e-3 (1.92e-2 was worse)
+    "shira": MethodRecipe("SHIRA", 4.8e-3, {"r": 32, "random_seed": 42, "target_modules": ["q_proj", "v_proj"]}),
     # Super-Tuning: sparsity 0.974, the largest entries, on q/v as in PEFT's MetaMathQA comparison
     # (method_comparison/MetaMathQA/experiments/supertuning/llama-3.2-3B-s974-topk, the benchmark's lr 1e-4;
     # Supra with --adapter '{r: 8}' as in its s99-supra-r8); not yet chosen on validation data
@@ -130,13 +136,16 @@ RECIPES: dict[str, MethodRecipe] = {
     # chosen on validation data
     "glora": MethodRecipe("GLORA", 1e-4, {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
     # MiSS: r 64, the balanced (default) variant on q/v as in PEFT's MetaMathQA comparison
-    # (method_comparison/MetaMathQA/experiments/miss/llama-3.2-3B-default, the benchmark's lr 1e-4); not yet chosen
-    # on validation data
-    "miss": MethodRecipe("MISS", 1e-4, {"r": 64, "target_modules": ["q_proj", "v_proj"]}),
-    # C3A: block_size 64, xavier-uniform start, lr 3e-1 on q/v as in PEFT's MetaMathQA comparison
-    # (method_comparison/MetaMathQA/experiments/c3a/llama-3.2-3B-default; its weight decay 1e-5 is not part of a
-    # recipe); the update is divided by the input size, hence the large rate. Not yet chosen on validation data
-    "c3a": MethodRecipe("C3A", 3e-1, {"block_size": 64, "init_weights": "xavier_uniform",
+    # (method_comparison/MetaMathQA/experiments/miss/llama-3.2-3B-default). Rate chosen on validation data from
+    # that benchmark's 1e-4 by `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 1.6e-3
+    # (6.4e-3 was worse)
+    "miss": MethodRecipe("MISS", 1.6e-3, {"r": 64, "target_modules": ["q_proj", "v_proj"]}),
+    # C3A: block_size 64, xavier-uniform start on q/v as in PEFT's MetaMathQA comparison
+    # (method_comparison/MetaMathQA/experiments/c3a/llama-3.2-3B-default, lr 3e-1; its weight decay 1e-5 is not
+    # part of a recipe); the update is divided by the input size, hence the large rate. Rate chosen on
+    # validation data from that 3e-1 by `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json):
+    # 4.8 (19.2 was worse)
+    "c3a": MethodRecipe("C3A", 4.8, {"block_size": 64, "init_weights": "xavier_uniform",
                                       "target_modules": ["q_proj", "v_proj"]}),
     # OFT, BOFT, HRA: the settings of PEFT's MetaMathQA comparison (method_comparison/MetaMathQA/
     # experiments: oft/llama-3.2-3B-rank32 = 32 blocks per layer on q/v, boft/llama-3.2-3B-default =
@@ -151,6 +160,18 @@ RECIPES: dict[str, MethodRecipe] = {
     # shared lr 1e-4 (PEFT's MetaMathQA comparison psoft/llama-3.2-3B-r128; its default experiment's r=256
     # exceeds SmolLM2's 192-wide k/v projections); not yet chosen on validation data
     "psoft": MethodRecipe("PSOFT", 1e-4, {"r": 128, "psoft_alpha": 128}),
+    # AdaMSS: R=100, 32 subspaces of rank 1, orthogonal start, no ASA, lr 1e-4 (PEFT's MetaMathQA comparison
+    # adamss/llama-3.2-3B-rank32); not yet chosen on validation data
+    "adamss": MethodRecipe("ADAMSS", 1e-4, {"r": 100, "num_subspaces": 32, "subspace_rank": 1}),
+    # FRoD: sparse_rate 0.01 on the default targets (q/v) at the comparison's shared lr 1e-4 (PEFT's MetaMathQA
+    # comparison frod/llama-3.2-3B-default; its runtime_offload_base_weight changes no value); not yet chosen
+    # on validation data
+    "frod": MethodRecipe("FROD", 1e-4, {"sparse_rate": 0.01}),
+    # OSF: PEFT's continual-learning example (examples/orthogonal_subspace_learning: Llama-3.1-8B-Instruct,
+    # the seven projections = the architecture's default targets, lr 5e-6, 2 epochs; its middle task keeps
+    # effective_rank 0.5 frozen); the trained half of each SVD is a full-rank-like update, hence the low
+    # rate; not yet chosen on validation data
+    "osf": MethodRecipe("OSF", 5e-6, {"effective_rank": 0.5}, epochs=2.0),
     # X-LoRA: mixes existing LoRA adapters, which --adapter must name (name -> adapter folder):
     # --adapter '{adapters: {"0": out/a/adapter, "1": out/b/adapter}}' (without them the config says so).
     # PEFT's defaults (a one-layer classifier, softmax over the experts, frozen experts); lr 1e-3 is
@@ -165,6 +186,20 @@ RECIPES: dict[str, MethodRecipe] = {
     # rate above, one task (every row is task 0); not yet chosen on validation data
     "multitask_prompt_tuning": MethodRecipe("MULTITASK_PROMPT_TUNING", 3e-2, {
         "num_virtual_tokens": 50, "prompt_tuning_init": "SAMPLE_VOCAB", "num_tasks": 1, "num_ranks": 1}),
+    # CPT: PEFT's example (examples/cpt_finetuning/cpt_train_and_inference.ipynb: lr 1e-4, 5 epochs, decay
+    # 0.95, input radius 0.2, template radius 0.1); its context is the first CPT_CONTEXT_EXAMPLES training
+    # examples (adapter_config builds cpt_token_ids from them unless --adapter gives them); not yet chosen on
+    # validation data
+    "cpt": MethodRecipe("CPT", 1e-4, {"opt_weighted_loss_type": "decay", "opt_loss_decay_factor": 0.95,
+                                      "opt_projection_epsilon": 0.2, "opt_projection_format_epsilon": 0.1},
+                        epochs=5.0),
+    # ShadowPEFT: PEFT's MetaMathQA experiment shadow/llama-3.2-3B-default (every block, r=8, alpha 0.1,
+    # shadow loss 0.05, a one-layer backbone 32 wide with a 256 MLP) at that benchmark's default rate 1e-4,
+    # with 3 attention heads instead of 8 so that SmolLM2's 3 key/value heads divide them; not yet chosen
+    # on validation data
+    "shadow": MethodRecipe("SHADOW", 1e-4, {"r": 8, "shadow_alpha": 0.1, "auxiliary_loss_weight": 0.05,
+                                            "shadow_num_hidden_layers": 1, "shadow_hidden_size": 32,
+                                            "shadow_intermediate_size": 256, "shadow_num_attention_heads": 3}),
 }
 
 
@@ -178,19 +213,20 @@ def recipe_for(cfg: TrainConfig) -> MethodRecipe:
     return recipe
 
 
-def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> AdapterConfig:
-    """The adapter config of a run: the recipe's settings, then ``lora``/``adapter`` options."""
+def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int, examples: Sequence[Any] = ()) -> AdapterConfig:
+    """The adapter config of a run: the recipe's settings, then ``lora``/``adapter`` options.
+    ``examples``: the tokenized training rows, for settings made from data (CPT's context)."""
     recipe = recipe_for(cfg)
     cls = CONFIG_REGISTRY[recipe.peft_type]
     if issubclass(cls, LoraConfig):  # LoRA and DyLoRA take the lora group's settings
-        options = {**to_dict(cfg.lora), **recipe.options, **cfg.adapter}
+        options = {**lora_config_fields(cfg.lora), **recipe.options, **cfg.adapter}  # presets: train/moe.py
     else:
         if cfg.lora != type(cfg.lora)():
             raise ConfigError(f"lora.*: settings of the lora group do not apply to --method {cfg.method}; "
                               "use --adapter '{field: value}' (the method's config fields)")
         options = {**recipe.options, **cfg.adapter}
     if recipe.peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "CARTRIDGE",
-                            "MULTITASK_PROMPT_TUNING") and cfg.data.packing:
+                            "MULTITASK_PROMPT_TUNING", "CPT") and cfg.data.packing:
         raise ConfigError(f"data.packing: --method {cfg.method} puts virtual tokens before each sequence; "
                           "packed rows would share them, so packing is not supported with soft prompts")
     if recipe.peft_type == "ADALORA":
@@ -199,6 +235,11 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
         options.setdefault("tfinal", total_steps // 5)
     if recipe.peft_type == "DYLORA":
         options.setdefault("rank_seed", cfg.seed)
+    if recipe.peft_type in TASK_COUNT_FIELDS:
+        _task_count_from_data(options, TASK_COUNT_FIELDS[recipe.peft_type], cfg, examples)
+    if recipe.peft_type == "CPT" and "cpt_token_ids" not in options and examples:
+        for key, value in _cpt_context(examples, cfg.data.max_seq_len).items():
+            options.setdefault(key, value)
     if recipe.peft_type == "TRAINABLE_TOKENS" and not options.get("token_indices"):
         raise ConfigError(f"adapter: --method {cfg.method} trains the embedding rows of the tokens you name; give "
                           "their ids, e.g. --adapter '{token_indices: [1, 2]}' (the tokenizer's input_ids of them)")
@@ -211,6 +252,42 @@ def adapter_config(cfg: TrainConfig, task_type: str, total_steps: int) -> Adapte
         return cls(**options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"adapter: {err}") from None
+
+
+TASK_COUNT_FIELDS = {"POLY": "n_tasks", "MULTITASK_PROMPT_TUNING": "num_tasks"}
+
+
+def _task_count_from_data(options: dict, field_name: str, cfg: TrainConfig, examples: Sequence[Any]) -> None:
+    """A task-routed method's task count: one more than the largest id of the data's task_id
+    column unless --adapter gives it; a given count too small for the data is an error."""
+    ids = [i for i in (getattr(e, "task_id", None) for e in examples) if i is not None]
+    if not ids:
+        return
+    needed = max(ids) + 1
+    if field_name not in cfg.adapter:
+        options[field_name] = needed
+    elif options[field_name] < needed:
+        raise ConfigError(f"adapter: {field_name}={options[field_name]}, but the task_id column of {cfg.data.path} "
+                          f"holds task {needed - 1}; give --adapter '{{{field_name}: {needed}}}' or more")
+
+
+CPT_CONTEXT_EXAMPLES = 4  # PEFT's example puts 10 before each row; 4 keeps the default job's CPU runs short
+
+
+def _cpt_context(examples: Sequence[Any], max_seq_len: int) -> dict[str, list[int]]:
+    """CPT's context from the first training examples (``config.cpt.context_from_examples``)."""
+    context = context_from_examples(examples, CPT_CONTEXT_EXAMPLES)
+    if not any(t % 4 == 2 for t in context["cpt_tokens_type_mask"]):  # no prompt token: nothing would train
+        raise ConfigError("adapter: --method cpt trains the prompt (input) tokens of its context, and the first "
+                          f"{CPT_CONTEXT_EXAMPLES} training rows have none (text records, or data.train_on_prompt); "
+                          "use prompt/completion or chat data without train_on_prompt, or give the context with "
+                          "--adapter '{cpt_token_ids: [...], cpt_tokens_type_mask: [...]}'")
+    total = len(context["cpt_token_ids"])
+    if total > max_seq_len:  # the context goes before every row
+        raise ConfigError(f"adapter: CPT's context from the first {CPT_CONTEXT_EXAMPLES} training rows is {total} "
+                          f"tokens, more than data.max_seq_len={max_seq_len}; give a shorter one with "
+                          "--adapter '{cpt_token_ids: [...], cpt_tokens_type_mask: [...]}'")
+    return context
 
 
 def learning_rate(cfg: TrainConfig) -> float:

@@ -9,9 +9,12 @@ import torch
 from torch import nn
 
 from ...config import AdapterConfig, LoraConfig
+from ...config.lora_experts import check_target_parameters
+from ...targeting_experts import convert_former_moe_targets, warn_untargeted_experts
 from ..base import adapter_layers, base_parameters
 from ..method import FILE_PREFIX, LayerMethod, register_method
 from ..selective.trainable_tokens import add_lora_token_rows, lora_token_tensors
+from .moe_experts import expert_file_tensors, inject_lora_parameters, parameters_only, targets_modules
 from .lora import LoraLayer, make_lora_layer
 from .lora_options.alora import attach_alora, detach_alora
 from .lora_options.arrow import attach_arrow
@@ -51,17 +54,24 @@ class LoraMethod(LayerMethod):
 
     def prepare(self, model: nn.Module, config: AdapterConfig) -> None:
         assert isinstance(config, LoraConfig)
+        convert_former_moe_targets(model, config)  # PEFT's reading on transformers 5 MoE models
+        check_target_parameters(config)  # again: the reading may have added parameters
         if config.layer_replication:  # before targets resolve, as PEFT does: they may name new layers
             replicate_layers(model, config.layer_replication)
         try:
-            super().prepare(model, config)
+            if not parameters_only(model, config):
+                super().prepare(model, config)
+            else:  # expert weights alone: target_modules stays None, as PEFT's
+                warn_untargeted_experts(model, config)
         except Exception:
             restore_layers(model)
             raise
 
     def inject(self, model: nn.Module, config: AdapterConfig, name: str, from_file: bool) -> None:
         assert isinstance(config, LoraConfig)
-        super().inject(model, config, name, from_file)
+        if not config.target_parameters or targets_modules(model, config):
+            super().inject(model, config, name, from_file)
+        inject_lora_parameters(model, config, name, from_file)  # target_parameters (moe_experts.py)
         if config.alora_invocation_tokens:
             attach_alora(model, name, config.alora_invocation_tokens)
         if config.use_qalora:
@@ -109,6 +119,7 @@ class LoraMethod(LayerMethod):
             out[FILE_PREFIX + key] = p
         out.update({FILE_PREFIX + k: v for k, v in _embedding_base_weights(model, name, config).items()})
         out.update(lora_token_tensors(model, name))
+        out.update(expert_file_tensors(model, name, FILE_PREFIX))
         return out
 
 

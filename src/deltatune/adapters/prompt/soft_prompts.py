@@ -103,6 +103,7 @@ class SoftPrompts(AdapterContainer):
         self._handles: list = []
         self._strip = 0  # virtual positions to drop from the logits of the current call
         self._full_length = 0
+        self._loss = None  # an encoder's own loss for the current call (CPT), a function of the full logits
         self.tasks = None  # the model's TaskIds, for prompts that depend on each row's task
 
     @property
@@ -153,7 +154,7 @@ class SoftPrompts(AdapterContainer):
 
     def _before(self, model: nn.Module, args: tuple, kwargs: dict):
         name = self._current()
-        self._strip = 0
+        self._strip, self._loss = 0, None
         if name is None:
             return None
         kwargs = dict(kwargs)
@@ -177,7 +178,10 @@ class SoftPrompts(AdapterContainer):
             kwargs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
             kwargs["input_ids"] = None
             labels = kwargs.get("labels")
-            if labels is not None:
+            encoder = self.encoders[name]
+            if hasattr(encoder, "prompt_labels"):  # CPT: the prompt's own tokens are targets, and it weighs the loss
+                kwargs["labels"], self._loss = encoder.prompt_labels(labels, kwargs.pop("input_type_mask", None))
+            elif labels is not None:
                 kwargs["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
             self._strip = n
             self._full_length = kwargs["inputs_embeds"].shape[1]
@@ -186,7 +190,10 @@ class SoftPrompts(AdapterContainer):
 
     def _after(self, model: nn.Module, args: tuple, kwargs: dict, output):
         n, self._strip = self._strip, 0
+        loss, self._loss = self._loss, None
         logits = getattr(output, "logits", None)
+        if loss is not None and logits is not None:
+            output.loss = loss(logits)  # on every position, the prompt's included
         # only full-length logits carry the virtual positions (generate may ask for the last one only)
         if n and logits is not None and logits.shape[1] == self._full_length:
             output.logits = logits[:, n:]
