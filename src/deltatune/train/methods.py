@@ -63,9 +63,11 @@ RECIPES: dict[str, MethodRecipe] = {
     # RoAd: 1e-3, road_2, groups of 64 on q/v (PEFT's docs and its MetaMathQA experiment
     # road/llama-3.2-3B-lr_0.001); not yet chosen on validation data
     "road": MethodRecipe("ROAD", 1e-3, {"variant": "road_2", "group_size": 64}),
-    # DeLoRA: 3e-3, r=32, lambda 15, module_dropout 0.1 on q/v (PEFT's examples/delora_finetuning:
-    # "10-100x larger learning rate than LoRA"); not yet chosen on validation data
-    "delora": MethodRecipe("DELORA", 3e-3, {"r": 32, "delora_lambda": 15, "module_dropout": 0.1}),
+    # DeLoRA: r=32, lambda 15, module_dropout 0.1 on q/v (PEFT's examples/delora_finetuning, lr 3e-3:
+    # "10-100x larger learning rate than LoRA"). Rate chosen on validation data from that 3e-3 by
+    # `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 1.88e-4, the walk's fourth and
+    # last rate (downwards), still improving
+    "delora": MethodRecipe("DELORA", 1.88e-4, {"r": 32, "delora_lambda": 15, "module_dropout": 0.1}),
     # RandLoRA: r=32, alpha 640 (20x r), dropout 0.05 (PEFT's examples/randlora_finetuning, which
     # targets k/v; here the architecture's default targets). Rate chosen on validation data from that
     # example's 3e-4 by `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 1.2e-3
