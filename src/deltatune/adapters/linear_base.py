@@ -20,6 +20,14 @@ def check_linear_like(module: nn.Module, method: str) -> None:
         )
 
 
+def check_plain_linear(module: nn.Module, method: str, why: str) -> None:
+    """Refuse anything but ``nn.Linear`` and deltatune's quantized linears (GPT-2's Conv1D included),
+    for methods PEFT applies to ``nn.Linear`` only; ``why`` says what PEFT does instead."""
+    if not isinstance(module, (nn.Linear, QuantLinear)):
+        raise TypeError(f"{method} cannot wrap a {type(module).__name__}; supported base layers are nn.Linear and "
+                        f"deltatune's quantized linear layers ({why})")
+
+
 def stored_transposed(base_layer: nn.Module, fan_in_fan_out: bool) -> bool:
     """Whether ``base_layer`` stores its weight as (in, out): GPT-2's ``Conv1D`` does, ``nn.Linear``
     and deltatune's quantized linears never do. The layer's type decides, as in PEFT, which

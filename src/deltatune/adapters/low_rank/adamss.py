@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config.adamss import AdamssConfig
-from ...quant.layers import QuantLinear
 from ..base import adapter_layers
-from ..linear_base import LinearAdapterLayer
+from ..linear_base import LinearAdapterLayer, check_plain_linear
 from ..method import FILE_PREFIX, LayerMethod, register_method
 from .adamss_asa import SubspaceAllocator
 from .adamss_init import decompose, start_factors, subspace_rank
@@ -184,10 +183,7 @@ class AdamssMethod(LayerMethod):
     def _make(module: nn.Module, config: AdamssConfig, key: str) -> AdamssLinear:
         # PEFT's AdaMSS wraps nn.Linear only (GPT-2's Conv1D is refused there too); a 4-bit base is
         # decomposed from its dequantized weight here
-        if not isinstance(module, (nn.Linear, QuantLinear)):
-            raise TypeError(f"AdaMSS cannot wrap a {type(module).__name__}; supported base layers are nn.Linear and "
-                            "deltatune's quantized linear layers (PEFT's AdaMSS supports nn.Linear only, so GPT-2's "
-                            "Conv1D is refused)")
+        check_plain_linear(module, "AdaMSS", "PEFT's AdaMSS supports nn.Linear only, so GPT-2's Conv1D is refused")
         return AdamssLinear(module)
 
     def remove(self, model: nn.Module, name: str) -> None:

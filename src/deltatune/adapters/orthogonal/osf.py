@@ -33,9 +33,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ...config.osf import OSFConfig
-from ...quant.layers import QuantLinear
 from ...targeting import ALL_LINEAR
-from ..linear_base import LinearAdapterLayer
+from ..linear_base import LinearAdapterLayer, check_plain_linear
 from ..low_rank.tinylora import stored_dtype
 from ..low_rank.unilora import FixedTensors
 from ..method import LayerMethod, register_method
@@ -193,10 +192,8 @@ class OsfMethod(LayerMethod):
 
 def _make(module: nn.Module, config: OSFConfig, key: str) -> OsfLinear:
     # PEFT's OSF wraps nn.Linear only and skips a GPT-2 Conv1D silently (its file then holds nothing)
-    if not isinstance(module, (nn.Linear, QuantLinear)):
-        raise TypeError(f"OSF cannot wrap a {type(module).__name__}; supported base layers are nn.Linear and "
-                        "deltatune's quantized linear layers (PEFT's OSF adapts nn.Linear only and leaves GPT-2's "
-                        "Conv1D untouched, so deltatune refuses it)")
+    check_plain_linear(module, "OSF", "PEFT's OSF adapts nn.Linear only and leaves GPT-2's Conv1D untouched, so "
+                                      "deltatune refuses it")
     return OsfLinear(module)
 
 
