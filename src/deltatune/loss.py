@@ -27,7 +27,10 @@ IGNORE_INDEX = -100
 # Classes whose forward is ``lm_head(base_model(...)[0])`` followed by the shifted, mean-reduced
 # cross-entropy; each is checked against its own loss in tests/unit/test_training_loss.py.
 LABELLED_ONLY_CLASSES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                                   "Qwen3ForCausalLM", "GPT2LMHeadModel", "Phi3ForCausalLM"})
+                                   "Qwen3ForCausalLM", "GPT2LMHeadModel", "Phi3ForCausalLM",
+                                   # mixture-of-experts models, while their router loss is off (below)
+                                   "Qwen3MoeForCausalLM", "MixtralForCausalLM", "OlmoeForCausalLM",
+                                   "GptOssForCausalLM"})
 
 
 def why_model_loss(model: nn.Module) -> Optional[str]:
@@ -36,6 +39,8 @@ def why_model_loss(model: nn.Module) -> Optional[str]:
     name = type(model).__name__
     if name not in LABELLED_ONLY_CLASSES:
         return f"{name} is not among the classes checked for the labelled-positions loss"
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        return "the model's own forward adds its routers' load-balancing loss (output_router_logits)"
     if model._forward_hooks or model._forward_pre_hooks:
         return "hooks on the model's forward (soft prompts, task ids) need the model's own forward"
     return None

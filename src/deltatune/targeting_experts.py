@@ -16,6 +16,7 @@ import re
 import warnings
 from typing import Iterator, Optional
 
+import torch
 from torch import nn
 
 from .module_tree import AddedModule
@@ -54,6 +55,30 @@ def _through_wrapper(inner: nn.Module, key: str) -> Iterator[tuple[str, nn.Modul
     yield from base_modules(inner, key)
 
 
+def parameter_shape(module: nn.Module, name: str) -> torch.Size:
+    """The shape ``module.<name>`` has when read, without reading it: a 4-bit parameter's
+    parametrization (``quant.experts``) knows the shape its packed bytes decode to."""
+    lists = getattr(module, "parametrizations", None)
+    if isinstance(lists, nn.ModuleDict) and name in lists:
+        shape = getattr(lists[name][0], "shape", None)
+        if shape is not None:
+            return torch.Size(shape)
+    return getattr(module, name).shape
+
+
+def own_parameters(module: nn.Module) -> list[tuple[str, torch.Size]]:
+    """(name, shape) of the parameters ``module`` holds itself: its plain ones in their order, then
+    parametrized ones (as bitsandbytes stores a 4-bit parameter) in the order they were
+    parametrized, which for a whole quantized module is the module's own order. So the nesting of
+    adapter layers, and an adapter file's keys, do not depend on whether the base is quantized
+    (PEFT nests parametrized parameters in name order instead; loading reads either)."""
+    out = [(n, p.shape) for n, p in module.named_parameters(recurse=False)]
+    lists = getattr(module, "parametrizations", None)
+    if isinstance(lists, nn.ModuleDict):
+        out += [(n, parameter_shape(module, n)) for n in lists]
+    return out
+
+
 def matches_parameter(key: str, targets: list[str]) -> bool:
     """PEFT's rule: the full name, or a dotted suffix of it, is one of ``targets``."""
     return key in targets or any(key.endswith(f".{t}") for t in targets)
@@ -65,7 +90,7 @@ def matched_parameters(model: nn.Module, targets: list[str]) -> list[tuple[str, 
     layers of several parameters of one module nest, and so the file's keys)."""
     found = []
     for module_key, module in base_modules(model):
-        for param_name, _ in module.named_parameters(recurse=False):
+        for param_name, _ in own_parameters(module):
             if matches_parameter(f"{module_key}.{param_name}" if module_key else param_name, targets):
                 found.append((module_key, param_name))
     return found
@@ -85,8 +110,8 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, str]]:
         count = _num_experts(module)
         if count is None:
             continue
-        for param_name, p in module.named_parameters(recurse=False):
-            if p.dim() == 3 and p.shape[0] == count:
+        for param_name, shape in own_parameters(module):
+            if len(shape) == 3 and shape[0] == count:
                 out.append((module_key, param_name))
     return out
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from transformers import LlamaConfig
+from transformers import LlamaConfig, Qwen3MoeConfig
 
 from deltatune.cli import main
 
@@ -38,7 +38,7 @@ def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--cases", "lora,qlora8"], "qlora8"), (["--shape", "nowhere"], "config.json"), (["--dtype", "fp8"], "fp8"),
     (["--r", "0", "--cases", "lora"], "--r"), (["--cases", "lora+offload"], "needs --device cuda"),
-    (["--optimizer", "sgd"], "--optimizer")])
+    (["--optimizer", "sgd"], "--optimizer"), (["--cases", "moe-lora"], "not a mixture-of-experts shape")])
 def test_bench_refuses_bad_settings(args, message, capsys):
     assert main(["bench", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
@@ -58,3 +58,36 @@ def test_bench_4bit_cases_run_against_bitsandbytes(tmp_path):
         # both keep the same packed bytes: the weights figure counts deltatune's, which are no parameters
         ours, theirs = line["deltatune"]["memory"]["parameters_mib"], line["peft"]["memory"]["parameters_mib"]
         assert abs(ours - theirs) < 0.1 * theirs, (ours, theirs)
+
+
+def test_bench_moe_cases_run_both_tools_with_grouped_experts(tmp_path):
+    shape = tmp_path / "moe-shape"
+    # large enough per expert (8 experts of 64 x 64) against 2 x 32 tokens that compute='auto' takes
+    # the grouped path rather than forming W + delta W
+    Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                   num_experts_per_tok=2, max_position_embeddings=64).save_pretrained(shape)
+    out = tmp_path / "bench"
+    # no --cases: a mixture-of-experts shape defaults to the moe cases
+    assert main(["bench", "--device", "cpu", "--shape", str(shape), "--batch-size", "2", "--seq-len", "32",
+                 "--steps", "2", "--warmup", "1", "--no-flops", "--output-dir", str(out)]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    assert [(r["case"], r["tool"]) for r in result["rows"]] == [
+        ("moe-lora", "deltatune"), ("moe-lora", "peft"),
+        ("moe-lora+checkpointing", "deltatune"), ("moe-lora+checkpointing", "peft")]
+    for row in result["rows"]:
+        assert row["tokens_per_s"] > 0 and row["peak_memory_mib"] > 0
+    ours = [r for r in result["rows"] if r["tool"] == "deltatune"]
+    theirs = [r for r in result["rows"] if r["tool"] == "peft"]
+    for row in ours:
+        assert row["expert_path"] == "grouped", row["expert_path_reasons"]
+        assert row["expert_compute"] == ["auto"]
+    # attention at r=16 plus 8 experts' gate/up and down at r=16 each, the same count on both sides
+    layer = 16 * (64 + 4 * 16) + 16 * (64 + 2 * 16) * 2 + 16 * (4 * 16 + 64)
+    experts = 8 * 16 * (64 + 2 * 32) + 8 * 16 * (32 + 64)
+    assert [r["trainable_parameters"] for r in ours] == [2 * (layer + experts)] * 2
+    assert [r["trainable_parameters"] for r in theirs] == [2 * (layer + experts)] * 2
+    for line in result["summary"]:
+        assert line["same_first_loss"] is True, line
+    table = (out / "bench.md").read_text()
+    assert "| moe-lora (deltatune experts: grouped) |" in table and "fused expert weights" in table

@@ -13,6 +13,7 @@ from deltatune.kernels import cross_entropy
 from deltatune.kernels.cross_entropy import linear_cross_entropy
 from deltatune.loss import LABELLED_ONLY_CLASSES, TrainingLoss
 from tiny_models import VOCAB, randomize_adapter, sample_ids, tiny_model
+from tiny_moe import EXPERT_TARGETS, MOE_ARCHS, tiny_moe
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 25, 3 * 50])  # one chunk; chunks of 3 rows
@@ -42,6 +43,8 @@ def _tiny(arch):
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
     extra = {"mistral": (MistralForCausalLM, MistralConfig), "qwen3": (Qwen3ForCausalLM, Qwen3Config),
              "phi3": (Phi3ForCausalLM, Phi3Config)}
+    if arch in MOE_ARCHS:
+        return tiny_moe(arch)
     if arch in extra:
         cls, config_cls = extra[arch]
         torch.manual_seed(0)
@@ -59,11 +62,13 @@ def _batch():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mistral", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "mistral", "qwen3", "phi3", *MOE_ARCHS])
 def test_labelled_positions_loss_equals_the_models_own(arch):
     model = _tiny(arch)
     assert type(model).__name__ in LABELLED_ONLY_CLASSES
-    dt.add_adapter(model, dt.LoraConfig(r=4, target_modules="all-linear"))
+    experts = dict(target_parameters=EXPERT_TARGETS) if arch in MOE_ARCHS else {}
+    dt.add_adapter(model, dt.LoraConfig(r=4, target_modules="all-linear" if not experts else ["q_proj"],
+                                        **experts))
     randomize_adapter(model)
     model.train()
     batch = _batch()
@@ -89,6 +94,11 @@ def test_adapted_head_and_unchecked_models_and_hooks():
     gemma = tiny_model("gemma")
     assert "GemmaForCausalLM is not among" in TrainingLoss(gemma).describe()
     torch.testing.assert_close(TrainingLoss(gemma)(_batch()), gemma(**_batch()).loss)
+
+    balanced = tiny_moe("mixtral")
+    balanced.config.output_router_logits = True  # the model's forward adds the routers' loss
+    assert "load-balancing loss" in TrainingLoss(balanced).describe()
+    torch.testing.assert_close(TrainingLoss(balanced)(_batch()), balanced(**_batch()).loss)
 
     prompted = tiny_model("llama")
     dt.add_adapter(prompted, dt.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .moe import MOE_SHAPES, moe_config
+
 
 @dataclass(frozen=True)
 class Case:
@@ -26,6 +28,7 @@ class Case:
     offload: bool = False  # saved activations in pinned CPU memory (CUDA only)
     quantize: str = ""  # "nf4": the base's linear layers in NF4 with double quantization (QLoRA)
     recipe: bool = False  # PEFT side only: prepare_model_for_kbit_training (float32 non-quantized parameters)
+    experts: bool = False  # MoE shapes: attention projections + fused expert weights (target_parameters)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,9 +51,12 @@ CASES: dict[str, Case] = {c.name: c for c in [
     *[c for m in ("lora", "dora") for c in (
         *_both(f"q{m}", m, quantize="nf4"),
         Case(f"q{m}+recipe", m, checkpointing=True, quantize="nf4", recipe=True))],
+    # mixture-of-experts shapes (moe.py): LoRA on the experts' fused 3-D weights beside attention
+    *_both("moe-lora", "lora", experts=True),
 ]}
 
-# Random-init shapes by name; anything else is a Hugging Face config folder (or "default").
+# Random-init shapes by name (Llama here, mixture-of-experts ones in moe.MOE_SHAPES); anything else
+# is a Hugging Face config folder (or "default").
 SHAPES = {
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
@@ -68,7 +74,12 @@ def load_base(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> tor
 
         return AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype,
                                                     attn_implementation="sdpa").to(device)
-    config = LlamaConfig(**SHAPES[shape]) if shape in SHAPES else AutoConfig.from_pretrained(shape)
+    if shape in SHAPES:
+        config = LlamaConfig(**SHAPES[shape])
+    elif shape in MOE_SHAPES:
+        config = moe_config(shape)
+    else:
+        config = AutoConfig.from_pretrained(shape)
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)

@@ -77,6 +77,8 @@ def summarise(rows: list[dict], device: str) -> list[dict]:
                 continue
             entry = {"tokens_per_s": r["tokens_per_s"], "peak_memory_mib": r["peak_memory_mib"],
                      "first_loss": r["first_loss"], "memory": r["memory"]}
+            if "expert_path" in r:  # how deltatune computed the experts (moe cases)
+                entry["expert_path"] = r["expert_path"]
             if flops:
                 entry["tflops"] = flops / r["median_step_s"] / 1e12
                 if peak:
@@ -110,6 +112,8 @@ def markdown(result: dict) -> str:
     for line in result["summary"]:
         ours, theirs = line.get("deltatune") or line.get("full"), line.get("peft")
         name = line["case"] + (" (transformers alone)" if "full" in line else "")
+        if ours and ours.get("expert_path"):
+            name += f" (deltatune experts: {ours['expert_path']})"
         speed = f"{line['speedup']:.2f}×" if "speedup" in line else "–"
         body.append(f"| {name} | {cell(ours, 'tokens_per_s', ',.0f')} | {cell(theirs, 'tokens_per_s', ',.0f')} "
                     f"| {speed} | {cell(ours, 'peak_memory_mib', ',.0f')} | {cell(theirs, 'peak_memory_mib', ',.0f')} "
@@ -117,10 +121,18 @@ def markdown(result: dict) -> str:
     s = result["settings"]
     used = ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v)
     foot = (f"\n{result['device']}; {s['shape']} shape, batch {s['batch_size']} x {s['seq_len']}, {s['dtype']}, "
-            f"LoRA r={s['r']} alpha={s['alpha']} on all linear layers, {_optimizer_name(s)}, median of {s['steps']} "
+            f"LoRA r={s['r']} alpha={s['alpha']} on {_targets(s)}, {_optimizer_name(s)}, median of {s['steps']} "
             f"steps after {s['warmup']} warm-up; labels: {s['labels']} ({result['labelled_share']:.0%} of positions "
             f"trained). Versions: {used}. Command: `{result['command']}`\n")
     return head + "\n".join(body) + "\n" + foot
+
+
+def _targets(settings: dict) -> str:
+    kinds = {CASES[c].experts for c in settings.get("cases", []) if c in CASES and CASES[c].method != "full"}
+    moe = "the attention projections and the fused expert weights (target_parameters)"
+    if kinds == {True}:
+        return moe
+    return f"all linear layers ({moe} in the moe cases)" if True in kinds else "all linear layers"
 
 
 def _optimizer_name(settings: dict) -> str:

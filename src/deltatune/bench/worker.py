@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .cases import Case, load_base, quantized_folder, sft_batch
+from .moe import expert_notes, lora_targets
 
 
 def _sync(device: str) -> None:
@@ -97,6 +98,8 @@ def attach(tool: str, model: torch.nn.Module, case: Case, r: int, alpha: int):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     settings = dict(r=r, lora_alpha=alpha, target_modules="all-linear", lora_dropout=case.dropout,
                     bias=case.bias, use_dora=case.method == "dora")
+    if case.experts:
+        settings.update(lora_targets())
     if tool == "full":
         return lambda batch: model(**batch, use_cache=False).loss
     if tool == "peft":
@@ -110,6 +113,24 @@ def attach(tool: str, model: torch.nn.Module, case: Case, r: int, alpha: int):
 
     dt.add_adapter(model, dt.LoraConfig(task_type="CAUSAL_LM", **settings))
     return TrainingLoss(model)
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Multiply-adds x 2 of one grouped GEMM: each output element sums over the inner dimension
+    ``a_shape[-1]``, except where both inputs are 2-D (the weight gradient, one (K, N) result per
+    group), where the groups split that inner dimension between them."""
+    per_group = out_shape[1:] if len(a_shape) == 2 and len(b_shape) == 2 else out_shape
+    count = 1
+    for size in per_group:
+        count *= size
+    return 2 * count * a_shape[-1]
+
+
+def _extra_flop_formulas() -> dict:
+    """FLOP formulas PyTorch's counter lacks: the grouped GEMM (both tools' MoE experts run on it)
+    would otherwise count as no work, and TFLOP/s would leave the experts out."""
+    op = getattr(torch.ops.aten, "_grouped_mm", None)
+    return {op: _grouped_mm_flops} if op is not None else {}
 
 
 def measure(spec: dict) -> dict:
@@ -162,7 +183,7 @@ def measure(spec: dict) -> dict:
     if spec.get("count_flops"):
         from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
             step()
         flops = counter.get_total_flops()
     state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -178,7 +199,7 @@ def measure(spec: dict) -> dict:
     return {"tool": tool, "case": case.name, "median_step_s": median, "step_seconds": times,
             "tokens_per_s": tokens / median, "peak_memory_mib": peak, "memory": memory,
             "first_loss": first_loss, "trainable_parameters": sum(p.numel() for p in trainable),
-            "flops_per_step": flops}
+            "flops_per_step": flops, **(expert_notes(tool, model) if case.experts else {})}
 
 
 def main(argv: list[str]) -> int:

@@ -19,6 +19,7 @@ CPU_CASES = ["lora", "lora+dropout+bias", "dora", "dora+dropout", "lora+checkpoi
              "lora+dropout+bias+checkpointing", "dora+checkpointing", "full"]
 QUANT_CASES = ["qlora", "qlora+checkpointing", "qlora+recipe", "qdora", "qdora+checkpointing", "qdora+recipe"]
 GPU_CASES = [*CPU_CASES[:-1], "lora+offload", *QUANT_CASES, "full"]
+MOE_CASES = ["moe-lora", "moe-lora+checkpointing"]  # the default on a mixture-of-experts shape
 
 
 @dataclass
@@ -28,9 +29,9 @@ class BenchConfig:
     device: str = ""
     """cpu or cuda; empty: cuda when available."""
     shape: str = ""
-    """default (the embedded model), llama-1b (random init), or a Hugging Face config folder; empty: default on cpu, llama-1b on cuda."""
+    """default (the embedded model), llama-1b (random init), the mixture-of-experts shapes qwen3-moe-cpu and qwen3-30b-a3b-2l (random init, Qwen3-MoE layers; two layers of Qwen3-30B-A3B for the latter), or a Hugging Face config folder; empty: default on cpu, llama-1b on cuda."""
     cases: list = field(default_factory=list)
-    """Cases to run: lora, lora+dropout+bias, dora, each also +checkpointing, dora+dropout, lora+offload (saved activations in CPU memory; cuda), full (fine-tuning, transformers alone), qlora and qdora (NF4 base with double quantization, against transformers + bitsandbytes + PEFT), each also +checkpointing and +recipe (PEFT with prepare_model_for_kbit_training and checkpointing); empty: all that the device runs (the 4-bit cases on cuda only)."""
+    """Cases to run: lora, lora+dropout+bias, dora, each also +checkpointing, dora+dropout, lora+offload (saved activations in CPU memory; cuda), full (fine-tuning, transformers alone), qlora and qdora (NF4 base with double quantization, against transformers + bitsandbytes + PEFT), each also +checkpointing and +recipe (PEFT with prepare_model_for_kbit_training and checkpointing), moe-lora (mixture-of-experts shapes: the attention projections and the fused expert weights through target_parameters), also +checkpointing; empty: all that the device runs (the 4-bit cases on cuda only), or the moe cases on a mixture-of-experts shape."""
     tools: list = field(default_factory=lambda: ["deltatune", "peft"])
     """Tools to run each adapter case with."""
     batch_size: int = 0
@@ -65,6 +66,7 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
     import torch
 
     from ..bench.cases import CASES, SHAPES
+    from ..bench.moe import MOE_SHAPES, is_moe_shape
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
@@ -73,13 +75,17 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
         raise ValueError("--device cuda: this machine has no CUDA device")
     gpu = device == "cuda"
     defaults = {"device": device, "shape": cfg.shape or ("llama-1b" if gpu else "default"),
-                "cases": cfg.cases or list(GPU_CASES if gpu else CPU_CASES), "batch_size": cfg.batch_size or 4,
+                "cases": cfg.cases or list(MOE_CASES if is_moe_shape(cfg.shape) else GPU_CASES if gpu else CPU_CASES),
+                "batch_size": cfg.batch_size or 4,
                 "seq_len": cfg.seq_len or (2048 if gpu else 256), "dtype": cfg.dtype or ("bfloat16" if gpu else "float32"),
                 "steps": cfg.steps or (20 if gpu else 5), "warmup": cfg.warmup or (5 if gpu else 2)}
     out = BenchConfig(**{**asdict(cfg), **defaults})
     unknown = [c for c in out.cases if c not in CASES]
     if unknown:
         raise ValueError(f"--cases: {unknown} are not known; choose from {list(CASES)}")
+    if any(CASES[c].experts for c in out.cases) and not is_moe_shape(out.shape):
+        raise ValueError(f"--cases: the moe cases adapt expert weights; --shape {out.shape} is not a mixture-of-experts "
+                         f"shape (choose {', '.join(MOE_SHAPES)} or a config folder with num_experts)")
     if not gpu and any(CASES[c].offload for c in out.cases):
         raise ValueError("--cases: lora+offload moves activations from GPU to CPU memory; it needs --device cuda")
     if "peft" in out.tools and any(CASES[c].quantize for c in out.cases):
@@ -99,8 +105,9 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
         raise ValueError(f"--optimizer: {out.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if out.labels not in ("answers", "all"):
         raise ValueError(f"--labels: {out.labels!r} is not answers or all")
-    if out.shape not in ("default", *SHAPES) and not (Path(out.shape) / "config.json").is_file():
-        raise ValueError(f"--shape: {out.shape!r} is not default, {', '.join(SHAPES)} or a folder with config.json")
+    if out.shape not in ("default", *SHAPES, *MOE_SHAPES) and not (Path(out.shape) / "config.json").is_file():
+        raise ValueError(f"--shape: {out.shape!r} is not default, {', '.join([*SHAPES, *MOE_SHAPES])} or a folder "
+                         "with config.json")
     for name in ("batch_size", "seq_len", "r", "alpha", "steps", "warmup"):
         if getattr(out, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(out, name)} must be at least 1")
@@ -130,7 +137,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     "warmup": cfg.warmup, "seed": cfg.seed, "count_flops": cfg.flops}
             row = run_one(spec, log)
             if "error" not in row:
-                log(f"{case} / {tool}: {row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_memory_mib']:,.0f} MiB")
+                path = f", experts: {row['expert_path']}" if "expert_path" in row else ""
+                log(f"{case} / {tool}: {row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_memory_mib']:,.0f} MiB{path}")
             rows.append(row)
     share = labelled_share(sft_batch(1, cfg.seq_len, 1 << 30, cfg.labels))
     device = device_name(cfg.device)

@@ -17,7 +17,7 @@ class PlanConfig:
     """What to plan; the defaults describe the run ``deltatune train`` does with no flags."""
 
     model: str = ""
-    """Hugging Face model folder, config.json, .gguf file or a preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, llama-3-70b, llama-3.2-1b); empty: the embedded default model."""
+    """Hugging Face model folder, config.json, .gguf file or a preset (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, llama-3-70b, llama-3.2-1b, and the mixture-of-experts qwen3-30b-a3b, mixtral-8x7b); empty: the embedded default model."""
     method: str = "lora"
     """lora, dora, qlora (4-bit NF4 base), qdora, or full (fine-tuning every weight, for comparison)."""
     r: int = LoraOptions.r
@@ -26,6 +26,8 @@ class PlanConfig:
     """LoRA dropout (its dropped positions are kept for backward)."""
     target_modules: list = field(default_factory=lambda: ["all-linear"])
     """Adapted linears: all-linear or names among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj."""
+    target_experts: bool = False
+    """Mixture-of-experts models: LoRA on every expert's fused gate_up_proj and down_proj too, as deltatune train's --lora.target-experts (on Qwen3-MoE, Mixtral and OLMoE all-linear reaches them already, as in PEFT)."""
     batch: int = TrainConfig.batch_size
     """Rows per micro-batch on each rank."""
     seq_len: int = DataConfig.max_seq_len
@@ -109,8 +111,27 @@ def _checked(cfg: PlanConfig):
     base = Run(method=cfg.method, r=cfg.r, dropout=cfg.dropout, targets=_targets(cfg), rows=cfg.batch,
                seq_len=cfg.seq_len, precision=precision, base_dtype=cfg.base_dtype,
                gradient_checkpointing=cfg.gradient_checkpointing, cheap_recompute=cfg.cheap_recompute,
-               optimizer=cfg.optimizer, padded=cfg.padded, labelled_share=cfg.labelled_share)
+               optimizer=cfg.optimizer, padded=cfg.padded, labelled_share=cfg.labelled_share,
+               all_linear=_all_linear(cfg), target_experts=cfg.target_experts)
     return base, device, memory
+
+
+def _all_linear(cfg: PlanConfig) -> bool:
+    names = cfg.target_modules if isinstance(cfg.target_modules, list) else [cfg.target_modules]
+    return names == ["all-linear"]
+
+
+def _check_moe(shape, run) -> None:
+    """Refuse, naming the flag, what deltatune train would refuse on this model's experts."""
+    from ..distributed.plan import experts_of
+
+    experts = experts_of(shape, run)  # raises for half of a fused gate/up pair
+    if run.target_experts and not shape.moe:
+        raise ValueError(f"--target-experts: {shape.name} is not a mixture-of-experts model")
+    if run.dora and experts.adapted:
+        raise ValueError(f"--method {run.method}: DoRA does not adapt expert or router parameters "
+                         f"({experts.describe()} on {shape.name}); use --method lora/qlora, or --target-modules "
+                         "with attention names only")
 
 
 def plan_for(cfg: PlanConfig):
@@ -123,6 +144,7 @@ def plan_for(cfg: PlanConfig):
 
     base, device, memory = _checked(cfg)
     shape = load_shape(cfg.model)
+    _check_moe(shape, base)
     if device is None:
         import torch
 
@@ -136,7 +158,7 @@ def plan_for(cfg: PlanConfig):
                             attention_shape=(cfg.batch, shape.heads, shape.kv_heads, cfg.seq_len, shape.head_dim))
         runtime = cpu_runtime(tokenizer_folder(cfg.model))  # before any block is timed in this process
         memory = device_memory_bytes(torch.device("cpu"))
-        timer = BlockTimer(shape)
+        timer = None if shape.moe else BlockTimer(shape)  # the timed block is a dense Llama one: roofline for MoE
     else:
         runtime, rates, timer = gpu_runtime(), None, None
     choice = choose(shape, base, cfg.gpus, memory, device, runtime, rates, timer)
@@ -151,12 +173,15 @@ def _lines(choice, cfg: PlanConfig) -> list[str]:
     shown = choice.plan or min(choice.tried, key=lambda p: p.peak)
     shape, run = shown.shape, shown.run
     where = f"{cfg.gpus} x {choice.memory / 10 ** 9:.0f} GB" if cfg.gpus else f"this CPU ({choice.memory / 2**30:.0f} GiB)"
+    packed = (" (linears and experts 4-bit NF4)" if shape.moe else " (linears 4-bit NF4)") if run.quantized else ""
     lines = [f"model: {shape.name} ({shape.parameters() / 1e9:.3g}B parameters: {shape.layers} layers, hidden "
              f"{shape.hidden}, intermediate {shape.intermediate}, {shape.heads}/{shape.kv_heads} heads, vocab {shape.vocab})",
              f"run: {describe(run)}; {run.rows} x {run.seq_len} tokens per rank, precision {run.precision}, base "
-             f"{run.base_dtype}{' (linears 4-bit NF4)' if run.quantized else ''}, r={run.r}, "
+             f"{run.base_dtype}{packed}, r={run.r}, "
              f"{shown.trainable:,d} trainable parameters; on {where}",
              "per-rank memory:"]
+    if shape.moe:
+        lines[1:1] = _moe_lines(shape, run)
     width = max(len(k) for k in shown.memory)
     lines += [f"  {k:<{width}}  {v / MiB:>11,.0f} MiB" for k, v in shown.memory.items()]
     lines.append(f"  {'peak':<{width}}  {shown.peak / MiB:>11,.0f} MiB")
@@ -180,6 +205,26 @@ def _lines(choice, cfg: PlanConfig) -> list[str]:
     else:
         lines.append(f"fits: {choice.strategy}\ncommand: {choice.command}")
     return lines
+
+
+def _moe_lines(shape, run) -> list[str]:
+    """What the plan says of a mixture-of-experts model: its experts and which of them take LoRA."""
+    from ..distributed.plan import experts_of
+
+    experts = experts_of(shape, run)
+    dense = f", {shape.dense_layers} dense layers of intermediate {shape.intermediate}" if shape.dense_layers else ""
+    if shape.former_names and run.all_linear:
+        how = "all-linear reaches them on this model, as in PEFT" + ("; --target-experts adds nothing more"
+                                                                     if run.target_experts else "")
+    elif run.target_experts:
+        how = "--target-experts"
+    else:
+        how = "add --target-experts to adapt them" if not (experts.gate_up or experts.down) else "--target-modules"
+    return [f"mixture of experts: {shape.moe_layers} MoE layers of {shape.experts} experts (intermediate "
+            f"{shape.expert_intermediate}), top-{shape.top_k} per token{dense}; "
+            f"{shape.active_parameters() / 1e9:.3g}B linear and expert weights active per token",
+            f"experts: LoRA on {experts.describe()} ({how})"
+            + ("; lora_dropout 0 (parameters adapted)" if experts.adapted and run.dropout else "")]
 
 
 def run(cfg: PlanConfig) -> int:

@@ -6,7 +6,8 @@ optimizer's states, the activations kept for backward, and the larger of two mom
 sets (one chunk of logits in the loss, or one block's backward). Each term is computed from the
 model's shape and the run's settings; ``plan_activations`` derives the activation terms and
 ``plan_speed`` the roofline (on a CPU, ``plan_block`` times a block instead). ``choose`` walks the ways to run (one device, DDP, FSDP2, 4-bit,
-activation offload) and returns the first that fits, with the command that runs it.
+activation offload) and returns the first that fits, with the command that runs it. Mixture-of-experts
+models add the experts' terms of ``plan_moe`` (all experts stored, top-k computed).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .plan_activations import StepShape, activations
-from .plan_shapes import LINEARS, ModelShape
+from .plan_moe import ExpertLora, dense_mlp_targets, effective_dropout, expert_lora, expert_lora_parameters, \
+    largest_decoded_weight
+from .plan_shapes import ATTENTION_LINEARS, LINEARS, ModelShape
 from .plan_speed import CUDA_CONTEXT_BYTES, GPU_BANDWIDTH_EFFICIENCY, GPU_MATMUL_EFFICIENCY, CpuRates, Device, \
     step_cost, tokens_per_second
 
@@ -48,6 +51,8 @@ class Run:
     strategy: str = "single"  # single, ddp or fsdp
     padded: bool = True
     labelled_share: float = 1.0
+    all_linear: bool = True  # targets given as "all-linear" (on some MoE models it reaches experts and router)
+    target_experts: bool = False  # deltatune train's --lora.target-experts (MoE models)
 
     @property
     def quantized(self) -> bool:
@@ -71,13 +76,28 @@ def parse_memory(text: str, name: str = "--gpu-memory") -> int:
     return int(number * scale)
 
 
+def experts_of(shape: ModelShape, run: Run) -> ExpertLora:
+    """The LoRA ranks on an MoE layer's experts and router under ``run`` (zeros on a dense model)."""
+    return expert_lora(shape, run.r, run.targets, run.all_linear, run.target_experts)
+
+
 def trainable_parameters(shape: ModelShape, run: Run) -> int:
-    """Adapter parameters (LoRA A and B, DoRA's magnitudes), or every parameter for ``full``."""
+    """Adapter parameters (LoRA A and B, DoRA's magnitudes), or every parameter for ``full``; on an
+    MoE model the attention's in every layer, the dense MLP's in dense layers, the experts' and
+    router's in MoE layers."""
     if run.method == "full":
         return shape.parameters()
     ins, outs = shape.linear_inputs(), shape.linear_outputs()
-    per_block = sum(run.r * (ins[n] + outs[n]) + (outs[n] if run.dora else 0) for n in run.targets if n in ins)
-    return shape.layers * per_block
+
+    def per_block(names) -> int:
+        return sum(run.r * (ins[n] + outs[n]) + (outs[n] if run.dora else 0) for n in names if n in ins)
+
+    if not shape.moe:
+        return shape.layers * per_block(run.targets)
+    attention = frozenset(n for n in run.targets if n in ATTENTION_LINEARS)
+    dense_mlp = dense_mlp_targets(shape, run.targets) - attention
+    return shape.layers * per_block(attention) + shape.dense_layers * per_block(dense_mlp) \
+        + shape.moe_layers * expert_lora_parameters(shape, experts_of(shape, run))
 
 
 def base_weight_bytes(shape: ModelShape, run: Run) -> int:
@@ -86,7 +106,7 @@ def base_weight_bytes(shape: ModelShape, run: Run) -> int:
     full = 2 if run.base_dtype == "bf16" else 4
     if not run.quantized:
         return shape.parameters() * full
-    linear = shape.layers * shape.block_linear_parameters()
+    linear = shape.quantized_parameters()  # every linear and, on an MoE model, every expert
     return int(linear * NF4_DOUBLE_QUANT_BITS / 8) + shape.other_parameters() * full
 
 
@@ -126,18 +146,18 @@ def memory_terms(shape: ModelShape, run: Run, runtime: int) -> tuple[dict, int]:
     trainable = trainable_parameters(shape, run)
     step = StepShape(run.rows, run.seq_len, *_activation_bytes(run), padded=run.padded,
                      labelled_share=run.labelled_share)
-    acts = activations(shape, step, run.targets, run.r, run.dropout, run.dora, run.gradient_checkpointing,
-                       run.cheap_recompute)
+    experts = experts_of(shape, run)
+    acts = activations(shape, step, run.targets, run.r, effective_dropout(run.dropout, experts), run.dora,
+                       run.gradient_checkpointing, run.cheap_recompute, experts=experts)
     base = base_weight_bytes(shape, run)
     memory = {"runtime": runtime, "base weights": -(-base // world)}
     if run.strategy == "fsdp":  # a block's weights gathered in the compute dtype, the next prefetched
         gathered = 2 if run.precision == "bf16" else (2 if run.base_dtype == "bf16" else 4)
         if run.quantized:  # gathered as packed bytes and scales, decoded one weight at a time
             gathered = NF4_DOUBLE_QUANT_BITS / 8
-        memory["gathered blocks (FSDP2)"] = int(2 * shape.block_linear_parameters() * gathered)
-    if run.quantized:  # one weight decoded to full size at a time for its matmul
-        ins, outs = shape.linear_inputs(), shape.linear_outputs()
-        memory["4-bit decoded weight"] = max(ins[n] * outs[n] for n in LINEARS) * _activation_bytes(run)[1]
+        memory["gathered blocks (FSDP2)"] = int(2 * shape.largest_block_parameters() * gathered)
+    if run.quantized:  # one weight (on an MoE layer, one whole expert stack) decoded at a time for its matmul
+        memory["4-bit decoded weight"] = largest_decoded_weight(shape) * _activation_bytes(run)[1]
     memory["adapter weights" if run.method != "full" else "trainable copy (full)"] = \
         0 if run.method == "full" else -(-trainable * 4 // world)
     memory["gradients"] = -(-trainable * 4 // world)
@@ -165,7 +185,8 @@ def make_plan(shape: ModelShape, run: Run, device: Optional[Device], runtime: in
     memory, trainable = memory_terms(shape, run, runtime)
     lean = run.cheap_recompute and not run.gradient_checkpointing and run.rows * run.seq_len >= 1024
     cost = step_cost(shape, run.rows, run.seq_len, run.targets, run.r, run.method == "full", run.dora,
-                     run.gradient_checkpointing, lean, run.quantized, _activation_bytes(run)[1], run.labelled_share)
+                     run.gradient_checkpointing, lean, run.quantized, _activation_bytes(run)[1], run.labelled_share,
+                     experts_of(shape, run))
     low_rank = attention = None
     if device is None:
         rates = cpu_rates or CpuRates(1e11, 1e10, 1e10)
@@ -262,7 +283,8 @@ def describe(run: Run) -> str:
     """A few words for a way to run, e.g. ``FSDP2 on 8 devices, checkpointing``."""
     where = {"single": "one device", "ddp": f"DDP on {run.world} devices",
              "fsdp": f"FSDP2 on {run.world} devices"}[run.strategy]
-    extras = [run.method] + (["checkpointing"] if run.gradient_checkpointing else []) \
+    extras = [run.method] + (["experts targeted"] if run.target_experts else []) \
+        + (["checkpointing"] if run.gradient_checkpointing else []) \
         + (["activation offload"] if run.activation_offload else [])
     return f"{where}, {', '.join(extras)}"
 
@@ -322,6 +344,8 @@ def command(plan: Plan, model: str, defaults: Run) -> str:
     args += ["--batch-size", str(run.rows), "--data.max-seq-len", str(run.seq_len)]
     if run.r != defaults.r:
         args += ["--lora.r", str(run.r)]
+    if run.target_experts:
+        args.append("--lora.target-experts")
     if run.precision != defaults.precision:
         args += ["--precision", run.precision]
     if run.optimizer != defaults.optimizer:

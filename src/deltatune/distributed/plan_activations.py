@@ -18,13 +18,19 @@ outputs, ``act(gate)`` and the product in backward, so they are not kept; gradie
 checkpointing keeps only each block's input and rebuilds one block at a time in backward.
 Layer 0's input is the embedding output, which needs no gradient, and the final norm's input is
 kept instead: one residual per layer either way.
+
+On a mixture-of-experts model an MoE layer keeps the attention's terms and, in place of the dense
+MLP's, those of ``plan_moe.moe_mlp_saved_bytes``; dense layers (Qwen3-MoE's ``mlp_only_layers``)
+keep the dense block's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from ..kernels.cross_entropy import CHUNK_ELEMENTS
+from .plan_moe import ExpertLora, dense_mlp_targets, moe_backward_transient, moe_mlp_saved_bytes
 from ..train.recompute import MIN_TOKENS as RECOMPUTE_MIN_TOKENS
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -91,6 +97,19 @@ def block_saved_bytes(shape, step: StepShape, targets: frozenset, r: int, dropou
     return terms
 
 
+def moe_block_saved_bytes(shape, step: StepShape, targets: frozenset, r: int, dropout: float, dora: bool,
+                          lean: bool, experts: ExpertLora) -> dict[str, int]:
+    """Bytes one MoE layer keeps for backward: the attention's terms of ``block_saved_bytes``, the
+    MLP's replaced by the experts' (``plan_moe.moe_mlp_saved_bytes``)."""
+    attention = frozenset(n for n in targets if n in ATTENTION)
+    terms = block_saved_bytes(shape, step, attention, r, dropout, dora, lean)
+    moe = moe_mlp_saved_bytes(shape, step.tokens, step.residual_bytes, step.matmul_bytes, experts, lean)
+    terms["norm outputs"] += moe.pop("norm output (router LoRA)")
+    terms["LoRA rank-r products"] += moe.pop("expert LoRA rank-r products")
+    terms.update(moe)
+    return terms
+
+
 def block_backward_transient(shape, step: StepShape) -> int:
     """Gradients alive at once inside one block's backward: in the MLP, the down projection's
     input gradient beside the two gradients of the gated product (3 x tokens x intermediate),
@@ -136,9 +155,14 @@ class Activations:
 
 
 def activations(shape, step: StepShape, targets: frozenset, r: int, dropout: float, dora: bool,
-                checkpointing: bool, cheap_recompute: bool = True) -> Activations:
-    """The activation terms of ``shape`` for one micro-batch ``step``."""
+                checkpointing: bool, cheap_recompute: bool = True,
+                experts: Optional[ExpertLora] = None) -> Activations:
+    """The activation terms of ``shape`` for one micro-batch ``step`` (``experts``: the LoRA ranks
+    on an MoE layer's parameters, see ``plan_moe.expert_lora``)."""
     lean = cheap_recompute and not checkpointing and step.tokens >= RECOMPUTE_MIN_TOKENS
+    if getattr(shape, "moe", False):
+        return _moe_activations(shape, step, targets, r, dropout, dora, checkpointing, lean,
+                                experts or ExpertLora())
     per_block = block_saved_bytes(shape, step, targets, r, dropout, dora, lean)
     block = sum(per_block.values())
     loss_kept, logits = loss_bytes(shape, step)
@@ -149,3 +173,31 @@ def activations(shape, step: StepShape, targets: frozenset, r: int, dropout: flo
         return Activations(kept_inputs + loss_kept, step.tokens * shape.hidden * step.residual_bytes, False, True,
                            full_block, transient, logits, per_block)
     return Activations(shape.layers * block + loss_kept, block, lean, False, 0, transient, logits, per_block)
+
+
+def _moe_activations(shape, step: StepShape, targets: frozenset, r: int, dropout: float, dora: bool,
+                     checkpointing: bool, lean: bool, experts: ExpertLora) -> Activations:
+    """``activations`` of a mixture-of-experts model: MoE layers and dense layers counted apart."""
+    dense_targets = dense_mlp_targets(shape, targets)
+
+    def blocks(lean_set: bool) -> tuple[dict, dict]:
+        moe = moe_block_saved_bytes(shape, step, targets, r, dropout, dora, lean_set, experts)
+        dense = block_saved_bytes(shape, step, dense_targets, r, dropout, dora, lean_set)
+        return moe, dense
+
+    moe_terms, dense_terms = blocks(lean)
+    moe_block, dense_block = sum(moe_terms.values()), sum(dense_terms.values())
+    loss_kept, logits = loss_bytes(shape, step)
+    attention = 4 * step.tokens * shape.heads * shape.head_dim * step.matmul_bytes
+    residual = 2 * step.tokens * shape.hidden * step.residual_bytes
+    transient = max(moe_backward_transient(shape, step.tokens, step.matmul_bytes), attention) + residual
+    if shape.dense_layers:
+        transient = max(transient, block_backward_transient(shape, step))
+    if checkpointing:
+        kept_inputs = shape.layers * step.tokens * shape.hidden * step.residual_bytes
+        full_moe, full_dense = blocks(False)
+        rebuilt = max(sum(full_moe.values()), sum(full_dense.values()) if shape.dense_layers else 0)
+        return Activations(kept_inputs + loss_kept, step.tokens * shape.hidden * step.residual_bytes, False, True,
+                           rebuilt, transient, logits, moe_terms)
+    saved = shape.moe_layers * moe_block + shape.dense_layers * dense_block + loss_kept
+    return Activations(saved, moe_block, lean, False, 0, transient, logits, moe_terms)

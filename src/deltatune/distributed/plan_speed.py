@@ -17,6 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from .plan_moe import dense_mlp_targets, expert_lora_flops_per_token, moe_elementwise_per_token
+from .plan_shapes import ATTENTION_LINEARS
+
 GIB = 2 ** 30
 # Usual shares of peak for LoRA training of 7B-70B models in bf16 (published MFU of 35-55%
 # for fine-tuning); assumptions until measured on a GPU with deltatune.
@@ -135,13 +138,19 @@ class StepCost:
 
 
 def step_cost(shape, rows: int, seq_len: int, targets: frozenset, r: int, full: bool, dora: bool,
-              checkpointing: bool, lean: bool, quantized: bool, act_bytes: int, labelled_share: float) -> StepCost:
+              checkpointing: bool, lean: bool, quantized: bool, act_bytes: int, labelled_share: float,
+              experts=None) -> StepCost:
     """Count one step: forward, backward (input gradients through the frozen base; weight
-    gradients for the adapter only, unless ``full``), rebuilt forwards under checkpointing."""
+    gradients for the adapter only, unless ``full``), rebuilt forwards under checkpointing. On an
+    MoE model (``experts``: ``plan_moe.ExpertLora``) each token runs its top-k experts and the
+    router; 4-bit dequantization decodes every expert."""
     T = rows * seq_len
     ins, outs = shape.linear_inputs(), shape.linear_outputs()
-    base = shape.layers * shape.block_linear_parameters()
+    moe = getattr(shape, "moe", False)
+    base = shape.active_parameters() if moe else shape.layers * shape.block_linear_parameters()
     adapter = shape.layers * sum(r * (ins[n] + outs[n]) for n in targets if n in ins)
+    if moe:
+        adapter = _moe_adapter(shape, targets, r, experts)
     qd = shape.heads * shape.head_dim
     # QK^T and AV over the causal half of the positions, forward; backward is twice that
     attention = shape.layers * 2 * 2 * seq_len * qd / 2
@@ -155,6 +164,10 @@ def step_cost(shape, rows: int, seq_len: int, targets: frozenset, r: int, full: 
         flops["rebuilt forward (checkpointing)"] = (2 * base + 2 * adapter + attention) * T
     if dora:  # the weight norm from the factors, once per step per adapted linear
         flops["DoRA norms"] = shape.layers * sum(2 * r * ins[n] * outs[n] for n in targets if n in ins)
+        if moe:  # DoRA adapts modules only: the attention, and the dense MLP of dense layers
+            norms = {n: 2 * r * ins[n] * outs[n] for n in dense_mlp_targets(shape, targets) if n in ins}
+            flops["DoRA norms"] = sum(v * (shape.layers if n in ATTENTION_LINEARS else shape.dense_layers)
+                                      for n, v in norms.items())
     kvd = shape.kv_heads * shape.head_dim
     # element-wise passes of a block's forward, in elements per token: two norms (about five
     # passes each), two residual adds, rotary embeddings on q and k, the key/value repeat,
@@ -163,9 +176,27 @@ def step_cost(shape, rows: int, seq_len: int, targets: frozenset, r: int, full: 
                  + 2 * sum(ins[n] for n in targets if n in ins))
     passes = 3 + (1 if checkpointing else 0) + (0.5 if lean else 0)  # backward reads and writes about twice
     traffic = {"element-wise ops": passes * per_token * shape.layers * T * act_bytes}
+    if moe:  # MoE layers: the experts' element-wise work in place of the dense MLP's
+        dense_mlp = 5 * shape.intermediate + 2 * sum(ins[n] for n in targets if n in ins and n not in ATTENTION_LINEARS)
+        moe_token = per_token - dense_mlp + moe_elementwise_per_token(shape)
+        traffic["element-wise ops"] = passes * (per_token * shape.dense_layers + moe_token * shape.moe_layers) \
+            * T * act_bytes
     if quantized:  # each 4-bit weight is decoded to a full matrix in forward, backward (and rebuild)
-        traffic["4-bit dequantization"] = (2 + checkpointing) * base * (0.5 + act_bytes)
+        stored = shape.quantized_parameters() if moe else base  # every expert is decoded, not only the top-k
+        traffic["4-bit dequantization"] = (2 + checkpointing) * stored * (0.5 + act_bytes)
     return StepCost(flops, traffic, T)
+
+
+
+def _moe_adapter(shape, targets: frozenset, r: int, experts) -> int:
+    """LoRA parameters one token's forward multiplies on an MoE model: the attention's in every
+    layer, the dense MLP's in dense layers, its k experts' and the router's in MoE layers."""
+    ins, outs = shape.linear_inputs(), shape.linear_outputs()
+    attention = sum(r * (ins[n] + outs[n]) for n in targets if n in ATTENTION_LINEARS)
+    dense_mlp = sum(r * (ins[n] + outs[n]) for n in dense_mlp_targets(shape, targets)
+                    if n in ins and n not in ATTENTION_LINEARS)
+    per_moe = expert_lora_flops_per_token(shape, experts) if experts is not None else 0
+    return shape.layers * attention + shape.dense_layers * dense_mlp + shape.moe_layers * per_moe
 
 
 LOW_RANK_PARTS = ("adapter forward + backward", "DoRA norms")  # products with a side of r

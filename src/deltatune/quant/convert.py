@@ -1,11 +1,13 @@
 """Which layers get quantized, and turning a model's linear layers into quantized ones and back.
 
 As bitsandbytes does by default, every ``nn.Linear`` is quantized except the output head
-(and any module the user names); embeddings and norms stay in full precision.
+(and any module the user names); embeddings and norms stay in full precision. The fused 3-D
+expert weights of mixture-of-experts models are stored in 4 bits too (``experts.py``).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -13,6 +15,8 @@ import torch
 from torch import nn
 
 from ..module_tree import output_head_name, replace_module
+from ..targeting_experts import expert_parameters
+from .experts import dequantize_experts, quantize_experts
 from .layers import Linear4bit, Linear8bit, QuantLinear
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
@@ -38,6 +42,9 @@ class QuantizeConfig:
     """dtype the weights are dequantized to for each matmul."""
     keep: list[str] = field(default_factory=list)
     """Module names (or name suffixes) kept in full precision, besides the output head."""
+    experts: bool = True
+    """Also store the fused expert weights of mixture-of-experts models in 4 bits (bitsandbytes'
+    parameter layout); int8 keeps them in full precision."""
 
     def __post_init__(self):
         if self.quant_type not in QUANT_TYPES:
@@ -128,13 +135,30 @@ def make_quant_linear(linear: nn.Module, config: QuantizeConfig) -> QuantLinear:
 
 
 def quantize_model(model: nn.Module, config: QuantizeConfig) -> nn.Module:
-    """Replace the quantizable linear layers of ``model`` in place, one at a time."""
+    """Replace the quantizable linear layers of ``model`` in place, one at a time, and store its
+    fused expert weights (mixture-of-experts models) in 4 bits where ``config`` says so."""
     for key in quantizable_linears(model, config):
         linear = model.get_submodule(key)
         replace_module(model, key, make_quant_linear(linear, config))
         del linear
+    if quantizes_experts(model, config):
+        quantize_experts(model, config.quant_type, config.blocksize, config.double_quant, config.compute_dtype)
     mark_quantized(model, config)
     return model
+
+
+def quantizes_experts(model: nn.Module, config: QuantizeConfig) -> bool:
+    """``config`` stores ``model``'s fused expert weights in 4 bits (int8 has no expert layout in
+    bitsandbytes: they then stay in full precision, with a warning naming how many)."""
+    if not config.experts:
+        return False
+    found = expert_parameters(model)
+    if found and config.quant_type == "int8":
+        warnings.warn(f"quantize=int8 keeps the {len(found)} fused expert weights of this mixture-of-experts "
+                      "model in full precision (bitsandbytes has no 8-bit layout for them); nf4 or fp4 "
+                      "stores them in 4 bits", stacklevel=3)
+        return False
+    return bool(found)
 
 
 def mark_quantized(model: nn.Module, config: QuantizeConfig) -> None:
@@ -149,6 +173,7 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     for key, module in list(model.named_modules()):
         if isinstance(module, QuantLinear):
             replace_module(model, key, module.to_linear(dtype))
+    dequantize_experts(model, dtype)
     if hasattr(model, "deltatune_quantization"):
         del model.deltatune_quantization
     config = getattr(model, "config", None)

@@ -185,20 +185,7 @@ class Linear4bit(QuantLinear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias (and, sharded, weight, absmax)
         destination.pop(prefix + "absmax", None)
-        s = self.live_state()
-        destination[prefix + "weight"] = self.weight
-        destination[prefix + "weight.absmax"] = s.absmax
-        destination[prefix + "weight.quant_map"] = s.code
-        extra = {"quant_type": s.quant_type, "blocksize": s.blocksize, "dtype": _dtype_name(s.dtype),
-                 "shape": list(s.shape)}
-        if s.nested is not None:
-            destination[prefix + "weight.nested_absmax"] = s.nested.absmax
-            destination[prefix + "weight.nested_quant_map"] = s.nested.code
-            extra.update(nested_blocksize=s.nested.blocksize, nested_dtype="float32",
-                         nested_offset=s.nested.offset.item())
-        packed_json = json.dumps(extra).encode("utf-8")
-        destination[prefix + f"weight.quant_state.bitsandbytes__{s.quant_type}"] = torch.tensor(
-            list(packed_json), dtype=torch.uint8)
+        destination.update(bnb_4bit_tensors(self.weight, self.live_state(), prefix + "weight"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -277,6 +264,22 @@ def _as_half(weight: torch.Tensor) -> torch.Tensor:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def bnb_4bit_tensors(packed: torch.Tensor, s: QuantState, key: str) -> dict[str, torch.Tensor]:
+    """bitsandbytes' state-dict entries of one 4-bit tensor stored under ``key``: the packed bytes,
+    ``key.absmax``, ``key.quant_map``, the nested scales and the JSON record of the settings."""
+    out = {key: packed, f"{key}.absmax": s.absmax, f"{key}.quant_map": s.code}
+    extra = {"quant_type": s.quant_type, "blocksize": s.blocksize, "dtype": _dtype_name(s.dtype),
+             "shape": list(s.shape)}
+    if s.nested is not None:
+        out[f"{key}.nested_absmax"] = s.nested.absmax
+        out[f"{key}.nested_quant_map"] = s.nested.code
+        extra.update(nested_blocksize=s.nested.blocksize, nested_dtype="float32",
+                     nested_offset=s.nested.offset.item())
+    record = json.dumps(extra).encode("utf-8")
+    out[f"{key}.quant_state.bitsandbytes__{s.quant_type}"] = torch.tensor(list(record), dtype=torch.uint8)
+    return out
 
 
 def state_from_tensors(tensors: dict[str, torch.Tensor], where: str = "") -> tuple[torch.Tensor, QuantState]:

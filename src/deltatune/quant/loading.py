@@ -4,7 +4,8 @@ Peak memory while loading stays near the quantized model plus one full-precision
 the model is built on the ``meta`` device (no storage), then each tensor is read from the
 safetensors file on its own, quantized if it belongs to a quantized linear layer, and put in
 place. Folders written by transformers + bitsandbytes (and by ``save_model``) load without
-bitsandbytes.
+bitsandbytes. Fused expert weights of mixture-of-experts models are read (or quantized) one
+parameter at a time the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from torch import nn
 
 from ..files import replace_folder_files
 from ..module_tree import replace_module
+from ..targeting_experts import expert_parameters, parameter_shape
 from .convert import (
-    QuantizeConfig, linear_weight, make_quant_linear, mark_quantized, quantizable_linears,
+    QuantizeConfig, linear_weight, make_quant_linear, mark_quantized, quantizable_linears, quantizes_experts,
 )
+from .experts import install_4bit, is_4bit_in_file, quantize_parameter, state_from_file
 from .layers import Linear4bit, Linear8bit, QuantLinear, state_from_tensors
 
 
@@ -110,9 +113,11 @@ def load_streaming(folder: Path, auto_class, config, dtype: torch.dtype,
         linear = model.get_submodule(key)
         replace_module(model, key, _quant_layer_from_file(where, key, linear, quant, prequantized))
         _return_free_memory()
+    experts = _load_experts(model, where, quant, prequantized, dtype)
     expected = model.state_dict(keep_vars=True)
     for key, tensor in expected.items():
-        if key.startswith(tuple(t + "." for t in targets)):
+        if key.startswith(tuple(t + "." for t in targets)) or key in experts or key.startswith(
+                tuple(e + "." for e in experts)):
             continue
         if key not in where:
             if tensor.is_meta and not _is_tied(model, key):
@@ -128,6 +133,36 @@ def load_streaming(folder: Path, auto_class, config, dtype: torch.dtype,
     if quant is not None:
         mark_quantized(model, quant)
     return model
+
+
+def _load_experts(model: nn.Module, where: _Checkpoint, quant: Optional[QuantizeConfig], prequantized: bool,
+                  dtype: torch.dtype) -> set[str]:
+    """Fill the fused expert weights of a mixture-of-experts model that are (or become) 4-bit: read
+    from bitsandbytes' keys where the file stores them so, quantized as they are read where ``quant``
+    asks for it; returns their full names (the others load as any tensor)."""
+    if quant is None:
+        return set()
+    wanted = not prequantized and quantizes_experts(model, quant)
+    done = set()
+    for module_key, name in expert_parameters(model):
+        full = f"{module_key}.{name}"
+        module = model.get_submodule(module_key)
+        if is_4bit_in_file(where, full):
+            entries = {k[len(module_key) + 1:]: where.read(k) for k in where if k == full or k.startswith(full + ".")}
+            packed, state = state_from_file(entries, name, module_key + ".")
+            if state.shape != parameter_shape(module, name):
+                raise ValueError(f"{full}: the checkpoint holds a {list(state.shape)} expert weight, the model "
+                                 f"expects {list(parameter_shape(module, name))}")
+            install_4bit(module, name, packed, state, quant.compute_dtype)
+        elif wanted and full in where:
+            module._parameters[name] = nn.Parameter(where.read(full).to(dtype), requires_grad=False)
+            quantize_parameter(module, name, quant.quant_type, quant.blocksize, quant.double_quant,
+                               quant.compute_dtype, full)
+        else:
+            continue
+        done.add(full)
+        _return_free_memory()
+    return done
 
 
 def _libc_trim():

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .experts import packed_bytes, quantized_experts
 from .layers import Linear4bit, QuantLinear
 
 # QLoRA (Dettmers et al. 2023, §3): 32-bit scales per 64 weights cost 32/64 = 0.5 bits per
@@ -16,7 +17,8 @@ PAPER_BITS = {"4bit": 4.5, "4bit+double_quant": 4.127, "int8": 8.0}
 
 @dataclass
 class MemoryReport:
-    """What the quantized linear layers of a model cost, counted from the stored tensors."""
+    """What the quantized linear layers (and 4-bit expert weights) of a model cost, counted from the stored
+    tensors."""
 
     quantized_parameters: int
     quantized_bytes: int
@@ -54,6 +56,12 @@ def memory_report(model: nn.Module) -> MemoryReport:
             else:
                 kinds.add("int8")
     seen, fp_params, fp_bytes = set(), 0, 0
+    for key, name, found in quantized_experts(model):  # 4-bit expert weights (packed bytes as parameters)
+        packed = packed_bytes(model.get_submodule(key), name)
+        seen.add(id(packed))
+        q_params += found.shape.numel()
+        q_bytes += packed.numel() * packed.element_size() + found.quant_state.storage_bytes()
+        kinds.add("4bit+double_quant" if found.quant_state.nested is not None else "4bit")
     for p in list(model.parameters()) + list(model.buffers()):
         if id(p) not in seen:
             seen.add(id(p))

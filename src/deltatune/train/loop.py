@@ -30,6 +30,7 @@ from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
 from ..loss import TrainingLoss
 from ..quant.convert import QuantizeConfig
+from ..quant.report import memory_report
 from .auto_batch import choose_micro_batch
 from .batching import make_batches, padding_share
 from .checkpoint import latest_valid, rng_state, set_rng_state
@@ -268,6 +269,8 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
             f"precision {cfg.precision} on {dist.device}"
             + (f" ({torch.get_num_threads()} threads, {allocator_in_use()} allocator)" if dist.device.type == "cpu"
                else ""))
+        if cfg.quantize and shards is None:
+            log(f"base: {memory_report(model)}")  # what is stored quantized (4-bit experts included)
     # before the optimizer: FSDP2 replaces each parameter with its shard
     ddp_loss = dist.wrap(training_loss, transformer_blocks(model), bf16=cfg.precision == "bf16",
                          offload=cfg.fsdp_offload)

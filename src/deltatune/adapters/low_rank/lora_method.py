@@ -14,7 +14,8 @@ from ...targeting_experts import convert_former_moe_targets, warn_untargeted_exp
 from ..base import adapter_layers, base_parameters
 from ..method import FILE_PREFIX, LayerMethod, register_method
 from ..selective.trainable_tokens import add_lora_token_rows, lora_token_tensors
-from .moe_experts import expert_file_tensors, inject_lora_parameters, parameters_only, targets_modules
+from .moe_inject import (align_nesting, expert_file_tensors, inject_lora_parameters, parameters_only,
+                         targets_modules)
 from .lora import LoraLayer, make_lora_layer
 from .lora_options.alora import attach_alora, detach_alora
 from .lora_options.arrow import attach_arrow
@@ -102,6 +103,8 @@ class LoraMethod(LayerMethod):
         assert isinstance(config, LoraConfig)
         if config.use_qalora:
             match_file_layout(model, name, tensors, FILE_PREFIX)
+        if config.target_parameters:
+            align_nesting(model, name, tensors, FILE_PREFIX)
 
     def remove(self, model: nn.Module, name: str) -> None:
         detach_alora(model, name)

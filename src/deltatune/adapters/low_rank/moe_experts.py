@@ -14,13 +14,15 @@ experts class and reason; the last choice is in ``last_path``):
 - grouped (``moe_grouped.py``): the token-expert pairs sorted by expert, the base matmul and the
   low-rank update ``s · (x A_eᵀ) B_eᵀ`` computed per expert group with grouped matrix
   multiplications, the module's own gate/activation/biases around them; no copy of the weights.
-  Taken for transformers' experts modules whenever it pays (``moe_grouped.pays``).
+  Taken for transformers' experts modules whenever it pays (``moe_grouped.pays``), and always for
+  4-bit expert weights (``quant.experts``): it decodes them inside its matmul, in both passes, and
+  keeps no decoded copy for backward.
 - full weight: the wrapped module runs with ``W + scale · B A`` in place of each adapted
   parameter. Kept where the grouped path does not apply or does not pay: tiny expert weights
   (forming them is cheaper than the grouped update and the copy is under 4 MiB), 2-D parameters
   (a router's weight), parameters other than the fused gate_up/up/down weights, experts modules
-  that are not transformers' decorated classes, expert parallelism and a custom experts kernel
-  (non-float, quantized expert weights are refused when the adapter is added). Merged adapters are in the weight already and cost neither path.
+  that are not transformers' decorated classes, expert parallelism and a custom experts kernel.
+  Merged adapters are in the weight already and cost neither path.
   One batched matmul (``baddbmm``) per adapter and parameter forms the whole 3-D weight,
   never a Python loop over experts. The weights go in through ``torch.func.functional_call``, PyTorch's
 public way to run a module with given tensors in place of its parameters for one call: unlike
@@ -36,7 +38,6 @@ for the outer parameter; ``file_tensors`` writes exactly those keys from the one
 from __future__ import annotations
 
 import math
-import warnings
 import weakref
 from typing import Optional, Sequence, Union
 
@@ -45,11 +46,11 @@ from torch import nn
 from torch.func import functional_call
 
 from ...config import LoraConfig
-from ...module_tree import replace_module
-from ...targeting import DEFAULT_TARGETS, find_targets, pattern_value
-from ...targeting_experts import expert_parameters, matched_parameters
-from ..base import AdapterLayer, ModulesToSave, _SetAsideMerge, adapter_layers
-from . import moe_grouped
+from ...quant.experts import packed_bytes, quantized_parameter
+from ...targeting import pattern_value
+from ...targeting_experts import parameter_shape
+from ..base import AdapterLayer
+from . import moe_grouped, moe_merge
 
 
 class ExpertLoraLayer(AdapterLayer):
@@ -131,8 +132,10 @@ class ExpertLoraLayer(AdapterLayer):
             B[p] = nn.Linear(r * max(experts, 1), out_f, bias=False)
             if not from_file:
                 _initialise(A[p], B[p], r, config.init_lora_weights)
-            weight = self.param(p)
-            dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+            found = quantized_parameter(self.base_layer, p)
+            weight = packed_bytes(self.base_layer, p) if found is not None else self.param(p)
+            dtype = found.compute_dtype if found is not None else \
+                weight.dtype if weight.dtype.is_floating_point else torch.float32
             if not weight.is_meta:
                 A[p].to(weight.device, dtype)
                 B[p].to(weight.device, dtype)
@@ -209,9 +212,13 @@ class ExpertLoraLayer(AdapterLayer):
         """(routing, reason) for the grouped path, or (None, why the full-weight path is kept)."""
         if self.compute not in ("auto", "grouped", "full"):
             raise ValueError(f"ExpertLoraLayer.compute={self.compute!r}: use 'auto', 'grouped' or 'full'")
-        if self.compute == "full":
-            return None, "compute='full'"
         module = self.base_layer
+        four_bit = any(quantized_parameter(module, p) is not None for p in self.parameter_names)
+        if self.compute == "full":
+            if four_bit:
+                raise ValueError("ExpertLoraLayer.compute='full': the expert weights are stored in 4 bits, which "
+                                 "only the grouped path computes (it decodes them without keeping a copy)")
+            return None, "compute='full'"
         reason = moe_grouped.unsupported_reason(module)
         known = {"gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", "down_proj"}
         if reason is None and not set(self.parameter_names) <= known:
@@ -219,15 +226,16 @@ class ExpertLoraLayer(AdapterLayer):
         routing = moe_grouped.parse_call(args, kwargs) if reason is None else None
         if reason is None and routing is None:
             reason = "the call is not (hidden_states, top_k_index, top_k_weights)"
-        if reason is None and self.compute == "auto":
+        if reason is None and self.compute == "auto" and not four_bit:
             weight = self.param(self.parameter_names[0])
             if not moe_grouped.pays(weight, routing.index.numel()):
                 reason = f"tiny expert weights {tuple(weight.shape)}: forming W + ΔW costs less for this many tokens"
         if reason is not None:
-            if self.compute == "grouped":
-                raise ValueError(f"ExpertLoraLayer.compute='grouped' on {type(module).__name__}: {reason}")
+            if self.compute == "grouped" or four_bit:
+                why = "the grouped path, which 4-bit expert weights need," if four_bit else "compute='grouped'"
+                raise ValueError(f"ExpertLoraLayer on {type(module).__name__}: {why} cannot run: {reason}")
             return None, reason
-        return routing, f"compute={self.compute!r}"
+        return routing, "4-bit expert weights" if four_bit else f"compute={self.compute!r}"
 
     def expert_updates(self, names: Sequence[str]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
         """Parameter -> [(A (E, r, in), B (E, out, r), scale)] per adapter in ``names``: each expert's
@@ -268,69 +276,35 @@ class ExpertLoraLayer(AdapterLayer):
             result = result.index_copy(0, idx, out.to(result.dtype))
         return result
 
-    # ----- merging -----------------------------------------------------------------------
+    # ----- merging (moe_merge.py) ---------------------------------------------------------------
     def merge(self, names: Sequence[str], untie: bool = False, requantize: bool = False) -> None:
-        """Fold the named adapters into every adapted parameter (float32, then its dtype); the first
-        merge keeps CPU copies of the originals so that ``unmerge`` restores them bit for bit."""
-        if self._set_aside is not None:
-            raise RuntimeError("cannot merge inside dt.disable_adapters (the merged adapters are set aside "
-                               "until the block ends); merge after the block")
-        names = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
-        if not names:
-            return
-        if self._original_weight is None:
-            self._original_weight = {p: self.param(p).detach().to("cpu", copy=True) for p in self.parameter_names}
-        with torch.no_grad():
-            for p in self.parameter_names:
-                weight = self.param(p)
-                current = weight.detach().float()
-                for name in names:
-                    current = current + self.delta_weight(name, p).to(weight.device)
-                weight.data.copy_(current.to(weight.dtype))
-        self.merged_adapters.extend(names)
+        """Fold the named adapters into every adapted parameter (float32, then its dtype; a 4-bit
+        parameter stays in full precision, or with ``requantize`` in 4 bits again); the first merge
+        keeps CPU copies of the originals so that ``unmerge`` restores them bit for bit."""
+        moe_merge.merge(self, names, requantize)
 
     def unmerge(self) -> None:
-        self._set_aside = None
-        if self._original_weight is None:
-            return
-        with torch.no_grad():
-            for p, original in self._original_weight.items():
-                self.param(p).data.copy_(original.to(self.param(p).device))
-        self._original_weight = None
-        self.merged_adapters = []
+        moe_merge.unmerge(self)
 
     def set_merge_aside(self) -> None:
-        if not self.merged_adapters or self._set_aside is not None:
-            return
-        aside = _SetAsideMerge(list(self.merged_adapters), False)
-        aside.weight = {p: self.param(p).detach().to("cpu", copy=True) for p in self.parameter_names}
-        aside.original_weight = self._original_weight
-        self.unmerge()
-        self._set_aside = aside
+        moe_merge.set_aside(self)
 
     def restore_merge(self) -> None:
-        aside, self._set_aside = self._set_aside, None
-        if aside is None:
-            return
-        with torch.no_grad():
-            for p, merged in aside.weight.items():
-                self.param(p).data.copy_(merged.to(self.param(p).device))
-        self._original_weight = aside.original_weight
-        self.merged_adapters = list(aside.adapters)
+        moe_merge.put_back(self)
 
 
 def _shape_of(module: nn.Module, parameter: str) -> tuple[int, int, int, bool]:
     """(experts, in, out, transposed) of ``module.<parameter>``; experts 0 for a 2-D weight (out, in).
     A 3-D weight is (E, out, in) unless the module says ``is_transposed`` (transformers' flag for
     experts stored (E, in, out), as gpt-oss's)."""
-    weight = getattr(module, parameter)
-    if weight.dim() == 2:
-        return 0, weight.shape[1], weight.shape[0], False
-    if weight.dim() != 3:
-        raise TypeError(f"target_parameters: {type(module).__name__}.{parameter} has {weight.dim()} "
+    shape = parameter_shape(module, parameter)
+    if len(shape) == 2:
+        return 0, shape[1], shape[0], False
+    if len(shape) != 3:
+        raise TypeError(f"target_parameters: {type(module).__name__}.{parameter} has {len(shape)} "
                         "dimensions; LoRA adapts 2-D weights and 3-D expert weights")
     transposed = bool(getattr(module, "is_transposed", False))
-    experts, d1, d2 = weight.shape
+    experts, d1, d2 = shape
     return (experts, d1, d2, True) if transposed else (experts, d2, d1, False)
 
 
@@ -360,86 +334,3 @@ def _rows_of(call: tuple[tuple, dict], idx: torch.Tensor, tokens: int) -> tuple[
 def expert_layers(model: nn.Module) -> list[tuple[str, ExpertLoraLayer]]:
     """(name, layer) of every ``ExpertLoraLayer`` in ``model``."""
     return [(k, m) for k, m in model.named_modules() if isinstance(m, ExpertLoraLayer)]
-
-
-def inject_parameters(model: nn.Module, config: LoraConfig, name: str, from_file: bool) -> list[str]:
-    """Add adapter ``name`` to every parameter ``config.target_parameters`` reaches; returns their
-    full names (empty when none matched). Refused as PEFT refuses: a parameter of a module that
-    another adapter layer wraps, and adapters that target different sets of parameters."""
-    found = matched_parameters(model, list(config.target_parameters or []))
-    if not found:
-        return []
-    by_module: dict[str, list[str]] = {}
-    for module_key, parameter in found:
-        if not module_key:
-            raise ValueError(f"target_parameters: {parameter!r} sits on the top-level model, which cannot be "
-                             "wrapped (PEFT refuses it too)")
-        by_module.setdefault(module_key, []).append(parameter)
-    existing = {k: layer.parameter_names for k, layer in expert_layers(model) if layer.adapter_names}
-    if existing and existing != by_module:
-        raise ValueError("When using multiple adapters with `target_parameters`, all adapters must target the same "
-                         f"set of parameters (as in PEFT); adapter {name!r} targets "
-                         f"{sorted(f'{k}.{p}' for k, ps in by_module.items() for p in ps)[:4]}..., the existing "
-                         f"ones {sorted(f'{k}.{p}' for k, ps in existing.items() for p in ps)[:4]}...")
-    for module_key, parameters in by_module.items():
-        module = model.get_submodule(module_key)
-        if isinstance(module, (AdapterLayer, ModulesToSave)) and not isinstance(module, ExpertLoraLayer):
-            raise ValueError(f"target_parameters: the parameters of {module_key!r} ({parameters}) cannot be "
-                             f"adapted, as {type(module).__name__} already wraps it; make sure the module is "
-                             "not also targeted with target_modules (PEFT refuses this too)")
-        for parameter in parameters:
-            tensor = getattr(module, parameter, None) if "." not in parameter else None
-            if tensor is not None and not tensor.is_floating_point():
-                raise ValueError(f"target_parameters: {module_key}.{parameter} is {tensor.dtype} (quantized); LoRA on "
-                                 "expert parameters needs them in floating point")
-        layer = module
-        if not isinstance(module, ExpertLoraLayer):
-            layer = ExpertLoraLayer(module, parameters)
-            replace_module(model, module_key, layer)
-            parent_key = module_key.rpartition(".")[0]
-            layer.watch_batch(model.get_submodule(parent_key) if parent_key else model)
-        layer.add(name, config, module_key, from_file=from_file)
-        layer.train(module.training)
-    return [f"{k}.{p}" for k, p in found]
-
-
-def parameters_only(model: nn.Module, config: LoraConfig) -> bool:
-    """``config`` adapts parameters alone: ``target_parameters`` set and ``target_modules`` None on
-    an architecture without default modules (PEFT then leaves ``target_modules`` None; where it has
-    defaults, as for Mixtral, it fills them in and adapts those modules too)."""
-    if not config.target_parameters or config.target_modules is not None:
-        return False
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return model_type not in (config.default_targets or DEFAULT_TARGETS)
-
-
-def targets_modules(model: nn.Module, config: LoraConfig) -> bool:
-    """Beside its parameters, ``config`` reaches modules (or trains copies of some)."""
-    if parameters_only(model, config):
-        return bool(config.modules_to_save)
-    return bool(find_targets(model, config)) or bool(config.modules_to_save)
-
-
-def inject_lora_parameters(model: nn.Module, config: LoraConfig, name: str, from_file: bool) -> None:
-    """The ``target_parameters`` part of a LoRA adapter, after its modules (PEFT's order): an error
-    when neither matched anything, a warning (as PEFT's) when only the parameters matched nothing."""
-    if not config.target_parameters:
-        return
-    if inject_parameters(model, config, name, from_file):
-        return
-    if not any(layer.has_adapter(name) for _, layer in adapter_layers(model)):
-        known = [f"{m}.{p}" for m, p in expert_parameters(model)][:6]
-        raise ValueError(f"target_parameters={config.target_parameters!r} matched no parameter of "
-                         f"{type(model).__name__}" + (f"; its expert weights include {known}" if known else ""))
-    warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.",
-                  RuntimeWarning, stacklevel=3)
-
-
-def expert_file_tensors(model: nn.Module, name: str, prefix: str) -> dict[str, torch.Tensor]:
-    """File key -> live tensor of adapter ``name``'s parameter factors, PEFT's keys."""
-    out = {}
-    for key, layer in expert_layers(model):
-        if layer.has_adapter(name):
-            for sub, tensor in layer.file_tensors(name).items():
-                out[f"{prefix}{key}.{sub}"] = tensor
-    return out

@@ -16,6 +16,9 @@ expert biases, its optional post-expert norm, then the routing weights and the s
 transformers' own ``grouped_mm`` experts forward does. Nothing in transformers is patched: the
 adapter layer calls this function instead of the wrapped module while an adapter is live.
 
+A 4-bit expert weight (``quant.experts``) is decoded inside the base matmul's autograd function, in
+the forward pass and again in backward, so no decoded copy lives from one pass to the other.
+
 The grouped matmul backend:
 - ``torch.nn.functional.grouped_mm`` (or ``torch._grouped_mm``) on CUDA devices of compute
   capability 8.0 or newer in bfloat16 (PyTorch documents bfloat16 there), and on CPU in float32,
@@ -38,6 +41,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...quant.experts import packed_bytes, quantized_parameter
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,8 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
         return f"the model runs its experts with the {impl!r} kernel, kept as chosen"
     first = "gate_up_proj" if module.has_gate else "up_proj"
     for name in (first, "down_proj"):
+        if quantized_parameter(module, name) is not None:
+            continue  # 4-bit: decoded inside the grouped matmul (never read whole here)
         weight = getattr(module, name, None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not weight.dtype.is_floating_point \
                 or type(weight) not in (torch.Tensor, nn.Parameter):
@@ -181,6 +188,43 @@ def low_rank_update(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, scale
     return grouped_matmul(inner, up.contiguous(), groups, backend) * scale
 
 
+class _Grouped4bit(torch.autograd.Function):
+    """``grouped_matmul`` by a 4-bit expert weight decoded in each pass: no decoded copy is kept
+    between forward and backward (only the input's gradient is needed: the weight is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, packed: torch.Tensor, decode: nn.Module, transposed: bool, groups: Groups,
+                backend: str) -> torch.Tensor:
+        ctx.decode, ctx.transposed, ctx.groups, ctx.backend = decode, transposed, groups, backend
+        ctx.save_for_backward(packed)
+        weight = decode(packed)  # (E, in, out) when transposed, else (E, out, in)
+        return grouped_matmul(x, weight if transposed else weight.transpose(1, 2), groups, backend)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (packed,) = ctx.saved_tensors
+        weight = ctx.decode(packed)
+        grad_x = grouped_matmul(grad.contiguous(), weight.transpose(1, 2) if ctx.transposed else weight,
+                                ctx.groups, ctx.backend)
+        return grad_x, None, None, None, None, None
+
+
+def base_product(x: torch.Tensor, module: nn.Module, name: str, groups: Groups, backend: str) -> torch.Tensor:
+    """``x`` times each row's expert weight ``module.<name>`` in its (in, out) reading."""
+    decode = quantized_parameter(module, name)
+    if decode is not None:
+        return _Grouped4bit.apply(x, packed_bytes(module, name), decode, module.is_transposed, groups, backend)
+    weight = getattr(module, name)
+    # grouped GEMM reads (E, in, out): gpt-oss stores that; the others store (E, out, in)
+    return grouped_matmul(x, weight if module.is_transposed else weight.transpose(1, 2), groups, backend)
+
+
+def expert_dtype(module: nn.Module, name: str) -> torch.dtype:
+    """The dtype ``module.<name>`` is read in (a 4-bit one: its compute dtype), without reading it."""
+    decode = quantized_parameter(module, name)
+    return decode.compute_dtype if decode is not None else getattr(module, name).dtype
+
+
 # ----- the experts forward --------------------------------------------------------------------
 def grouped_experts_forward(module: nn.Module, routing: Routing,
                             updates: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor, float]]],
@@ -192,7 +236,7 @@ def grouped_experts_forward(module: nn.Module, routing: Routing,
     hidden, index, weights = routing.hidden, routing.index, routing.weights
     tokens, top_k = index.shape
     first = "gate_up_proj" if module.has_gate else "up_proj"
-    dtype = getattr(module, first).dtype
+    dtype = expert_dtype(module, first)
     with torch.no_grad():
         expert_ids, perm = torch.sort(index.reshape(-1))
     groups = Groups(expert_ids, module.num_experts)
@@ -200,9 +244,7 @@ def grouped_experts_forward(module: nn.Module, routing: Routing,
     pair_weights = weights.reshape(-1)[perm]
 
     def project(x: torch.Tensor, name: str) -> torch.Tensor:
-        weight = getattr(module, name)
-        # grouped GEMM reads (E, in, out): gpt-oss stores that; the others store (E, out, in)
-        y = grouped_matmul(x, weight if module.is_transposed else weight.transpose(1, 2), groups, backend)
+        y = base_product(x, module, name, groups, backend)
         if module.has_bias:
             y = y + getattr(module, f"{name}_bias")[expert_ids]
         for A, B, scale in updates.get(name, ()):
