@@ -66,16 +66,25 @@ def parameter_shape(module: nn.Module, name: str) -> torch.Size:
     return getattr(module, name).shape
 
 
+# The module's own parameter order, recorded on it before deltatune first stores one of its
+# parameters in 4 bits (quant/experts.py): merging and unmerging re-register parameters, and the
+# order must not follow them.
+PARAMETER_ORDER = "_deltatune_parameter_order"
+
+
 def own_parameters(module: nn.Module) -> list[tuple[str, torch.Size]]:
-    """(name, shape) of the parameters ``module`` holds itself: its plain ones in their order, then
-    parametrized ones (as bitsandbytes stores a 4-bit parameter) in the order they were
-    parametrized, which for a whole quantized module is the module's own order. So the nesting of
+    """(name, shape) of the parameters ``module`` holds itself, in the module's own order: its plain
+    ones, then parametrized ones (as bitsandbytes stores a 4-bit parameter) in the order they were
+    parametrized, or in the order recorded before deltatune stored any in 4 bits. So the nesting of
     adapter layers, and an adapter file's keys, do not depend on whether the base is quantized
     (PEFT nests parametrized parameters in name order instead; loading reads either)."""
     out = [(n, p.shape) for n, p in module.named_parameters(recurse=False)]
     lists = getattr(module, "parametrizations", None)
     if isinstance(lists, nn.ModuleDict):
         out += [(n, parameter_shape(module, n)) for n in lists]
+    order = getattr(module, PARAMETER_ORDER, None)
+    if order:
+        out.sort(key=lambda item: order.index(item[0]) if item[0] in order else len(order))
     return out
 
 

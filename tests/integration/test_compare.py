@@ -47,6 +47,11 @@ def test_compare_passes_its_settings_to_each_run(tmp_path):
     cmd = _train_command(options, "trainable_tokens", tmp_path / "tt")
     assert json.loads(cmd[cmd.index("--adapter") + 1]) == {"token_indices": [1, 2]}
     assert "--adapter" not in _train_command(options, "lora", tmp_path / "lora")
+    # a labelled variant runs its recipe with its own settings, in a folder (and a row) of its own
+    options = CompareConfig(method_options={"lora@eva": {"init_lora_weights": "eva"}})
+    cmd = _train_command(options, "lora@eva", tmp_path / "lora@eva")
+    assert cmd[cmd.index("--method") + 1] == "lora" and cmd[cmd.index("--output-dir") + 1].endswith("lora@eva")
+    assert json.loads(cmd[cmd.index("--adapter") + 1]) == {"init_lora_weights": "eva"}
 
 
 def test_compare_chooses_each_rate_on_validation_and_scores_only_that_one_on_test(tmp_path, default_tokenizer):
@@ -110,4 +115,17 @@ def test_method_options_are_checked_before_any_run(tmp_path, options, words):
 
     with pytest.raises(ConfigError, match=words):
         run_compare(CompareConfig(methods=["lora"], method_options=options, output_dir=str(tmp_path / "cmp")))
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("methods, options, words", [
+    (["lora@eva"], {}, r"'lora@eva' is a variant \(NAME@LABEL\); give its settings"),
+    (["nope@x"], {"nope@x": {"r": 2}}, "nope@x"),
+])
+def test_variants_need_their_settings_and_a_known_recipe(tmp_path, methods, options, words):
+    from deltatune.cli.compare import CompareConfig, run_compare
+    from deltatune.train import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        run_compare(CompareConfig(methods=methods, method_options=options, output_dir=str(tmp_path / "cmp")))
     assert not (tmp_path / "cmp").exists()

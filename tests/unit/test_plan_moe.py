@@ -152,6 +152,23 @@ def test_all_experts_are_stored_in_four_bit_and_one_stack_is_decoded_at_a_time()
     assert terms["4-bit decoded weight"] == 128 * 2 * 768 * 2048 * 2  # the gate/up expert stack in bf16
 
 
+def test_4bit_experts_without_lora_keep_their_decoded_weights_for_backward():
+    """The model's own experts forward keeps each decoded weight for the input's gradient (LoRA on
+    the experts decodes again in backward instead, and so does not)."""
+    shape = load_shape("qwen3-30b-a3b")
+    term = "decoded 4-bit experts kept for backward (no LoRA on them)"
+    attention = frozenset(ATTENTION_LINEARS)
+    for checkpointing, layers in ((False, 48), (True, 1)):
+        run = Run(method="qlora", precision="bf16", targets=attention, all_linear=False,
+                  gradient_checkpointing=checkpointing)
+        terms, _ = memory_terms(shape, run, 0)
+        assert terms[term] == layers * 128 * 3 * 768 * 2048 * 2
+    adapted = Run(method="qlora", precision="bf16", targets=attention, all_linear=False, target_experts=True)
+    assert term not in memory_terms(shape, adapted, 0)[0]
+    assert term not in memory_terms(shape, Run(method="lora", precision="bf16", targets=attention,
+                                               all_linear=False), 0)[0]
+
+
 def test_activations_and_flops_follow_top_k_not_the_number_of_experts():
     shape = load_shape("qwen3-30b-a3b")
     run = Run(precision="bf16", rows=2, seq_len=1024, targets=frozenset(ATTENTION_LINEARS), all_linear=False)

@@ -65,11 +65,13 @@ def test_decoded_once_per_call_and_not_kept(monkeypatch):
     model.config._experts_implementation = "eager"  # transformers' loop reads the weight once per expert
     quantize_experts(model)
     calls = []
-    original = Dequantize4bit.forward
-    monkeypatch.setattr(Dequantize4bit, "forward", lambda self, packed: calls.append(1) or original(self, packed))
+    import deltatune.quant.experts as experts_module
+
+    original = experts_module.dequantize_4bit
+    monkeypatch.setattr(experts_module, "dequantize_4bit", lambda *a, **k: calls.append(1) or original(*a, **k))
     eval_logits(model, sample_ids())
     assert len(calls) == 4  # 2 layers x 2 weights, whatever the number of experts
-    assert not torch.nn.utils.parametrize._cache  # nothing left decoded after the call
+    assert all(f.decoded is None and not f.caching for _, _, f in quantized_experts(model))  # none kept
 
 
 def test_storage_counted_as_quantized_and_moves_with_the_model():
@@ -157,3 +159,91 @@ def test_qlora_on_4bit_experts_trains(tmp_path, default_tokenizer):
     assert any("4bit" in str(line) and "quantized parameters" in str(line) for line in lines)
     config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert config["target_parameters"] == EXPERT_TARGETS
+
+
+# ----- corners: copies, casts, interrupted calls, saved folders, kept modules, nesting order --------------
+def _with_adapter(arch: str, targets):
+    model = tiny_moe(arch)
+    quantize_experts(model)
+    dt.add_adapter(model, dt.LoraConfig(r=2, target_modules=[], target_parameters=targets))
+    from tiny_models import randomize_adapter
+
+    randomize_adapter(model)
+    return model
+
+
+def test_a_copy_changed_after_a_partial_merge_leaves_the_original_working():
+    model = _with_adapter("qwen3_moe", ["mlp.experts.down_proj"])
+    ids = sample_ids()
+    dt.merge(model, verbose=False)  # down_proj now full precision, gate_up_proj still 4-bit
+    merged = eval_logits(model, ids)
+    copy_ = copy.deepcopy(model)
+    dt.unmerge(copy_)  # re-registers down_proj in 4 bits on the copy only
+    assert torch.equal(eval_logits(model, ids), merged)
+    assert len(quantized_experts(copy_)) == 4 and len(quantized_experts(model)) == 2
+
+
+def test_unmerge_and_disable_after_a_cast_use_the_new_dtype():
+    model = _with_adapter("mixtral", EXPERT_TARGETS)
+    never_merged = copy.deepcopy(model).to(torch.bfloat16)
+    ids = sample_ids()
+    dt.merge(model, requantize=True, verbose=False)
+    model.to(torch.bfloat16)
+    with dt.disable_adapters(model):
+        base = eval_logits(model, ids)
+    with dt.disable_adapters(never_merged):
+        assert torch.equal(base, eval_logits(never_merged, ids))
+    dt.unmerge(model)
+    assert all(f.compute_dtype == torch.bfloat16 for _, _, f in quantized_experts(model))
+    assert torch.equal(eval_logits(model, ids), eval_logits(never_merged, ids))
+
+
+def test_an_interrupted_call_leaves_nothing_decoded_behind(monkeypatch):
+    model = tiny_moe("olmoe")
+    quantize_experts(model)
+    original = Dequantize4bit.forward
+
+    def interrupt(self, packed):
+        raise KeyboardInterrupt  # not an Exception: PyTorch skips the always-called hooks for it
+
+    monkeypatch.setattr(Dequantize4bit, "forward", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        eval_logits(model, sample_ids())
+    monkeypatch.setattr(Dequantize4bit, "forward", original)
+    eval_logits(model, sample_ids())
+    assert all(f.decoded is None and not f.caching for _, _, f in quantized_experts(model))
+    assert not torch.nn.utils.parametrize._cache_enabled  # PyTorch's process-wide cache is never used
+
+
+def test_saved_folders_carry_every_quantization_table_for_bitsandbytes(tmp_path):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    from safetensors.torch import load_file
+
+    model = tiny_moe("qwen3_moe")
+    quantize_model(model, QuantizeConfig("nf4"))
+    save_model(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    records = [k[: -len(".quant_state.bitsandbytes__nf4")] for k in tensors if k.endswith("bitsandbytes__nf4")]
+    assert len(records) == 2 * (2 + 4)  # per layer: the two expert weights and the four attention linears
+    for key in records:
+        entries = {k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}
+        assert {"absmax", "quant_map", "nested_absmax", "nested_quant_map"} <= set(entries), key
+        state = bnb_functional.QuantState.from_dict(entries, device=torch.device("cpu"))
+        weight = bnb_functional.dequantize_4bit(tensors[key], state)
+        assert weight.shape == state.shape
+
+
+def test_kept_modules_keep_their_experts_in_full_precision():
+    model = tiny_moe("qwen3_moe")
+    quantize_model(model, QuantizeConfig("nf4", keep=["model.layers.0.mlp.experts", "layers.1.mlp.experts.down_proj"]))
+    assert [(k, n) for k, n, _ in quantized_experts(model)] == [("model.layers.1.mlp.experts", "gate_up_proj")]
+
+
+def test_nesting_order_survives_merging_one_weight():
+    from deltatune.targeting_experts import own_parameters
+
+    model = _with_adapter("qwen3_moe", ["mlp.experts.gate_up_proj"])
+    experts = model.model.layers[0].mlp.experts.base_layer
+    dt.merge(model, verbose=False)
+    dt.unmerge(model)  # gate_up_proj registered again, after down_proj
+    assert [n for n, _ in own_parameters(experts)] == ["gate_up_proj", "down_proj"]

@@ -30,6 +30,12 @@ DEFAULT_METHODS = ["lora", "dora", "loha", "lokr", "adalora", "ia3", "vera", "no
 NEEDS_OPTIONS = ("trainable_tokens", "xlora")
 
 
+def recipe_of(method: str) -> str:
+    """The recipe a compared method runs: ``lora@eva`` (a labelled variant, its settings in
+    ``method_options``) runs ``lora``."""
+    return method.partition("@")[0]
+
+
 def method_group(name: str, given_options: frozenset = frozenset()) -> list[str]:
     """The methods a group name stands for: ``classic`` (the default list), ``catalogue`` (every
     other recipe that runs on its own, or with its settings in ``given_options``) or ``all``; a plain
@@ -47,7 +53,7 @@ class CompareConfig:
     """Settings of a comparison run."""
 
     methods: list = field(default_factory=lambda: list(DEFAULT_METHODS))
-    """Methods to train (names as for deltatune train --method), or a group: classic (the default), catalogue (the other methods), all."""
+    """Methods to train (names as for deltatune train --method, or NAME@LABEL: a variant of NAME whose settings --method-options gives under that key, a row of its own), or a group: classic (the default), catalogue (the other methods), all."""
     max_steps: int = 60
     """Optimizer steps per method (the default job's budget)."""
     model: str = ""
@@ -69,11 +75,11 @@ class CompareConfig:
     lr_search_tries: int = 4
     """With --lr-search: the most rates tried per method."""
     method_options: dict = field(default_factory=dict)
-    """Config fields per method, given to its runs as train's --adapter, e.g. '{trainable_tokens: {token_indices: [1, 2]}, xlora: {adapters: {a: DIR, b: DIR}}}'; the groups include trainable_tokens and xlora only when given here."""
+    """Config fields per method, given to its runs as train's --adapter, e.g. '{trainable_tokens: {token_indices: [1, 2]}, xlora: {adapters: {a: DIR, b: DIR}}, lora@eva: {init_lora_weights: eva}}'; the groups include trainable_tokens and xlora only when given here."""
 
 
 def _train_command(cfg: CompareConfig, method: str, out: Path, lr: float = 0.0, final_eval: bool = True) -> list[str]:
-    cmd = [sys.executable, "-m", "deltatune", "train", "--method", method, "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "deltatune", "train", "--method", recipe_of(method), "--output-dir", str(out),
            "--max-steps", str(cfg.max_steps), "--final-eval", "on" if final_eval else "off", "--overwrite"]
     if cfg.model:
         cmd += ["--model", cfg.model]
@@ -166,7 +172,7 @@ def _finished_run(cfg: CompareConfig, method: str, out: Path, lr: float) -> Opti
     from ..train.loop import DEFAULT_DATA
 
     saved = _saved_config(out)
-    same = (saved.method == method and saved.lr == lr and saved.max_steps == cfg.max_steps
+    same = (saved.method == recipe_of(method) and saved.lr == lr and saved.max_steps == cfg.max_steps
             and saved.model == cfg.model and saved.final_eval == "off"
             and (not cfg.batch_size or saved.batch_size == cfg.batch_size)
             and saved.adapter == (cfg.method_options.get(method) or {})
@@ -222,7 +228,8 @@ def _searched_row(cfg: CompareConfig, method: str, folder: Path, log) -> dict:
         log(f"{method} at lr {lr:g}: validation loss {summary['final_validation_loss']}")
         return summary["final_validation_loss"]
 
-    chosen, losses = search_rate(validation_loss_at, RECIPES[method].lr, cfg.lr_search, cfg.lr_search_tries)
+    chosen, losses = search_rate(validation_loss_at, RECIPES[recipe_of(method)].lr, cfg.lr_search,
+                                 cfg.lr_search_tries)
     if chosen not in runs:
         return {"method": method, "error": "every rate tried failed", "validation_loss_by_lr": _by_lr(losses)}
     out, summary, wall, rss = runs[chosen]
@@ -293,9 +300,13 @@ def run_compare(cfg: CompareConfig, log=print) -> list[dict]:
     if not isinstance(cfg.method_options, dict) or any(not isinstance(v, dict) for v in cfg.method_options.values()):
         raise ConfigError(f"method_options: {cfg.method_options!r} is not a mapping of method names to config fields")
     cfg.methods = [m for name in cfg.methods for m in method_group(name, frozenset(cfg.method_options))]
-    unknown = [m for m in cfg.methods + list(cfg.method_options) if m not in RECIPES]
+    unknown = [m for m in cfg.methods + list(cfg.method_options) if recipe_of(m) not in RECIPES]
     if unknown:
         raise ConfigError(f"methods: {unknown} are not known; choose from {sorted(RECIPES)}")
+    bare = [m for m in cfg.methods if "@" in m and not cfg.method_options.get(m)]
+    if bare:
+        raise ConfigError(f"methods: {bare[0]!r} is a variant (NAME@LABEL); give its settings with --method-options "
+                          f"'{{{bare[0]}: {{...}}}}'")
     for name in ("max_steps", "batch_size", "eval_steps"):
         if getattr(cfg, name) < (1 if name == "max_steps" else 0):
             raise ValueError(f"--{name.replace('_', '-')}: {getattr(cfg, name)} is too small")

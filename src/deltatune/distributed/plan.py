@@ -158,6 +158,13 @@ def memory_terms(shape: ModelShape, run: Run, runtime: int) -> tuple[dict, int]:
         memory["gathered blocks (FSDP2)"] = int(2 * shape.largest_block_parameters() * gathered)
     if run.quantized:  # one weight (on an MoE layer, one whole expert stack) decoded at a time for its matmul
         memory["4-bit decoded weight"] = largest_decoded_weight(shape) * _activation_bytes(run)[1]
+    if run.quantized and shape.moe_layers and not (experts.gate_up or experts.down):
+        # 4-bit experts without LoRA run the model's own experts forward, whose matmuls keep the
+        # decoded weights for the input's gradient: every MoE layer's, or with checkpointing the
+        # rebuilt layer's (LoRA on the experts decodes again in backward instead)
+        layers = 1 if run.gradient_checkpointing else shape.moe_layers
+        memory["decoded 4-bit experts kept for backward (no LoRA on them)"] = \
+            layers * shape.expert_parameters() * _activation_bytes(run)[1]
     memory["adapter weights" if run.method != "full" else "trainable copy (full)"] = \
         0 if run.method == "full" else -(-trainable * 4 // world)
     memory["gradients"] = -(-trainable * 4 // world)

@@ -103,14 +103,25 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def _kept(model: nn.Module, config: QuantizeConfig) -> list[str]:
+    # Modules the model asks to keep in float32 (T5's "wo") stay unquantized, as transformers does.
+    return list(config.keep) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
 def quantizable_linears(model: nn.Module, config: QuantizeConfig) -> list[str]:
     """Names of the linear modules (``nn.Linear``, GPT-2 ``Conv1D``) that ``config`` quantizes."""
     head = output_head_name(model)
-    # Modules the model asks to keep in float32 (T5's "wo") stay unquantized, as transformers does.
-    keep = list(config.keep) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep = _kept(model, config)
     return [key for key, module in model.named_modules()
             if (isinstance(module, nn.Linear) or is_conv1d(module)) and key != head
             and not _named(key, keep)]
+
+
+def quantizable_experts(model: nn.Module, config: QuantizeConfig) -> list[tuple[str, str]]:
+    """(module name, parameter name) of the fused expert weights ``config`` stores in 4 bits: all
+    but those of modules (or parameters) it keeps in full precision."""
+    keep = _kept(model, config)
+    return [(m, p) for m, p in expert_parameters(model) if not _named(m, keep) and not _named(f"{m}.{p}", keep)]
 
 
 def linear_weight(module: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -142,7 +153,8 @@ def quantize_model(model: nn.Module, config: QuantizeConfig) -> nn.Module:
         replace_module(model, key, make_quant_linear(linear, config))
         del linear
     if quantizes_experts(model, config):
-        quantize_experts(model, config.quant_type, config.blocksize, config.double_quant, config.compute_dtype)
+        quantize_experts(model, config.quant_type, config.blocksize, config.double_quant, config.compute_dtype,
+                         only=quantizable_experts(model, config))
     mark_quantized(model, config)
     return model
 

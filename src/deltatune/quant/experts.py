@@ -16,23 +16,22 @@ Quantization is per expert: a block never spans two experts (each expert's in ×
 a multiple of the block size, which every real model shape is), so each block scale belongs to one
 expert and the bytes of expert ``e`` are a contiguous slice.
 
-While the module runs, a decoded weight is computed once and kept for the call
-(``parametrize.cached`` entered by a forward pre-hook, left by an always-called forward hook), not
-once per access (transformers' eager experts loop reads the weight once per expert). LoRA on 4-bit
+While the module runs, a decoded weight is computed once and kept for the call (switched on by a
+forward pre-hook, dropped by an always-called forward hook), not once per access (transformers'
+eager experts loop reads the weight once per expert). LoRA on 4-bit
 experts (``adapters/low_rank/moe_experts.py``) decodes in its own grouped matmul instead, which
 keeps no decoded weight for backward.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..targeting_experts import expert_parameters, parameter_shape
+from ..targeting_experts import PARAMETER_ORDER, expert_parameters, own_parameters, parameter_shape
 from .blockwise import QuantState, dequantize_4bit, quantize_4bit
 from .layers import bnb_4bit_tensors, state_from_tensors
 
@@ -48,10 +47,17 @@ class Dequantize4bit(nn.Module):
         self.quant_state = state
         self.compute_dtype = compute_dtype
         self.shape = torch.Size(state.shape)
+        self.caching = False  # set while the owning module runs: decode once per call
+        self.decoded: Optional[torch.Tensor] = None
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        if self.decoded is not None and self.caching and self.decoded.dtype == self.compute_dtype:
+            return self.decoded
         with torch.no_grad():
-            return dequantize_4bit(packed, self.quant_state, self.compute_dtype)
+            decoded = dequantize_4bit(packed, self.quant_state, self.compute_dtype)
+        if self.caching:
+            self.decoded = decoded
+        return decoded
 
     def _apply(self, fn, recurse: bool = True):
         # The packed bytes (the parameter) move with the model; the scales live here, outside the
@@ -92,16 +98,23 @@ def check_per_expert_blocks(shape: torch.Size, blocksize: int, where: str) -> No
                          f"{blocksize}, so its blocks would span two experts; use a block size that divides it")
 
 
-def _unparametrize(module: nn.Module, name: str) -> None:
-    """Remove the parametrization of ``module.<name>`` without touching other modules.
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its parametrizations change.
 
-    PyTorch removes a parametrization by deleting its property from the module's class, and
-    ``copy.deepcopy`` of a parametrized module shares that class with the original: removing it
-    from a copy would break the original. The module first gets a class of its own (same bases,
-    same attributes), so the removal changes this module alone."""
+    PyTorch adds and removes a parametrization by adding or deleting a property on the module's
+    class, and ``copy.deepcopy`` of a parametrized module shares that class with the original:
+    changing it for a copy would change (or break) the original. The new class has the same bases
+    and attributes, so only this module is affected."""
+    if not parametrize.is_parametrized(module):
+        return  # the first registration makes a class of its own anyway
     cls = type(module)
     own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     module.__class__ = type(cls.__name__, cls.__bases__, own)
+
+
+def _unparametrize(module: nn.Module, name: str) -> None:
+    """Remove the parametrization of ``module.<name>`` without touching other modules."""
+    _own_class(module)
     parametrize.remove_parametrizations(module, name, leave_parametrized=False)
 
 
@@ -109,8 +122,11 @@ def install_4bit(module: nn.Module, name: str, packed: torch.Tensor, state: Quan
                  compute_dtype: torch.dtype) -> None:
     """Store ``module.<name>`` as ``packed`` bytes decoded by a parametrization (replacing a plain
     parameter, or the bytes and state of an earlier 4-bit one)."""
+    if not hasattr(module, PARAMETER_ORDER):  # the order adapter layers nest in, whatever is stored how
+        setattr(module, PARAMETER_ORDER, [n for n, _ in own_parameters(module)])
     if parametrize.is_parametrized(module, name):
         _unparametrize(module, name)
+    _own_class(module)  # another parameter of it may be parametrized (a class shared with a copy)
     if name in module._parameters:
         del module._parameters[name]
     module.register_parameter(name, nn.Parameter(packed, requires_grad=False))
@@ -139,10 +155,12 @@ def quantize_parameter(module: nn.Module, name: str, quant_type: str = "nf4", bl
 
 
 def quantize_experts(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
-                     compute_dtype: Optional[torch.dtype] = None) -> list[str]:
-    """Quantize every fused expert weight of ``model`` to 4 bits; returns their full names."""
+                     compute_dtype: Optional[torch.dtype] = None,
+                     only: Optional[list[tuple[str, str]]] = None) -> list[str]:
+    """Quantize every fused expert weight of ``model`` (or the (module, parameter) pairs ``only``
+    names) to 4 bits; returns their full names."""
     done = []
-    for module_key, name in expert_parameters(model):
+    for module_key, name in expert_parameters(model) if only is None else only:
         module = model.get_submodule(module_key)
         if quantized_parameter(module, name) is None:
             full = f"{module_key}.{name}"
@@ -194,19 +212,25 @@ def _hook_module(module: nn.Module) -> None:
     setattr(module, _HOOKED, True)
 
 
+def _decoders(module: nn.Module) -> list[Dequantize4bit]:
+    lists = getattr(module, "parametrizations", None)
+    if not isinstance(lists, nn.ModuleDict):
+        return []
+    return [p for name in lists for p in lists[name] if isinstance(p, Dequantize4bit)]
+
+
 def _enter_cache(module: nn.Module, args) -> None:
-    stack = module.__dict__.setdefault("_deltatune_cache_stack", [])
-    context = contextlib.ExitStack()
-    context.enter_context(parametrize.cached())
-    stack.append(context)
+    # Each decoder keeps its own decoded weight for the call (not PyTorch's process-wide
+    # parametrize cache, which an interrupted call would leave switched on for everything).
+    for decoder in _decoders(module):
+        decoder.caching, decoder.decoded = True, None
 
 
 def _leave_cache(module: nn.Module, args, output) -> None:
-    # Always called (even when the forward raised, or when checkpointing's recomputation stops
-    # early), so an entered cache is always left and no decoded weight outlives its call.
-    stack = module.__dict__.get("_deltatune_cache_stack")
-    if stack:
-        stack.pop().close()
+    # Called even when the forward raised or checkpointing's recomputation stopped early; a
+    # call interrupted past it is reset by the next call's pre-hook.
+    for decoder in _decoders(module):
+        decoder.caching, decoder.decoded = False, None
 
 
 def _bnb_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:

@@ -25,7 +25,8 @@ from ..files import replace_folder_files
 from ..module_tree import replace_module
 from ..targeting_experts import expert_parameters, parameter_shape
 from .convert import (
-    QuantizeConfig, linear_weight, make_quant_linear, mark_quantized, quantizable_linears, quantizes_experts,
+    QuantizeConfig, linear_weight, make_quant_linear, mark_quantized, quantizable_experts, quantizable_linears,
+    quantizes_experts,
 )
 from .experts import install_4bit, is_4bit_in_file, quantize_parameter, state_from_file
 from .layers import Linear4bit, Linear8bit, QuantLinear, state_from_tensors
@@ -142,7 +143,8 @@ def _load_experts(model: nn.Module, where: _Checkpoint, quant: Optional[Quantize
     asks for it; returns their full names (the others load as any tensor)."""
     if quant is None:
         return set()
-    wanted = not prequantized and quantizes_experts(model, quant)
+    wanted = set(quantizable_experts(model, quant)) if not prequantized and quantizes_experts(model, quant) \
+        else set()
     done = set()
     for module_key, name in expert_parameters(model):
         full = f"{module_key}.{name}"
@@ -154,7 +156,7 @@ def _load_experts(model: nn.Module, where: _Checkpoint, quant: Optional[Quantize
                 raise ValueError(f"{full}: the checkpoint holds a {list(state.shape)} expert weight, the model "
                                  f"expects {list(parameter_shape(module, name))}")
             install_4bit(module, name, packed, state, quant.compute_dtype)
-        elif wanted and full in where:
+        elif (module_key, name) in wanted and full in where:
             module._parameters[name] = nn.Parameter(where.read(full).to(dtype), requires_grad=False)
             quantize_parameter(module, name, quant.quant_type, quant.blocksize, quant.double_quant,
                                quant.compute_dtype, full)
@@ -240,7 +242,9 @@ def save_model(model: nn.Module, path: Union[str, os.PathLike], tokenizer=None,
         if key.endswith(".weight") and key.rpartition(".")[0] in head_names:
             continue  # written once, under the embedding's name, as transformers does
         if value.data_ptr() in seen and value.numel() > 1:
-            continue
+            if not _is_quant_state_key(key):
+                continue  # a tied weight, written once
+            value = value.clone()  # a code table quantized tensors share: bitsandbytes wants it under each
         seen[value.data_ptr()] = key
         if dtype is not None and value.is_floating_point() and not _is_quant_state_key(key):
             value = value.to(dtype)

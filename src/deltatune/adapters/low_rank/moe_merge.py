@@ -51,12 +51,15 @@ def snapshot(module: nn.Module, name: str) -> Snapshot:
 
 
 def restore(module: nn.Module, name: str, saved: Snapshot) -> None:
-    """Put ``saved`` back as ``module.<name>`` (its storage kind too), on the parameter's device."""
+    """Put ``saved`` back as ``module.<name>`` (its storage kind too), on the parameter's device and
+    in the dtype the module computes in now (the model may have been cast since the snapshot)."""
     device = parameter_device(module, name)
+    found = quantized_parameter(module, name)
+    dtype = found.compute_dtype if found is not None else getattr(module, name).dtype
     if isinstance(saved, Packed4bit):
-        install_4bit(module, name, saved.packed.to(device), saved.state.to(device), saved.compute_dtype)
-    elif quantized_parameter(module, name) is not None:
-        install_float(module, name, saved.to(device))
+        install_4bit(module, name, saved.packed.to(device), saved.state.to(device), dtype)
+    elif found is not None:
+        install_float(module, name, saved.to(device, dtype))
     else:
         with torch.no_grad():
             getattr(module, name).data.copy_(saved.to(device))
