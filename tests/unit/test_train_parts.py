@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltatune.train.batching import epoch_batches as _batches_for_epoch
-from deltatune.train.loop import _param_groups
+from deltatune.train.optimizers import param_groups
 from deltatune.train.schedule import make_scheduler
 
 
@@ -38,7 +38,7 @@ def test_schedules():
 def test_no_weight_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     model[0].weight.requires_grad_(True)
-    groups = _param_groups(model, 0.1, lr=1e-3)
+    groups = param_groups(model, 0.1, lr=1e-3)
     decayed = {id(p) for p in groups[0]["params"]}
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert decayed == {id(model[0].weight)}
@@ -50,13 +50,13 @@ def test_lora_plus_gives_the_b_matrices_the_higher_rate():
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     dt.add_adapter(model, dt.LoraConfig(r=2, target_modules=["0", "1"], lora_bias=True))
-    groups = _param_groups(model, 0.01, lr=1e-4, lora_plus_ratio=16)
+    groups = param_groups(model, 0.01, lr=1e-4, lora_plus_ratio=16)
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert rate[id(p)] == pytest.approx(1.6e-3 if ".lora_B." in name else 1e-4), name
     assert {g["weight_decay"] for g in groups} == {0.01, 0.0}  # B's bias: the higher rate, no decay
-    plain = _param_groups(model, 0.01, lr=1e-4)
+    plain = param_groups(model, 0.01, lr=1e-4)
     assert len(plain) == 2 and {g["lr"] for g in plain} == {1e-4}
 
 

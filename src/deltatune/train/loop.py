@@ -44,7 +44,7 @@ from .recompute import MIN_TOKENS as RECOMPUTE_MIN_TOKENS, cheap_recompute
 from .resume import read_checkpoint, write_checkpoint
 from .methods import adapter_config, epochs_for, learning_rate, recipe_for, schedule_for
 from .moe import RouterLoad, apply_expert_presets
-from .optimizers import make_optimizer
+from .optimizers import make_optimizer, param_groups
 from .outputs import MetricsLog, prepare_output_dir, write_loss_curve
 from .preference_step import PreferenceRun
 from .schedule import make_scheduler
@@ -105,21 +105,6 @@ def _save_adapter(model, path: Path, dist: Distributed) -> Optional[Path]:
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _param_groups(model, weight_decay: float, lr: float, lora_plus_ratio: float = 0.0) -> list[dict]:
-    """Optimizer groups: no weight decay on biases and norms; with ``lora_plus_ratio`` (LoRA+) the
-    B matrices get ``lr × ratio``, everything else ``lr``."""
-    groups: dict[tuple[bool, bool], list] = {(True, False): []}  # the first group is always there
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decays = not (p.ndim < 2 or "norm" in name.lower() or name.endswith("bias"))
-        is_b = bool(lora_plus_ratio) and (".lora_B." in name or ".lora_embedding_B." in name)
-        groups.setdefault((decays, is_b), []).append(p)
-    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
-             "lr": lr * lora_plus_ratio if is_b else lr}
-            for (decays, is_b), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
 
 
 def planned_steps(lengths: list[int], cfg: TrainConfig, world: int = 1) -> tuple[int, int]:
@@ -285,7 +270,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     if dist.is_main and dist.world > 1:
         log(f"distributed: {dist.strategy} over {dist.world} processes")
     scored = ddp_loss if dist.sharded else model  # a sharded model runs only through its root
-    optimizer = make_optimizer(_param_groups(model, cfg.weight_decay, learning_rate(cfg), cfg.lora_plus_ratio),
+    optimizer = make_optimizer(param_groups(model, cfg.weight_decay, learning_rate(cfg), cfg.lora_plus_ratio),
                                cfg.optimizer, lr=learning_rate(cfg), weight_decay=cfg.weight_decay)
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
     scheduler = make_scheduler(optimizer, schedule_for(cfg), warmup, total_steps)

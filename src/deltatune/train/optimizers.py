@@ -6,6 +6,8 @@ each step dequantizes them, applies the ordinary AdamW update in float32 and qua
 again, so the states take 2 bytes per parameter instead of 8. With ``paged=True`` on CUDA
 the quantized states live in pinned CPU memory and visit the GPU only during ``step``.
 On CUDA, when bitsandbytes is installed, ``make_optimizer`` uses its fused optimizers.
+``param_groups`` splits the trainable parameters into the groups training gives them (no weight
+decay on biases and norms; LoRA+'s higher rate for B).
 """
 
 from __future__ import annotations
@@ -153,3 +155,18 @@ def _tensors(params: list) -> Iterable[torch.Tensor]:
             yield from item["params"]
         else:
             yield item
+
+
+def param_groups(model, weight_decay: float, lr: float, lora_plus_ratio: float = 0.0) -> list[dict]:
+    """Optimizer groups: no weight decay on biases and norms; with ``lora_plus_ratio`` (LoRA+) the
+    B matrices get ``lr × ratio``, everything else ``lr``."""
+    groups: dict[tuple[bool, bool], list] = {(True, False): []}  # the first group is always there
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decays = not (p.ndim < 2 or "norm" in name.lower() or name.endswith("bias"))
+        is_b = bool(lora_plus_ratio) and (".lora_B." in name or ".lora_embedding_B." in name)
+        groups.setdefault((decays, is_b), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": lr * lora_plus_ratio if is_b else lr}
+            for (decays, is_b), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))]
