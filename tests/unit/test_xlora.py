@@ -145,6 +145,32 @@ def test_generate_needs_use_cache_false(base, tmp_path):
         model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=True)
 
 
+def test_evaluation_generates_with_full_passes(base, tmp_path):
+    """deltatune eval's generation asks the model whether it can use a key/value cache: X-LoRA's
+    cannot, so its answers come from full passes (what use_cache=False gives); disabled, it can."""
+    from deltatune.data.tokenize import Example
+    from deltatune.evaluate.examples import EvalExample
+    from deltatune.evaluate.generation import cache_usable, generate
+
+    model = _xlora(base, _experts(base, tmp_path))
+    assert not cache_usable(model)
+    ids = sample_ids(batch=2, length=4)
+    examples = [EvalExample(i, "", row.tolist(), "", Example(row.tolist(), row.tolist())) for i, row in enumerate(ids)]
+
+    class Tokens:  # decodes ids as text, so the answers compare exactly
+        pad_token_id, eos_token_id = 0, 2
+
+        @staticmethod
+        def decode(row, skip_special_tokens=True):
+            return " ".join(str(int(t)) for t in row)
+
+    answers = generate(model, Tokens, examples, batch_size=2, max_new_tokens=3, seq2seq=False)
+    expected = model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0, eos_token_id=2)
+    assert answers == [Tokens.decode(row[4:]) for row in expected]
+    with dt.disable_adapters(model):
+        assert cache_usable(model)
+
+
 def test_bad_input_is_named(base, tmp_path):
     with pytest.raises(ValueError, match="XLoraConfig.adapters"):
         dt.XLoraConfig()

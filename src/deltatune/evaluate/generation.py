@@ -27,6 +27,12 @@ def _tasks(model, examples: list[EvalExample]):
     return use_task_ids(model, ids)
 
 
+def cache_usable(model) -> bool:
+    """Whether ``model`` can generate from a key/value cache: not while an adapter computes from the
+    whole sequence at every call (X-LoRA's scaling pass, which PEFT too runs without a cache)."""
+    return not any(m.needs_full_passes() for m in model.modules() if hasattr(m, "needs_full_passes"))
+
+
 def _shortest_first(lengths: list[int]) -> list[int]:
     """Indices ordered by length, so each batch pads its rows to similar lengths (less
     padding computed); results are put back in the original order."""
@@ -36,12 +42,13 @@ def _shortest_first(lengths: list[int]) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, examples: list[EvalExample], batch_size: int, max_new_tokens: int,
              seq2seq: bool, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
-    """Greedy (or sampled) continuations, batched with the KV cache, stopping at EOS; in the
-    order of ``examples`` (batched by prompt length)."""
+    """Greedy (or sampled) continuations, batched with the KV cache (full passes where the model's
+    adapter needs them), stopping at EOS; in the order of ``examples`` (batched by prompt length)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = _device(model)
     order = _shortest_first([len(e.input_ids) for e in examples])
     outputs: list[str] = [""] * len(examples)
+    use_cache = cache_usable(model)
     for start in range(0, len(order), batch_size):
         picked = order[start:start + batch_size]
         chunk = [examples[i].input_ids for i in picked]
@@ -58,7 +65,7 @@ def generate(model, tokenizer, examples: list[EvalExample], batch_size: int, max
         with _tasks(model, [examples[i] for i in picked]):
             out = model.generate(input_ids=input_ids, attention_mask=torch.tensor(mask, device=device),
                                  max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=use_cache, **sampling)
         new = out if seq2seq else out[:, width:]
         for i, row in zip(picked, new):
             outputs[i] = tokenizer.decode(row, skip_special_tokens=True).strip()

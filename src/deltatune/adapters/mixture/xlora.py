@@ -173,6 +173,11 @@ class XLoraGates(AdapterContainer):
     def attach(self, model: nn.Module) -> None:
         self._handle = model.register_forward_pre_hook(self._scaling_pass, with_kwargs=True)
 
+    def needs_full_passes(self) -> bool:
+        """A live X-LoRA adapter reads the whole sequence at every call: generation must run
+        without a key/value cache (``evaluate.generation`` asks this)."""
+        return self._live() is not None
+
     def detach(self) -> None:
         if self._handle is not None:
             self._handle.remove()
