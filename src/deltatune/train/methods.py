@@ -60,9 +60,11 @@ RECIPES: dict[str, MethodRecipe] = {
     # validation data
     "waveft": MethodRecipe("WAVEFT", 1e-4, {"n_frequency": 2592, "scaling": 25.0, "wavelet_family": "db1"}),
     "nola": MethodRecipe("NOLA", 5e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
-    # RoAd: 1e-3, road_2, groups of 64 on q/v (PEFT's docs and its MetaMathQA experiment
-    # road/llama-3.2-3B-lr_0.001); not yet chosen on validation data
-    "road": MethodRecipe("ROAD", 1e-3, {"variant": "road_2", "group_size": 64}),
+    # RoAd: road_2, groups of 64 on q/v (PEFT's docs and its MetaMathQA experiment
+    # road/llama-3.2-3B-lr_0.001). Rate chosen on validation data from that 1e-3 by `deltatune compare
+    # --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 6.4e-2, the walk's fourth and last rate,
+    # still improving
+    "road": MethodRecipe("ROAD", 6.4e-2, {"variant": "road_2", "group_size": 64}),
     # DeLoRA: r=32, lambda 15, module_dropout 0.1 on q/v (PEFT's examples/delora_finetuning, lr 3e-3:
     # "10-100x larger learning rate than LoRA"). Rate chosen on validation data from that 3e-3 by
     # `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 1.88e-4, the walk's fourth and
@@ -111,18 +113,23 @@ RECIPES: dict[str, MethodRecipe] = {
     # (benchmarks/compare-cpu-catalogue.json): 6.4e-3, the walk's fourth and last rate, still improving
     "ln_tuning": MethodRecipe("LN_TUNING", 6.4e-3),
     # Trainable tokens: the rows of --adapter '{token_indices: [...]}' (required). PEFT publishes no
-    # rate for it; LoRA's 1e-3 here. Not yet chosen on validation data.
-    "trainable_tokens": MethodRecipe("TRAINABLE_TOKENS", 1e-3),
+    # rate for it. Chosen on validation data from LoRA's 1e-3 by `deltatune compare --lr-search 4
+    # --lr-search-tries 2` with token_indices [1, 2] (benchmarks/compare-cpu-catalogue.json): 4e-3, the
+    # second and last rate tried, still improving
+    "trainable_tokens": MethodRecipe("TRAINABLE_TOKENS", 4e-3),
     # LLaMA-Adapter (arXiv:2303.16199): lr 9e-3 and prompts of length 10 in the top 30 of LLaMA-7B's
-    # 32 layers; adapter_layers left unset means every layer here (the default model has 30).
-    # Not yet chosen on validation data.
-    "adaption_prompt": MethodRecipe("ADAPTION_PROMPT", 9e-3, {"adapter_len": 10}),
+    # 32 layers; adapter_layers left unset means every layer here (the default model has 30). Rate
+    # chosen on validation data from the paper's 9e-3 by `deltatune compare --lr-search 4`
+    # (benchmarks/compare-cpu-catalogue.json): 3.6e-2 (1.44e-1 diverged)
+    "adaption_prompt": MethodRecipe("ADAPTION_PROMPT", 3.6e-2, {"adapter_len": 10}),
     # BEFT: value-projection bias vectors (PEFT's default targets). PEFT's docs give no learning
     # rate; 3e-3 follows the other vector-only recipe here ((IA)³). Not yet chosen on validation data.
     "beft": MethodRecipe("BEFT", 3e-3),
     # FourierFT: n_frequency 1000 and scaling 300 on q/v as in PEFT's MetaMathQA comparison
-    # (method_comparison/MetaMathQA/experiments/fourierft); lr 1e-3 not yet chosen on validation data
-    "fourierft": MethodRecipe("FOURIERFT", 1e-3, {"n_frequency": 1000, "scaling": 300.0,
+    # (method_comparison/MetaMathQA/experiments/fourierft). Rate chosen on validation data from its 1e-3
+    # by `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 6.4e-2, the walk's
+    # fourth and last rate, still improving
+    "fourierft": MethodRecipe("FOURIERFT", 6.4e-2, {"n_frequency": 1000, "scaling": 300.0,
                                                   "target_modules": ["q_proj", "v_proj"]}),
     # SHiRA: r 32, random_seed 42 on q/v as in PEFT's MetaMathQA comparison
     # (method_comparison/MetaMathQA/experiments/shira/llama-3.2-3B-lr_0.0003-random_seed_42). Rate chosen on
@@ -176,9 +183,11 @@ RECIPES: dict[str, MethodRecipe] = {
     "osf": MethodRecipe("OSF", 5e-6, {"effective_rank": 0.5}, epochs=2.0),
     # X-LoRA: mixes existing LoRA adapters, which --adapter must name (name -> adapter folder):
     # --adapter '{adapters: {"0": out/a/adapter, "1": out/b/adapter}}' (without them the config says so).
-    # PEFT's defaults (a one-layer classifier, softmax over the experts, frozen experts); lr 1e-3 is
-    # deltatune's LoRA rate (the classifier is a small head), not yet chosen on validation data
-    "xlora": MethodRecipe("XLORA", 1e-3),
+    # PEFT's defaults (a one-layer classifier, softmax over the experts, frozen experts). Rate chosen on
+    # validation data from deltatune's LoRA rate 1e-3 by `deltatune compare --lr-search 4 --lr-search-tries 2`
+    # with benchmarks/xlora_experts.py's two experts (benchmarks/compare-cpu-catalogue.json): 4e-3, the
+    # second and last rate tried, still improving
+    "xlora": MethodRecipe("XLORA", 4e-3),
     # Poly / MHR: PEFT's Poly example (examples/poly/peft_poly_seq2seq_with_generate.ipynb: r=8, 2 skills,
     # 4 heads, lr 5e-5) with one task (the default job's records carry no task id: every row is task 0);
     # not yet chosen on validation data
