@@ -133,12 +133,7 @@ class LayerMethod(Method):
                 replace_module(model, key, layer)
             layer.add(name, config, key, from_file=from_file)
             layer.train(module.training)  # new submodules start in train mode; follow the model's
-        for key, module in saved:
-            wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-            if wrapper is not module:
-                replace_module(model, key, wrapper)
-            wrapper.add(name)
-            wrapper.train(module.training)
+        add_saved_copies(model, saved, name)
 
     def file_tensors(self, model: nn.Module, name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -165,3 +160,14 @@ def method_for(config: AdapterConfig) -> Method:
     if method is None:
         raise TypeError(f"unsupported config type {type(config).__name__}; known methods: {sorted(METHODS)}")
     return method
+
+
+def add_saved_copies(model: nn.Module, saved: list[tuple[str, nn.Module]], name: str) -> None:
+    """Give adapter ``name`` a trainable copy of each (key, module) in ``saved`` (PEFT's
+    ``modules_to_save``), wrapping a module the first time."""
+    for key, module in saved:
+        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
+        if wrapper is not module:
+            replace_module(model, key, wrapper)
+        wrapper.add(name)
+        wrapper.train(module.training)

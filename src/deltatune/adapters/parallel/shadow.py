@@ -36,10 +36,9 @@ from torch import nn
 from ...config import AdapterConfig
 from ...config.shadow import MIRROR, ShadowConfig
 from ...kernels import linear_cross_entropy
-from ...module_tree import replace_module
 from ...targeting import expand_target_modules, is_target, modules_to_save_targets
 from ..base import ModulesToSave
-from ..method import FILE_PREFIX, Method, register_method
+from ..method import FILE_PREFIX, Method, add_saved_copies, register_method
 from .shadow_networks import ShadowNetworks
 from .shadow_parts import ShadowBlockAdapters, decoder_stack, hidden_size, mirror_backbone
 
@@ -87,12 +86,7 @@ def _add_modules_to_save(model: nn.Module, config: ShadowConfig, name: str) -> N
     saved = modules_to_save_targets(model, config.modules_to_save or [])
     if config.modules_to_save and not saved:
         raise ValueError(f"ShadowConfig.modules_to_save={config.modules_to_save!r} matched no module")
-    for key, module in saved:
-        wrapper = module if isinstance(module, ModulesToSave) else ModulesToSave(module)
-        if wrapper is not module:
-            replace_module(model, key, wrapper)
-        wrapper.add(name)
-        wrapper.train(module.training)
+    add_saved_copies(model, saved, name)
 
 
 class ShadowMethod(Method):
