@@ -34,11 +34,24 @@ def _config(arch: str):
     raise ValueError(arch)
 
 
-def tiny_moe(arch: str = "qwen3_moe", seed: int = 0) -> torch.nn.Module:
+# (hidden, expert intermediate) widths whose rows are whole 64-value blocks: bitsandbytes' CPU
+# kernel decodes shorter rows wrongly on some CPUs (seen on an Intel Xeon, not on AMD EPYC)
+BNB_WIDTHS = (64, 128)
+
+
+def tiny_moe(arch: str = "qwen3_moe", seed: int = 0, widths: tuple[int, int] = (0, 0)) -> torch.nn.Module:
     """A fresh tiny MoE model of ``arch`` in eval mode; the same seed gives the same weights. Every
     parameter is drawn at random (routers and expert biases too: some start at zero), so that tokens
-    spread over the experts and biases are exercised."""
+    spread over the experts and biases are exercised. ``widths``: (hidden, expert intermediate),
+    0 for the defaults (32 and 16); tests that decode 4-bit experts with bitsandbytes use
+    ``BNB_WIDTHS``."""
     cls, config = _config(arch)
+    hidden, intermediate = widths
+    if hidden:
+        config.hidden_size = hidden
+    if intermediate:
+        field = "moe_intermediate_size" if arch == "qwen3_moe" else "intermediate_size"
+        setattr(config, field, intermediate)
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():

@@ -26,7 +26,7 @@ from deltatune.quant.experts import install_float, packed_bytes, quantize_expert
 from deltatune.targeting_experts import expert_parameters
 from peft_roundtrip import assert_same_gradients
 from tiny_models import eval_logits, randomize_adapter, sample_ids
-from tiny_moe import MOE_ARCHS, tiny_moe
+from tiny_moe import BNB_WIDTHS, MOE_ARCHS, tiny_moe
 
 peft = pytest.importorskip("peft")
 bnb_parametrize = pytest.importorskip("bitsandbytes.nn.parametrize")
@@ -35,13 +35,13 @@ ATOL = 1e-5
 
 
 def _ours(arch: str):
-    model = tiny_moe(arch)
+    model = tiny_moe(arch, widths=BNB_WIDTHS)
     quantize_experts(model, "nf4", 64, True)
     return model
 
 
 def _bnb(arch: str):
-    model = tiny_moe(arch)
+    model = tiny_moe(arch, widths=BNB_WIDTHS)
     for key, name in expert_parameters(model):
         bnb_parametrize.replace_parameter_4bit(model.get_submodule(key), name, compress_statistics=True,
                                                quant_type="nf4", blocksize=64)
@@ -128,13 +128,13 @@ def test_both_parameters_either_nesting_and_decoded_path(arch, tmp_path, parity_
     theirs.save_pretrained(tmp_path / "peft")
     their_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     inner = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"
-    assert their_file[inner].shape[1] == 16  # PEFT on 4 bits: down_proj (in: the intermediate width) inside
+    assert their_file[inner].shape[1] == BNB_WIDTHS[1]  # PEFT on 4 bits: down_proj (in: the intermediate width) inside
     ours = dt.load_adapter(_ours(arch), tmp_path / "peft")
     ids = sample_ids()
     four_bit = eval_logits(ours, ids)
     dt.save_adapter(ours, tmp_path / "ours")
     our_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(our_file) == sorted(their_file) and our_file[inner].shape[1] == 32  # the module's order
+    assert sorted(our_file) == sorted(their_file) and our_file[inner].shape[1] == BNB_WIDTHS[0]  # the module's order
     assert dt.load_adapter(_ours(arch), tmp_path / "ours") is not None  # and that reads back too
     decoded = copy.deepcopy(ours)
     for key, name, found in quantized_experts(decoded):
@@ -145,7 +145,7 @@ def test_both_parameters_either_nesting_and_decoded_path(arch, tmp_path, parity_
         (eval_logits(decoded, ids) - four_bit).abs().max().item()
     assert diff <= ATOL
     # a file written on the 4-bit base loads on the full-precision base, in deltatune and in PEFT
-    full = tiny_moe(arch)
+    full = tiny_moe(arch, widths=BNB_WIDTHS)
     on_full = dt.load_adapter(copy.deepcopy(full), tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

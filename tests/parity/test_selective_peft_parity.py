@@ -185,9 +185,10 @@ def test_two_token_adapters_switch_route_and_merge(tmp_path):
         single[name] = eval_logits(model, ids)
     with dt.adapter_per_row(model, ["b", None, "a"]):
         routed = eval_logits(model, ids)
-    torch.testing.assert_close(routed[0], single["b"][0], atol=1e-6, rtol=0)
+    # rows computed in a batch of other shapes sum in another order: float32 rounding, not a wrong row
+    torch.testing.assert_close(routed[0], single["b"][0], atol=1e-5, rtol=0)
     assert torch.equal(routed[1], eval_logits(base, ids)[1])
-    torch.testing.assert_close(routed[2], single["a"][2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(routed[2], single["a"][2], atol=1e-5, rtol=0)
     dt.set_adapter(model, "a")
     dt.merge(model, verbose=False)
     assert model.model.embed_tokens.base_layer.weight is not model.lm_head.base_layer.weight  # merged privately

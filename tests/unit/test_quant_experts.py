@@ -14,7 +14,7 @@ from deltatune.quant.blockwise import quantize_4bit
 from deltatune.quant.experts import Dequantize4bit, packed_bytes, quantize_experts, quantized_experts
 from deltatune.targeting_experts import expert_parameters, matched_parameters
 from tiny_models import eval_logits, sample_ids
-from tiny_moe import EXPERT_TARGETS, MOE_ARCHS, tiny_moe, tiny_moe_dir
+from tiny_moe import BNB_WIDTHS, EXPERT_TARGETS, MOE_ARCHS, tiny_moe, tiny_moe_dir
 
 
 def _bnb_quantized(model):
@@ -27,10 +27,10 @@ def _bnb_quantized(model):
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_same_bytes_keys_and_logits_as_bitsandbytes(arch):
-    ours = tiny_moe(arch)
+    ours = tiny_moe(arch, widths=BNB_WIDTHS)
     names = quantize_experts(ours, "nf4", 64, True)
     assert len(names) == 4 and all(n.endswith(("gate_up_proj", "down_proj")) for n in names)
-    theirs = _bnb_quantized(tiny_moe(arch))
+    theirs = _bnb_quantized(tiny_moe(arch, widths=BNB_WIDTHS))
     ours_sd = {k: v for k, v in ours.state_dict().items() if ".experts." in k}
     theirs_sd = {k: v for k, v in theirs.state_dict().items() if ".experts." in k}
     assert sorted(ours_sd) == sorted(theirs_sd)
