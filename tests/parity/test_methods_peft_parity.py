@@ -34,15 +34,19 @@ CASES = {
     "vera-no-projection-qwen2": ("qwen2", "VeraConfig", dict(target_modules=["q_proj", "v_proj"], r=6,
                                                              save_projection=False, projection_prng_key=7)),
     "vera-gpt2": ("gpt2", "VeraConfig", dict(target_modules=["c_attn", "c_fc"], r=16, fan_in_fan_out=True)),
+    # trained biases travel in the file (PEFT saves them for every tuner's bias option)
+    "adalora-bias-qwen2": ("qwen2", "AdaLoraConfig", dict(target_modules=["q_proj", "v_proj", "up_proj"], init_r=4,
+                                                          target_r=2, total_step=10, bias="lora_only")),
+    "adalora-all-biases-gpt2": ("gpt2", "AdaLoraConfig", dict(target_modules=["c_attn"], init_r=4, target_r=2,
+                                                              total_step=10, bias="all", fan_in_fan_out=True)),
 }
 ATOL = 1e-5
 
 
 def _peft_model(base, case):
     _, cls, kwargs = CASES[case]
-    extra = {"init_weights": False} if cls != "IA3Config" else {"init_ia3_weights": False}
-    if cls == "VeraConfig":
-        extra = {}
+    extra = {"IA3Config": {"init_ia3_weights": False}, "VeraConfig": {},
+             "AdaLoraConfig": {"init_lora_weights": False}}.get(cls, {"init_weights": False})
     extra = {k: v for k, v in extra.items() if k not in kwargs}
     return peft.get_peft_model(copy.deepcopy(base), getattr(peft, cls)(**kwargs, **extra))
 

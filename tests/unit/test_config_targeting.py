@@ -8,6 +8,7 @@ import torch
 
 import deltatune as dt
 from deltatune.adapters import LoraLayer
+from deltatune.config.base import CONFIG_REGISTRY, TargetedConfig
 from deltatune.targeting import find_targets
 from tiny_models import tiny_model
 
@@ -118,3 +119,18 @@ def test_long_target_lists_are_recorded_by_shortest_suffixes_like_peft():
     listed = copy.deepcopy(base)
     dt.add_adapter(listed, dt.LoraConfig(r=2, target_modules=full))
     assert sorted(dt.adapter_ops.get_state(listed).configs["default"].to_dict()["target_modules"]) == sorted(recorded)
+
+
+_OMITTING = sorted((cls for cls in CONFIG_REGISTRY.values()
+                    if issubclass(cls, TargetedConfig) and {"exclude_modules", "modules_to_save"} & set(cls.omitted_fields)),
+                   key=lambda cls: cls.peft_type)
+
+
+@pytest.mark.parametrize("cls", _OMITTING, ids=lambda cls: cls.peft_type)
+def test_targeting_fields_a_method_cannot_save_are_refused(cls):
+    # Saving drops a field the method's PEFT files lack, so accepting it would change the adapter on reload.
+    omitted = [name for name in ("exclude_modules", "modules_to_save") if name in cls.omitted_fields]
+    for name in omitted:
+        with pytest.raises(ValueError, match=f"{cls.__name__}.{name}: PEFT's {cls.peft_type} files have no such"):
+            cls(**{name: ["q_proj"]})
+    assert len(_OMITTING) >= 15  # the check covers the catalogue, not one class

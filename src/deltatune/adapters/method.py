@@ -18,7 +18,8 @@ from ..config import AdapterConfig, TargetedConfig
 from ..module_tree import replace_module
 from ..targeting import expand_target_modules, find_targets, modules_to_save_targets
 from ..targeting_experts import warn_untargeted_experts
-from .base import AdapterLayer, ModulesToSave
+from .base import AdapterLayer, ModulesToSave, adapter_layers, base_parameters
+from .linear_base import check_linear_like
 
 FILE_PREFIX = "base_model.model."
 
@@ -94,12 +95,54 @@ class MethodConflict(TypeError):
     """A targeted module already holds adapters of another method (one method per module)."""
 
 
-class LayerMethod(Method):
-    """A method that wraps each targeted module in ``layer_class`` (made by ``make_layer``)."""
+def _trained_biases(model: nn.Module, name: str, bias: str, layer_class: type,
+                    only: str) -> Iterator[tuple[str, nn.Parameter]]:
+    """(key, bias) that an adapter with ``bias`` = ``"all"`` or ``only`` trains."""
+    if bias == "all":
+        base = {id(p) for _, p in base_parameters(model)}
+        # every name of a shared bias (layer_replication's copies), as PEFT's state dict has them
+        for key, p in model.named_parameters(remove_duplicate=False):
+            if key.endswith("bias") and id(p) in base:
+                yield key, p
+    elif bias == only:
+        for key, layer in adapter_layers(model):
+            b = getattr(getattr(layer, "base_layer", None), "bias", None)
+            if isinstance(layer, layer_class) and layer.has_adapter(name) and b is not None:
+                yield f"{key}.base_layer.bias", b
 
-    def __init__(self, layer_class: type[AdapterLayer], make_layer: Callable[[nn.Module, AdapterConfig, str], AdapterLayer]):
+
+class LayerMethod(Method):
+    """A method that wraps each targeted module in ``layer_class`` (made by ``make_layer``).
+
+    ``bias_only``: the config's ``bias`` value (``"lora_only"``, ``"hra_only"``…) that trains the
+    biases of the wrapped layers; with it, ``bias="all"`` trains every base bias. Trained biases are
+    saved in the file, as PEFT saves them. Empty for methods whose configs have no such choice.
+    """
+
+    bias_only = ""  # a subclass may set it here instead of passing it
+
+    def __init__(self, layer_class: type[AdapterLayer],
+                 make_layer: Optional[Callable[[nn.Module, AdapterConfig, str], AdapterLayer]] = None,
+                 bias_only: str = ""):
         self.layer_class = layer_class
-        self.make_layer = make_layer
+        self.make_layer = make_layer or self._make
+        if bias_only:
+            self.bias_only = bias_only
+
+    def _make(self, module: nn.Module, config: AdapterConfig, key: str) -> AdapterLayer:
+        """The layer when no ``make_layer`` is given: ``layer_class(module)`` around a linear-like module."""
+        check_linear_like(module, config.peft_type)
+        return self.layer_class(module)
+
+    def trained_biases(self, model: nn.Module, name: str, config: AdapterConfig) -> Iterator[tuple[str, nn.Parameter]]:
+        """(key, bias) of the base biases adapter ``name`` trains (``bias_only``)."""
+        if not self.bias_only:
+            return iter(())
+        return _trained_biases(model, name, getattr(config, "bias", "none"), self.layer_class, self.bias_only)
+
+    def extra_parameters(self, model: nn.Module, name: str, config: AdapterConfig) -> Iterator[nn.Parameter]:
+        for _, p in self.trained_biases(model, name, config):
+            yield p
 
     def prepare(self, model: nn.Module, config: AdapterConfig) -> None:
         assert isinstance(config, TargetedConfig)
@@ -144,6 +187,8 @@ class LayerMethod(Method):
             elif isinstance(layer, self.layer_class) and layer.has_adapter(name):
                 for sub, tensor in layer.file_tensors(name).items():
                     out[f"{FILE_PREFIX}{key}.{sub}"] = tensor
+        for key, p in self.trained_biases(model, name, config):
+            out[FILE_PREFIX + key] = p
         return out
 
 

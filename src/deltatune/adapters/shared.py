@@ -7,13 +7,14 @@ them once), and each layer reaches them through a plain reference, not a submodu
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 from torch import nn
 
 from ..module_tree import AddedModule
 from ..targeting import find_targets
+from .base import AdapterContainer
 from .linear_base import check_linear_like
 from .method import LayerMethod
 
@@ -40,6 +41,60 @@ class SharedTensors(AddedModule):
         for key in [k for k, owner in self.owners.items() if owner == adapter]:
             del self._buffers[key]
             del self.owners[key]
+
+
+class TrainedOncePerAdapter(AdapterContainer):
+    """What an adapter trains once for all its layers, held at the model level (Uni-LoRA's θ,
+    VB-LoRA's vector bank, TinyLoRA's vectors per group): ``getattr(self, attribute)[adapter]`` is
+    a parameter, or a ``ParameterDict`` of them. ``attribute`` is the name PEFT gives it."""
+
+    stands_for_base = False
+    attribute: ClassVar[str] = ""
+
+    def __init__(self, per_adapter: nn.Module) -> None:
+        super().__init__()
+        setattr(self, self.attribute, per_adapter)  # an nn.ParameterDict or nn.ModuleDict
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.row_plan = None
+
+    @property
+    def _held(self) -> nn.Module:
+        return getattr(self, self.attribute)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._held.keys())
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        if name in self._held:
+            entry = self._held[name]
+            yield from entry.values() if isinstance(entry, nn.ParameterDict) else (entry,)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self._held:
+            del self._held[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+
+class UnsavedBuffers(nn.Module):
+    """Tensors per adapter name, held as buffers (they follow ``model.to``) that stay out of the
+    model's state dict: the adapter's file carries them, or they are rebuilt."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._buffers[name]
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self.register_buffer(name, tensor, persistent=False)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._buffers
+
+    def __delitem__(self, name: str) -> None:
+        del self._buffers[name]
+
+    def keys(self):
+        return self._buffers.keys()
 
 
 def shared_tensors(model: nn.Module, create: bool = True) -> Optional[SharedTensors]:

@@ -90,7 +90,17 @@ class TargetedConfig(AdapterConfig):
         if isinstance(getattr(self, "layers_to_transform", None), int):
             self.layers_to_transform = [self.layers_to_transform]
         _check_patterns(self)
+        _check_omitted_targeting(self)
         super().__post_init__()
+
+
+def _check_omitted_targeting(config: TargetedConfig) -> None:
+    """Refuse a targeting field that this method's PEFT files do not carry: saving would drop it
+    and the reloaded adapter would wrap other modules."""
+    for name in ("exclude_modules", "modules_to_save"):
+        if name in config.omitted_fields and getattr(config, name):
+            raise ValueError(f"{type(config).__name__}.{name}: PEFT's {config.peft_type} files have no such "
+                             "field; name the modules in target_modules instead")
 
 
 def _check_patterns(config: TargetedConfig) -> None:

@@ -36,6 +36,3 @@ class BeftConfig(TargetedConfig):
     def validate(self) -> None:
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"BeftConfig.init_weights must be true or false, got {self.init_weights!r}")
-        if self.exclude_modules is not None:
-            raise ValueError("BeftConfig.exclude_modules is not a field of PEFT's BeftConfig (files could not "
-                             "carry it); name the target_modules instead")

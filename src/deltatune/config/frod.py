@@ -67,8 +67,6 @@ class FrodConfig(TargetedConfig):
         # a ridge: it keeps each (QᵢᵀQᵢ + αI) invertible (0 is allowed, as PEFT allows it)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha < float("inf"):
             raise ValueError(f"{owner}.regularization_alpha must be a finite number of at least 0, got {alpha!r}")
-        if self.exclude_modules:
-            raise ValueError(f"{owner}.exclude_modules: PEFT's FRoD files have no such field; name the targets instead")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{owner}.layers_pattern is only meaningful together with layers_to_transform")
         if self.layers_to_transform is not None and isinstance(self.target_modules, str) \

@@ -86,9 +86,6 @@ class RandLoraConfig(TargetedConfig):
 
     def validate(self) -> None:
         check_positive_int("RandLoraConfig", "r", self.r)
-        if self.exclude_modules:
-            raise ValueError("RandLoraConfig.exclude_modules: PEFT's RandLoRA files have no such field; "
-                             "name the targets instead")
         check_probability("RandLoraConfig", "randlora_dropout", self.randlora_dropout)
         _check_bias("RandLoraConfig", self.bias, "randlora_only")
         _check_layers("RandLoraConfig", self)
@@ -214,9 +211,6 @@ class PveraConfig(TargetedConfig):
 
     def validate(self) -> None:
         check_positive_int("PveraConfig", "r", self.r)
-        if self.exclude_modules:
-            raise ValueError("PveraConfig.exclude_modules: PEFT's PVeRA files have no such field; "
-                             "name the targets instead")
         check_probability("PveraConfig", "pvera_dropout", self.pvera_dropout)
         _check_bias("PveraConfig", self.bias, "pvera_only")
         _check_layers("PveraConfig", self)
@@ -255,9 +249,6 @@ class GraloraConfig(TargetedConfig):
             raise ValueError(f"GraloraConfig.r ({self.r}) must be a multiple of gralora_k ({self.gralora_k})")
         if not isinstance(self.hybrid_r, int) or isinstance(self.hybrid_r, bool) or self.hybrid_r < 0:
             raise ValueError(f"GraloraConfig.hybrid_r must be a non-negative integer, got {self.hybrid_r!r}")
-        if self.exclude_modules:
-            raise ValueError("GraloraConfig.exclude_modules: PEFT's GraLoRA files have no such field; "
-                             "name the targets instead")
         check_probability("GraloraConfig", "gralora_dropout", self.gralora_dropout)
         _check_bias("GraloraConfig", self.bias, "gralora_only")
         _check_layers("GraloraConfig", self)
@@ -296,9 +287,6 @@ class UniLoraConfig(TargetedConfig):
         check_positive_int("UniLoraConfig", "theta_d_length", self.theta_d_length)
         if not 0 <= self.proj_seed < 2 ** 63:
             raise ValueError(f"UniLoraConfig.proj_seed must be a non-negative integer, got {self.proj_seed!r}")
-        if self.exclude_modules:
-            raise ValueError("UniLoraConfig.exclude_modules: PEFT's Uni-LoRA files have no such field; "
-                             "name the targets instead")
         check_probability("UniLoraConfig", "unilora_dropout", self.unilora_dropout)
         if not self.init_theta_d_bound > 0:
             raise ValueError(f"UniLoraConfig.init_theta_d_bound must be positive, got {self.init_theta_d_bound!r}")
@@ -351,9 +339,6 @@ class TinyLoraConfig(TargetedConfig):
             raise ValueError(f"TinyLoraConfig.init_v_bound must be positive, got {self.init_v_bound!r}")
         if not (isinstance(self.init_weights, bool) or self.init_weights == "uniform"):
             raise ValueError(f"TinyLoraConfig.init_weights must be true, false or 'uniform', got {self.init_weights!r}")
-        if self.exclude_modules:
-            raise ValueError("TinyLoraConfig.exclude_modules: PEFT's TinyLoRA files have no such field; "
-                             "name the targets instead")
         check_probability("TinyLoraConfig", "tinylora_dropout", self.tinylora_dropout)
         _check_bias("TinyLoraConfig", self.bias, "tinylora_only")
         _check_layers("TinyLoraConfig", self)

@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from .base import AdapterConfig, TargetedConfig, check_positive_int, check_probability, register_config
+from .base import (
+    AdapterConfig,
+    TargetedConfig,
+    check_positive_int,
+    check_probability,
+    register_config,
+)
 from .lora import LoraConfig
 
 
@@ -125,8 +131,6 @@ class VeraConfig(TargetedConfig):
 
     def validate(self) -> None:
         check_positive_int("VeraConfig", "r", self.r)
-        if self.exclude_modules:
-            raise ValueError("VeraConfig.exclude_modules: PEFT's VeRA files have no such field; name the targets instead")
         check_probability("VeraConfig", "vera_dropout", self.vera_dropout)
         if self.bias not in ("none", "all", "vera_only"):
             raise ValueError(f"VeraConfig.bias must be 'none', 'all' or 'vera_only', got {self.bias!r}")

@@ -36,5 +36,3 @@ class RoadConfig(TargetedConfig):
         check_positive_int("RoadConfig", "group_size", self.group_size)
         if self.group_size % 2:
             raise ValueError(f"RoadConfig.group_size must be even (elements are paired), got {self.group_size}")
-        if self.exclude_modules:
-            raise ValueError("RoadConfig.exclude_modules: PEFT's RoAd files have no such field; name the targets instead")

@@ -4,7 +4,7 @@ norm layers) and trainable tokens (chosen rows of the embedding). PEFT's field n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Optional, Union  # Union: field annotations are resolved at run time
 
 from .base import TargetedConfig, register_config
 
@@ -83,10 +83,6 @@ class TrainableTokensConfig(TargetedConfig):
     def validate(self) -> None:
         check_token_indices("TrainableTokensConfig", "token_indices", self.token_indices)
         self.token_indices = list(self.token_indices)
-        for name in self.omitted_fields:
-            if getattr(self, name):
-                raise ValueError(f"TrainableTokensConfig.{name}: PEFT's trainable tokens have no such field; "
-                                 "name the embedding layers in target_modules")
 
 
 def check_lora_token_indices(config: Any) -> None:

@@ -90,8 +90,6 @@ class ShiraConfig(TargetedConfig):
         check_positive_int("ShiraConfig", "r", self.r)
         if not isinstance(self.mask_type, str):
             raise ValueError(f"ShiraConfig.mask_type must be a string, got {self.mask_type!r}")
-        if self.exclude_modules:
-            raise ValueError("ShiraConfig.exclude_modules: PEFT's SHiRA files have no such field; name the targets instead")
 
 
 MISS_INITS = (True, False, "bat", "mini")
@@ -156,8 +154,6 @@ class C3AConfig(TargetedConfig):
         if not any(self.init_weights is v or (isinstance(v, str) and self.init_weights == v) for v in C3A_INITS):
             raise ValueError("C3AConfig.init_weights must be true, false, 'gaussian', 'kaiming_uniform' or "
                              f"'xavier_uniform', got {self.init_weights!r}")
-        if self.exclude_modules:
-            raise ValueError("C3AConfig.exclude_modules: PEFT's C3A files have no such field; name the targets instead")
         _check_bias("C3AConfig", self.bias, "c3a_only")
         _check_pattern("C3AConfig", "block_size_pattern", self.block_size_pattern)
         _check_layers("C3AConfig", self)
@@ -210,9 +206,6 @@ class SupertuningConfig(TargetedConfig):
         elif self.lora_alpha is not None:
             raise ValueError(f"{owner}.lora_alpha is set but r is None; the LoRA part (Supra) needs an explicit r")
         check_probability(owner, "lora_dropout", self.lora_dropout)
-        if self.exclude_modules:
-            raise ValueError(f"{owner}.exclude_modules: PEFT's Super-Tuning files have no such field; "
-                             "name the targets instead")
 
 
 GLORA_AB_KINDS = ("lora", "vector", "constant", "none")
@@ -252,7 +245,4 @@ class GloraConfig(TargetedConfig):
                                  f"got {getattr(self, name)!r}")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"GloraConfig.init_weights must be true or false, got {self.init_weights!r}")
-        if self.exclude_modules:
-            raise ValueError("GloraConfig.exclude_modules: PEFT's GLoRA files have no such field; "
-                             "name the targets instead")
         _check_bias("GloraConfig", self.bias, "glora_only")

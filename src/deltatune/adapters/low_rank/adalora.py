@@ -20,7 +20,6 @@ from torch import nn
 from ...config import AdaLoraConfig
 from ..base import adapter_layers
 from ..linear_base import LinearAdapterLayer, check_linear_like
-from .lora_method import trained_biases
 from ..method import FILE_PREFIX, LayerMethod, register_method
 
 _EPS = 1e-5
@@ -153,7 +152,7 @@ class RankAllocator:
 
 class AdaLoraMethod(LayerMethod):
     def __init__(self) -> None:
-        super().__init__(AdaLoraLinear, self._make)
+        super().__init__(AdaLoraLinear, self._make, bias_only="lora_only")
         self._allocators: "weakref.WeakKeyDictionary[nn.Module, dict[str, RankAllocator]]" = weakref.WeakKeyDictionary()
 
     @staticmethod
@@ -163,10 +162,6 @@ class AdaLoraMethod(LayerMethod):
 
     def remove(self, model: nn.Module, name: str) -> None:
         self._allocators.get(model, {}).pop(name, None)
-
-    def extra_parameters(self, model: nn.Module, name: str, config: AdaLoraConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, AdaLoraLinear, "lora_only"):
-            yield p
 
     def file_tensors(self, model: nn.Module, name: str, config: AdaLoraConfig) -> dict[str, torch.Tensor]:
         """Live tensors, or the kept triplets only when training has masked ranks (as PEFT saves)."""

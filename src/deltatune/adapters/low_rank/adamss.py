@@ -26,10 +26,10 @@ from ...config.adamss import AdamssConfig
 from ..base import adapter_layers
 from ..linear_base import LinearAdapterLayer, check_plain_linear
 from ..method import FILE_PREFIX, LayerMethod, register_method
+from ..shared import UnsavedBuffers
 from .adamss_asa import SubspaceAllocator
 from .adamss_init import decompose, start_factors, subspace_rank
 from .tinylora import stored_dtype
-from .unilora import FixedTensors
 
 
 class AdamssLinear(LinearAdapterLayer):
@@ -41,8 +41,8 @@ class AdamssLinear(LinearAdapterLayer):
         super().__init__(base_layer)
         self.adamss_A = nn.ModuleDict()  # name -> ParameterList, one (r_k, R) factor per cluster
         self.adamss_B = nn.ModuleDict()  # name -> ParameterList, one (rows_k, r_k) factor per cluster
-        self.adamss_newB = FixedTensors()  # frozen Vᵀ, rounded to the base's dtype; files carry it
-        self.adamss_rows = FixedTensors()  # each output row's position among the clusters' outputs
+        self.adamss_newB = UnsavedBuffers()  # frozen Vᵀ, rounded to the base's dtype; files carry it
+        self.adamss_rows = UnsavedBuffers()  # each output row's position among the clusters' outputs
         self.cluster_rows: dict[str, list[int]] = {}  # rows per cluster: what a file's B must have
         self.frozen: dict[str, set[int]] = {}  # clusters ASA stopped training
 

@@ -12,7 +12,6 @@ goes through ``module_dropout`` first, as PEFT applies it. Files hold ``delora_A
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -20,8 +19,7 @@ from torch import nn
 from ...config.low_rank import DeloraConfig
 from ...targeting import pattern_value
 from ..linear_base import LinearAdapterLayer, check_linear_like
-from ..method import FILE_PREFIX, LayerMethod, register_method
-from .lora_method import trained_biases
+from ..method import LayerMethod, register_method
 
 _NORM_FLOOR = 1e-4  # keeps a zero row or column (B starts at zero) from dividing by zero
 
@@ -127,21 +125,15 @@ class DeloraLinear(LinearAdapterLayer):
 
 class DeloraMethod(LayerMethod):
     def __init__(self) -> None:
-        super().__init__(DeloraLinear, self._make)
+        super().__init__(DeloraLinear, self._make, bias_only="delora_only")
 
     @staticmethod
     def _make(module: nn.Module, config: DeloraConfig, key: str) -> DeloraLinear:
         check_linear_like(module, "DeLoRA")
         return DeloraLinear(module)
 
-    def extra_parameters(self, model: nn.Module, name: str, config: DeloraConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, DeloraLinear, "delora_only"):
-            yield p
-
     def file_tensors(self, model: nn.Module, name: str, config: DeloraConfig) -> dict[str, torch.Tensor]:
         out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, DeloraLinear, "delora_only"):
-            out[FILE_PREFIX + key] = p
         return out
 
 

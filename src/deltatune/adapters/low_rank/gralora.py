@@ -13,15 +13,13 @@ up to ``r·k`` overall. With ``hybrid_r`` > 0, ``gralora_A_general`` (hybrid_r, 
 from __future__ import annotations
 
 import math
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from ...config import GraloraConfig
 from ..linear_base import WeightDeltaLayer, check_linear_like
-from ..method import FILE_PREFIX, LayerMethod, register_method
-from .lora_method import trained_biases
+from ..method import LayerMethod, register_method
 
 
 class GraloraLinear(WeightDeltaLayer):
@@ -114,21 +112,15 @@ class GraloraLinear(WeightDeltaLayer):
 
 class GraloraMethod(LayerMethod):
     def __init__(self) -> None:
-        super().__init__(GraloraLinear, self._make)
+        super().__init__(GraloraLinear, self._make, bias_only="gralora_only")
 
     @staticmethod
     def _make(module: nn.Module, config: GraloraConfig, key: str) -> GraloraLinear:
         check_linear_like(module, "GraLoRA")
         return GraloraLinear(module, config.fan_in_fan_out)
 
-    def extra_parameters(self, model: nn.Module, name: str, config: GraloraConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, GraloraLinear, "gralora_only"):
-            yield p
-
     def file_tensors(self, model: nn.Module, name: str, config: GraloraConfig) -> dict[str, torch.Tensor]:
         out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, GraloraLinear, "gralora_only"):
-            out[FILE_PREFIX + key] = p
         return out
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -11,47 +11,37 @@ from torch import nn
 from ...config import AdapterConfig, LoraConfig
 from ...config.lora_experts import check_target_parameters
 from ...targeting_experts import convert_former_moe_targets, warn_untargeted_experts
-from ..base import adapter_layers, base_parameters
 from ..method import FILE_PREFIX, LayerMethod, register_method
 from ..selective.trainable_tokens import add_lora_token_rows, lora_token_tensors
-from .moe_inject import (align_nesting, expert_file_tensors, inject_lora_parameters, parameters_only,
-                         targets_modules)
 from .lora import LoraLayer, make_lora_layer
 from .lora_options.alora import attach_alora, detach_alora
 from .lora_options.arrow import attach_arrow
 from .lora_options.bdlora import attach_bdlora
-from .lora_options.kasa import attach_kasa, regularization as kasa_regularization
+from .lora_options.kasa import attach_kasa
+from .lora_options.kasa import regularization as kasa_regularization
 from .lora_options.layer_replication import replicate_layers, restore_layers
-from .lora_options.monteclora import attach_monteclora, regularization as monteclora_regularization
+from .lora_options.monteclora import attach_monteclora
+from .lora_options.monteclora import regularization as monteclora_regularization
 from .lora_options.qalora import attach_qalora, match_file_layout
 from .lora_options.velora import attach_velora
+from .moe_inject import (
+    align_nesting,
+    expert_file_tensors,
+    inject_lora_parameters,
+    parameters_only,
+    targets_modules,
+)
 
 # PEFT stores the full base weight of the input/output embedding when the config names one
 # of these (its "save_embedding_layers" rule), e.g. for adapters trained on a resized vocabulary.
 _EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
-def trained_biases(model: nn.Module, name: str, bias: str, layer_class: type,
-                   only: str) -> Iterator[tuple[str, nn.Parameter]]:
-    """(key, bias) that an adapter with ``bias`` = ``"all"`` or ``only`` trains."""
-    if bias == "all":
-        base = {id(p) for _, p in base_parameters(model)}
-        # every name of a shared bias (layer_replication's copies), as PEFT's state dict has them
-        for key, p in model.named_parameters(remove_duplicate=False):
-            if key.endswith("bias") and id(p) in base:
-                yield key, p
-    elif bias == only:
-        for key, layer in adapter_layers(model):
-            b = getattr(getattr(layer, "base_layer", None), "bias", None)
-            if isinstance(layer, layer_class) and layer.has_adapter(name) and b is not None:
-                yield f"{key}.base_layer.bias", b
-
-
 class LoraMethod(LayerMethod):
     """LoRA/DoRA layers, plus the biases and embedding weights PEFT saves with them."""
 
     def __init__(self) -> None:
-        super().__init__(LoraLayer, make_lora_layer)
+        super().__init__(LoraLayer, make_lora_layer, bias_only="lora_only")
 
     def prepare(self, model: nn.Module, config: AdapterConfig) -> None:
         assert isinstance(config, LoraConfig)
@@ -110,16 +100,9 @@ class LoraMethod(LayerMethod):
         detach_alora(model, name)
         restore_layers(model)
 
-    def extra_parameters(self, model: nn.Module, name: str, config: AdapterConfig) -> Iterator[nn.Parameter]:
-        assert isinstance(config, LoraConfig)
-        for _, p in trained_biases(model, name, config.bias, LoraLayer, "lora_only"):
-            yield p
-
     def file_tensors(self, model: nn.Module, name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
         assert isinstance(config, LoraConfig)
         out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, LoraLayer, "lora_only"):
-            out[FILE_PREFIX + key] = p
         out.update({FILE_PREFIX + k: v for k, v in _embedding_base_weights(model, name, config).items()})
         out.update(lora_token_tensors(model, name))
         out.update(expert_file_tensors(model, name, FILE_PREFIX))

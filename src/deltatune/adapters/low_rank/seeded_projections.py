@@ -5,30 +5,21 @@ and the base biases that ``bias="all"`` / ``"<method>_only"`` trains beside the 
 
 from __future__ import annotations
 
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..method import FILE_PREFIX
 from ..shared import SharedTensorMethod, shared_tensors
-from .lora_method import trained_biases
 
 
 class SeededProjectionMethod(SharedTensorMethod):
     """A shared-tensor method whose tensors are seeded projections saved under ``projection_keys``."""
 
     projection_keys: ClassVar[dict[str, str]] = {}  # shared tensor kind -> file key
-    bias_only: ClassVar[str] = ""  # the config's bias value that trains the adapted layers' biases only
-
-    def extra_parameters(self, model: nn.Module, name: str, config) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, self.layer_class, self.bias_only):
-            yield p
 
     def file_tensors(self, model: nn.Module, name: str, config) -> dict[str, torch.Tensor]:
         out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, self.layer_class, self.bias_only):
-            out[FILE_PREFIX + key] = p
         if config.save_projection:
             holder = shared_tensors(model, create=False)
             for kind, key in self.projection_keys.items():

@@ -26,41 +26,22 @@ import torch
 from torch import nn
 
 from ...config.low_rank import TinyLoraConfig
-from ..base import AdapterContainer
 from ..linear_base import LinearAdapterLayer, check_linear_like
 from ..method import FILE_PREFIX, LayerMethod, register_method
-from .lora_method import trained_biases
-from .unilora import FixedTensors
+from ..shared import TrainedOncePerAdapter, UnsavedBuffers
 
 VECTORS_ATTR = "deltatune_tinylora_v"
 V_PREFIX = "base_model.tinylora_v."
 FIXED_KINDS = ("tinylora_A", "tinylora_B", "tinylora_P")
 
 
-class TinyVectors(AdapterContainer):
+class TinyVectors(TrainedOncePerAdapter):
     """Each TinyLoRA adapter's trained vectors, one per group of layers: ``tinylora_v[adapter][group]``."""
 
-    stands_for_base = False
+    attribute = "tinylora_v"
 
     def __init__(self) -> None:
-        super().__init__()
-        self.tinylora_v = nn.ModuleDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.row_plan = None
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.tinylora_v.keys())
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        if name in self.tinylora_v:
-            yield from self.tinylora_v[name].values()
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.tinylora_v:
-            del self.tinylora_v[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        super().__init__(nn.ModuleDict())
 
 
 def svd_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +82,7 @@ class TinyLoraLinear(LinearAdapterLayer):
     def __init__(self, base_layer: nn.Module, vectors: TinyVectors, fan_in_fan_out: bool = False):
         super().__init__(base_layer, fan_in_fan_out)
         for kind in FIXED_KINDS:
-            setattr(self, kind, FixedTensors())
+            setattr(self, kind, UnsavedBuffers())
         self.tinylora_dropout = nn.ModuleDict()
         self.vectors = (vectors,)  # a reference, not a submodule: the vectors are registered once on the model
         self.r: dict[str, int] = {}
@@ -191,7 +172,7 @@ class _EndingWith(set):
 
 class TinyLoraMethod(LayerMethod):
     def __init__(self) -> None:
-        super().__init__(TinyLoraLinear, self._make)
+        super().__init__(TinyLoraLinear, self._make, bias_only="tinylora_only")
         self._vectors: Optional[TinyVectors] = None
 
     def _make(self, module: nn.Module, config: TinyLoraConfig, key: str) -> TinyLoraLinear:
@@ -240,10 +221,6 @@ class TinyLoraMethod(LayerMethod):
         if not vectors.adapter_names:
             delattr(model, VECTORS_ATTR)
 
-    def extra_parameters(self, model: nn.Module, name: str, config: TinyLoraConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, TinyLoraLinear, "tinylora_only"):
-            yield p
-
     def file_tensors(self, model: nn.Module, name: str, config: TinyLoraConfig) -> dict[str, torch.Tensor]:
         out = super().file_tensors(model, name, config)  # A and B per layer, modules_to_save copies
         if config.save_projection:
@@ -251,8 +228,6 @@ class TinyLoraMethod(LayerMethod):
                 out[f"{FILE_PREFIX}{key}.tinylora_P"] = layer.tinylora_P[name]
         for group, v in getattr(model, VECTORS_ATTR).tinylora_v[name].items():
             out[V_PREFIX + group] = v
-        for key, p in trained_biases(model, name, config.bias, TinyLoraLinear, "tinylora_only"):
-            out[FILE_PREFIX + key] = p
         return out
 
     def optional_file_keys(self, config: TinyLoraConfig) -> set[str]:

@@ -22,60 +22,25 @@ import torch
 from torch import nn
 
 from ...config.low_rank import UniLoraConfig
-from ..base import AdapterContainer
 from ..linear_base import LinearAdapterLayer, check_linear_like
 from ..method import FILE_PREFIX, LayerMethod, register_method
-from .lora_method import trained_biases
+from ..shared import TrainedOncePerAdapter, UnsavedBuffers
 
 THETA_ATTR = "deltatune_unilora_theta"
 THETA_KEY = "base_model.unilora_theta_d"
 INDEX_KINDS = ("unilora_indices_A", "unilora_indices_B", "unilora_scales_A", "unilora_scales_B")
 
 
-class ThetaVectors(AdapterContainer):
+class ThetaVectors(TrainedOncePerAdapter):
     """Each Uni-LoRA adapter's shared vector: the one trained tensor all its layers read."""
 
-    stands_for_base = False
+    attribute = "unilora_theta_d"
 
     def __init__(self) -> None:
-        super().__init__()
-        self.unilora_theta_d = nn.ParameterDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.row_plan = None
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.unilora_theta_d.keys())
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        if name in self.unilora_theta_d:
-            yield self.unilora_theta_d[name]
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.unilora_theta_d:
-            del self.unilora_theta_d[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        super().__init__(nn.ParameterDict())
 
 
-class FixedTensors(nn.Module):
-    """Fixed tensors per adapter name, as buffers (they follow ``model.to``) kept out of the
-    model's state dict: the adapter's file carries them, or they are rebuilt."""
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._buffers[name]
-
-    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(name, tensor, persistent=False)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._buffers
-
-    def __delitem__(self, name: str) -> None:
-        del self._buffers[name]
-
-    def keys(self):
-        return self._buffers.keys()
 
 
 def assign_indices(count: int, length: int, seed: int) -> torch.Tensor:
@@ -96,7 +61,7 @@ class UniLoraLinear(LinearAdapterLayer):
     def __init__(self, base_layer: nn.Module, thetas: ThetaVectors, fan_in_fan_out: bool = False):
         super().__init__(base_layer, fan_in_fan_out)
         for kind in INDEX_KINDS:
-            setattr(self, kind, FixedTensors())
+            setattr(self, kind, UnsavedBuffers())
         self.unilora_dropout = nn.ModuleDict()
         self._thetas = (thetas,)  # a reference, not a submodule: the vectors are registered once on the model
 
@@ -157,7 +122,7 @@ def unilora_layers(model: nn.Module, name: str) -> list[tuple[str, UniLoraLinear
 
 class UniLoraMethod(LayerMethod):
     def __init__(self) -> None:
-        super().__init__(UniLoraLinear, self._make)
+        super().__init__(UniLoraLinear, self._make, bias_only="unilora_only")
         self._thetas: Optional[ThetaVectors] = None
 
     def _make(self, module: nn.Module, config: UniLoraConfig, key: str) -> UniLoraLinear:
@@ -213,10 +178,6 @@ class UniLoraMethod(LayerMethod):
         if not thetas.adapter_names:
             delattr(model, THETA_ATTR)
 
-    def extra_parameters(self, model: nn.Module, name: str, config: UniLoraConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, UniLoraLinear, "unilora_only"):
-            yield p
-
     def file_tensors(self, model: nn.Module, name: str, config: UniLoraConfig) -> dict[str, torch.Tensor]:
         out = super().file_tensors(model, name, config)  # modules_to_save copies
         if config.save_indices:
@@ -224,8 +185,6 @@ class UniLoraMethod(LayerMethod):
                 for sub, tensor in layer.file_tensors(name, with_indices=True).items():
                     out[f"{FILE_PREFIX}{key}.{sub}"] = tensor
         out[THETA_KEY] = getattr(model, THETA_ATTR).unilora_theta_d[name]
-        for key, p in trained_biases(model, name, config.bias, UniLoraLinear, "unilora_only"):
-            out[FILE_PREFIX + key] = p
         return out
 
     def optional_file_keys(self, config: UniLoraConfig) -> set[str]:

@@ -13,47 +13,29 @@ a file rebuilds logits that are −∞ outside the top k, which gives the same f
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ...config.low_rank import VBLoRAConfig
 from ...targeting import find_targets
-from ..base import AdapterContainer
 from ..linear_base import LinearAdapterLayer, check_linear_like
 from ..method import FILE_PREFIX, LayerMethod, register_method
-from .lora_method import trained_biases
+from ..shared import TrainedOncePerAdapter
 
 BANK_ATTR = "deltatune_vblora_banks"
 BANK_KEY = "base_model.vblora_vector_bank"
 LOGITS = ("vblora_logits_A", "vblora_logits_B")
 
 
-class VectorBanks(AdapterContainer):
+class VectorBanks(TrainedOncePerAdapter):
     """Each VB-LoRA adapter's vector bank: a trained tensor that all its layers read."""
 
-    stands_for_base = False
+    attribute = "vblora_vector_bank"
 
     def __init__(self) -> None:
-        super().__init__()
-        self.vblora_vector_bank = nn.ParameterDict()
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.row_plan = None
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.vblora_vector_bank.keys())
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        if name in self.vblora_vector_bank:
-            yield self.vblora_vector_bank[name]
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.vblora_vector_bank:
-            del self.vblora_vector_bank[name]
-        self.active_adapters = [a for a in self.active_adapters if a != name]
+        super().__init__(nn.ParameterDict())
 
 
 def index_dtype(num_vectors: int) -> torch.dtype:
@@ -166,7 +148,7 @@ class VBLoRALinear(LinearAdapterLayer):
 
 class VBLoRAMethod(LayerMethod):
     def __init__(self) -> None:
-        super().__init__(VBLoRALinear, self._make)
+        super().__init__(VBLoRALinear, self._make, bias_only="vblora_only")
         self._banks: Optional[VectorBanks] = None
 
     def _make(self, module: nn.Module, config: VBLoRAConfig, key: str) -> VBLoRALinear:
@@ -200,15 +182,9 @@ class VBLoRAMethod(LayerMethod):
         if not banks.adapter_names:
             delattr(model, BANK_ATTR)
 
-    def extra_parameters(self, model: nn.Module, name: str, config: VBLoRAConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, VBLoRALinear, "vblora_only"):
-            yield p
-
     def file_tensors(self, model: nn.Module, name: str, config: VBLoRAConfig) -> dict[str, torch.Tensor]:
         out = super().file_tensors(model, name, config)
         out[BANK_KEY] = getattr(model, BANK_ATTR).vblora_vector_bank[name]
-        for key, p in trained_biases(model, name, config.bias, VBLoRALinear, "vblora_only"):
-            out[FILE_PREFIX + key] = p
         return out
 
     def prepare_load(self, model: nn.Module, name: str, config: VBLoRAConfig,

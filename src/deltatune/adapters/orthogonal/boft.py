@@ -22,9 +22,15 @@ import torch
 from torch import nn
 
 from ...config import AdapterConfig, BOFTConfig
-from ..method import FILE_PREFIX, register_method
-from .layer import InputMapLayer, InputMapMethod
-from .maps import cayley, dropped_blocks_mask, identity_blocks, permute_features, rotate_blocks
+from ..method import FILE_PREFIX, LayerMethod, register_method
+from .layer import InputMapLayer
+from .maps import (
+    cayley,
+    dropped_blocks_mask,
+    identity_blocks,
+    permute_features,
+    rotate_blocks,
+)
 
 
 def boft_blocks(in_features: int, config: BOFTConfig, key: str) -> tuple[int, int]:
@@ -145,11 +151,11 @@ class BOFTLinear(InputMapLayer):
         return x
 
 
-class BOFTMethod(InputMapMethod):
+class BOFTMethod(LayerMethod):
     """BOFT layers; also reads PEFT's one-factor files (see the module docstring)."""
 
     def __init__(self) -> None:
-        super().__init__(BOFTLinear, "boft_only")
+        super().__init__(BOFTLinear, bias_only="boft_only")
 
     def prepare_load(self, model: nn.Module, name: str, config: AdapterConfig,
                      tensors: dict[str, torch.Tensor]) -> None:

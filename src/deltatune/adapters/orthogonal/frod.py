@@ -24,7 +24,6 @@ A 4-bit base is decomposed from its dequantized weight (PEFT cannot decompose a 
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -32,11 +31,9 @@ from torch.nn import functional as F
 
 from ...config.frod import FrodConfig
 from ..linear_base import LinearAdapterLayer, check_linear_like
-from ..low_rank.lora_method import trained_biases
 from ..low_rank.tinylora import stored_dtype
-from ..low_rank.unilora import FixedTensors
-from ..method import FILE_PREFIX, LayerMethod, register_method
-from ..shared import SharedTensors, drop_shared, shared_tensors
+from ..method import LayerMethod, register_method
+from ..shared import SharedTensors, UnsavedBuffers, drop_shared, shared_tensors
 from .frod_basis import factor_weight, role_of, role_projections, sparse_count
 
 FILE_KINDS = {"frod_V": "base_model.frod_V.", "frod_s_indices": "base_model.frod_s_indices.",
@@ -53,7 +50,7 @@ class FrodLinear(LinearAdapterLayer):
         super().__init__(base_layer, fan_in_fan_out)
         self.frod_lambda_l = nn.ParameterDict()
         self.frod_lambda_s_values = nn.ParameterDict()
-        self.frod_U = FixedTensors()  # frozen, recomputed from the base weight on every load
+        self.frod_U = UnsavedBuffers()  # frozen, recomputed from the base weight on every load
         self.frod_dropout = nn.ModuleDict()
         self.role: dict[str, str] = {}
         self._shared = (shared,)  # a reference, not a submodule: the holder is registered once on the model
@@ -195,7 +192,7 @@ class FrodMethod(LayerMethod):
     """FRoD behind the Method protocol: the shared bases per module role, then one layer per target."""
 
     def __init__(self) -> None:
-        super().__init__(FrodLinear, self._make)
+        super().__init__(FrodLinear, self._make, bias_only="frod_only")
         self._holder: SharedTensors | None = None
 
     def _make(self, module: nn.Module, config: FrodConfig, key: str) -> FrodLinear:
@@ -250,10 +247,6 @@ class FrodMethod(LayerMethod):
     def remove(self, model: nn.Module, name: str) -> None:
         drop_shared(model, name)
 
-    def extra_parameters(self, model: nn.Module, name: str, config: FrodConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, FrodLinear, "frod_only"):
-            yield p
-
     def _roles(self, model: nn.Module, name: str) -> list[str]:
         return sorted({layer.role[name] for _, layer in frod_layers(model, name)})
 
@@ -264,8 +257,6 @@ class FrodMethod(LayerMethod):
             for role in self._roles(model, name):
                 for kind, prefix in FILE_KINDS.items():
                     out[prefix + role] = holder.get(f"{kind}_{role}", name)
-        for key, p in trained_biases(model, name, config.bias, FrodLinear, "frod_only"):
-            out[FILE_PREFIX + key] = p
         return out
 
     def prepare_load(self, model: nn.Module, name: str, config: FrodConfig,

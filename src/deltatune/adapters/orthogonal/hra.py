@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ...config import HRAConfig
-from ..method import register_method
-from .layer import InputMapLayer, InputMapMethod
+from ..method import LayerMethod, register_method
+from .layer import InputMapLayer
 from .maps import gram_schmidt, householder_product
 
 
@@ -77,4 +77,4 @@ def _initialise(vectors: torch.Tensor, symmetric: bool, key: str) -> None:
     nn.init.kaiming_uniform_(vectors, a=math.sqrt(5))
 
 
-register_method("HRA", InputMapMethod(HRALinear, "hra_only"))
+register_method("HRA", LayerMethod(HRALinear, bias_only="hra_only"))

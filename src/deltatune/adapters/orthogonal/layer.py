@@ -15,15 +15,12 @@ mapped by its own adapter before the one base call.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ...config import AdapterConfig
-from ..linear_base import LinearAdapterLayer, check_linear_like
-from ..low_rank.lora_method import trained_biases
-from ..method import FILE_PREFIX, LayerMethod
+from ..linear_base import LinearAdapterLayer
 
 
 class InputMapLayer(LinearAdapterLayer):
@@ -106,30 +103,3 @@ class InputMapLayer(LinearAdapterLayer):
         if scale is not None:
             merged = merged * scale.detach().float().to(weight.device).unsqueeze(-1)
         return self.canonical(merged)
-
-
-def make_input_map_layer(layer_class: type[InputMapLayer]):
-    """The ``make_layer`` of a ``LayerMethod`` for an input-map method."""
-    def make(module: nn.Module, config: AdapterConfig, key: str) -> InputMapLayer:
-        check_linear_like(module, config.peft_type)
-        return layer_class(module)
-    return make
-
-
-class InputMapMethod(LayerMethod):
-    """Layers of one ``InputMapLayer`` class plus the biases PEFT trains and saves with them
-    (``bias="all"``, or ``"<prefix>_only"``: the biases of the adapted layers)."""
-
-    def __init__(self, layer_class: type[InputMapLayer], only: str):
-        super().__init__(layer_class, make_input_map_layer(layer_class))
-        self.only = only
-
-    def extra_parameters(self, model: nn.Module, name: str, config: AdapterConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, self.layer_class, self.only):
-            yield p
-
-    def file_tensors(self, model: nn.Module, name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
-        out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, self.layer_class, self.only):
-            out[FILE_PREFIX + key] = p
-        return out

@@ -17,10 +17,17 @@ import torch
 from torch import nn
 
 from ...config import OFTConfig
-from ..method import register_method
-from .layer import InputMapLayer, InputMapMethod
-from .maps import cayley, cayley_neumann, clip_skew_norm, dropped_blocks_mask, identity_blocks, rotate_blocks, \
-    skew_from_upper
+from ..method import LayerMethod, register_method
+from .layer import InputMapLayer
+from .maps import (
+    cayley,
+    cayley_neumann,
+    clip_skew_norm,
+    dropped_blocks_mask,
+    identity_blocks,
+    rotate_blocks,
+    skew_from_upper,
+)
 
 
 def nearest_divisor(width: int, wanted: int) -> int:
@@ -117,4 +124,4 @@ class OFTLinear(InputMapLayer):
         return rotate_blocks(x, blocks)
 
 
-register_method("OFT", InputMapMethod(OFTLinear, "oft_only"))
+register_method("OFT", LayerMethod(OFTLinear, bias_only="oft_only"))

@@ -36,8 +36,8 @@ from ...config.osf import OSFConfig
 from ...targeting import ALL_LINEAR
 from ..linear_base import LinearAdapterLayer, check_plain_linear
 from ..low_rank.tinylora import stored_dtype
-from ..low_rank.unilora import FixedTensors
 from ..method import LayerMethod, register_method
+from ..shared import UnsavedBuffers
 
 
 def resolve_effective_rank(config: OSFConfig, key: str, min_dim: int) -> int:
@@ -94,8 +94,8 @@ class OsfLinear(LinearAdapterLayer):
         super().__init__(base_layer)
         self.osf_svd_params = nn.ModuleDict()  # name -> {U_low, S_low, V_low}: PEFT's file keys
         # frozen, never saved: the low part at the SVD, and the high factors that are not square
-        self.osf_U0, self.osf_S0, self.osf_V0 = FixedTensors(), FixedTensors(), FixedTensors()
-        self.osf_U_high, self.osf_V_high = FixedTensors(), FixedTensors()
+        self.osf_U0, self.osf_S0, self.osf_V0 = UnsavedBuffers(), UnsavedBuffers(), UnsavedBuffers()
+        self.osf_U_high, self.osf_V_high = UnsavedBuffers(), UnsavedBuffers()
         self.effective_rank: dict[str, int] = {}
 
     def _forget(self, name: str) -> None:

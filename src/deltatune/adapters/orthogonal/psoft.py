@@ -15,8 +15,6 @@ factors bit for bit. A 4-bit base is decomposed from its dequantized weight (PEF
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -24,8 +22,8 @@ from ...config.orthogonal import PsoftConfig
 from ...quant.layers import QuantLinear
 from ..linear_base import LinearAdapterLayer
 from ..low_rank.tinylora import stored_dtype
-from ..low_rank.unilora import FixedTensors
 from ..method import LayerMethod, register_method
+from ..shared import UnsavedBuffers
 from .maps import cayley, cayley_neumann, skew_from_upper
 
 
@@ -108,8 +106,8 @@ class PsoftLinear(LinearAdapterLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.psoft_R = nn.ModuleDict()
-        self.psoft_A = FixedTensors()  # frozen SVD factors, float32, never saved
-        self.psoft_B = FixedTensors()
+        self.psoft_A = UnsavedBuffers()  # frozen SVD factors, float32, never saved
+        self.psoft_B = UnsavedBuffers()
         self.psoft_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from ...config import C3AConfig
 from ..linear_base import WeightDeltaLayer
-from ..method import register_method
-from .common import BiasTrainingMethod, size_for
+from ..method import LayerMethod, register_method
+from .common import size_for
 
 
 def block_circulant_apply(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -86,4 +86,4 @@ class C3ALinear(WeightDeltaLayer):
         return (block_circulant_dense(kernel.float()) * self.scaling[name]).to(kernel.dtype)
 
 
-register_method("C3A", BiasTrainingMethod(C3ALinear, "c3a_only"))
+register_method("C3A", LayerMethod(C3ALinear, bias_only="c3a_only"))

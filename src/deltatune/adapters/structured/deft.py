@@ -11,15 +11,14 @@ and the adapted weight ``(I − Q_P·rightᵀ)·W + Q_P·s·R`` is ``W + ΔW`` w
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ...config import DeftConfig
 from ..linear_base import WeightDeltaLayer, check_linear_like
-from ..low_rank.lora_method import trained_biases
-from ..method import FILE_PREFIX, LayerMethod, register_method
+from ..method import LayerMethod, register_method
 
 
 class DeftLinear(WeightDeltaLayer):
@@ -113,21 +112,15 @@ class DeftLinear(WeightDeltaLayer):
 
 class DeftMethod(LayerMethod):
     def __init__(self) -> None:
-        super().__init__(DeftLinear, self._make)
+        super().__init__(DeftLinear, self._make, bias_only="deft_only")
 
     @staticmethod
     def _make(module: nn.Module, config: DeftConfig, key: str) -> DeftLinear:
         check_linear_like(module, "DEFT")
         return DeftLinear(module, config.fan_in_fan_out)
 
-    def extra_parameters(self, model: nn.Module, name: str, config: DeftConfig) -> Iterator[nn.Parameter]:
-        for _, p in trained_biases(model, name, config.bias, DeftLinear, "deft_only"):
-            yield p
-
     def file_tensors(self, model: nn.Module, name: str, config: DeftConfig) -> dict[str, torch.Tensor]:
         out = super().file_tensors(model, name, config)
-        for key, p in trained_biases(model, name, config.bias, DeftLinear, "deft_only"):
-            out[FILE_PREFIX + key] = p
         return out
 
 

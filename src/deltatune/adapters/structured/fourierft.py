@@ -13,8 +13,8 @@ from torch import nn
 
 from ...config import FourierFTConfig
 from ..linear_base import WeightDeltaLayer
-from ..method import register_method
-from .common import BiasTrainingMethod, size_for
+from ..method import LayerMethod, register_method
+from .common import size_for
 
 
 def spectrum_positions(out_features: int, in_features: int, n: int, seed: int) -> torch.Tensor:
@@ -65,4 +65,4 @@ class FourierFTLinear(WeightDeltaLayer):
         return (torch.fft.ifft2(dense).real * self.scaling[name]).to(spectrum.dtype)
 
 
-register_method("FOURIERFT", BiasTrainingMethod(FourierFTLinear, "fourier_only"))
+register_method("FOURIERFT", LayerMethod(FourierFTLinear, bias_only="fourier_only"))

@@ -20,8 +20,7 @@ from torch.nn import functional as F
 from ...config.structured import GloraConfig
 from ...quant.layers import QuantLinear
 from ..linear_base import LinearAdapterLayer
-from ..method import FILE_PREFIX, register_method
-from .common import BiasTrainingMethod
+from ..method import FILE_PREFIX, LayerMethod, register_method
 
 TERMS = ("A", "B", "C", "D", "E")
 
@@ -244,9 +243,9 @@ class GloraLinear(LinearAdapterLayer):
         return weight, bias
 
 
-class GloraMethod(BiasTrainingMethod):
+class GloraMethod(LayerMethod):
     def __init__(self) -> None:
-        super().__init__(GloraLinear, "glora_only")
+        super().__init__(GloraLinear, bias_only="glora_only")
 
     def _make(self, module: nn.Module, config: GloraConfig, key: str) -> GloraLinear:
         # PEFT's GLoRA wraps plain nn.Linear only; deltatune's 4-bit linears work too (W0 dequantized)

@@ -21,8 +21,7 @@ from torch import nn
 
 from ...config import MissConfig
 from ..linear_base import WeightDeltaLayer
-from ..method import register_method
-from .common import BiasTrainingMethod
+from ..method import LayerMethod, register_method
 
 
 def bat_delta(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -133,4 +132,4 @@ class MissLinear(WeightDeltaLayer):
         return self.canonical(current + self._delta_for(name, current).to(weight.device, torch.float32))
 
 
-register_method("MISS", BiasTrainingMethod(MissLinear, "MiSS_only"))
+register_method("MISS", LayerMethod(MissLinear, bias_only="MiSS_only"))

@@ -18,8 +18,8 @@ from torch import nn
 
 from ...config import AdapterConfig, ShiraConfig
 from ..linear_base import WeightDeltaLayer
-from ..method import FILE_PREFIX, register_method
-from .common import BiasTrainingMethod
+from ..method import FILE_PREFIX, LayerMethod, register_method
+from ..shared import UnsavedBuffers
 
 
 def random_positions(out_features: int, in_features: int, count: int, seed: Optional[int]) -> torch.Tensor:
@@ -31,21 +31,7 @@ def random_positions(out_features: int, in_features: int, count: int, seed: Opti
     return torch.stack([flat // in_features, flat % in_features]).to(torch.int32)
 
 
-class IndexBuffers(nn.Module):
-    """Integer tensors per adapter name, held as buffers (they follow ``model.to``) that stay out
-    of the model's state dict: the adapter's file carries them."""
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._buffers[name]
-
-    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
-        self.register_buffer(name, tensor, persistent=False)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._buffers
-
-    def __delitem__(self, name: str) -> None:
-        del self._buffers[name]
 
 
 class ShiraLinear(WeightDeltaLayer):
@@ -56,7 +42,7 @@ class ShiraLinear(WeightDeltaLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.shira_weight = nn.ParameterDict()
-        self.shira_indices = IndexBuffers()
+        self.shira_indices = UnsavedBuffers()
 
     def _forget(self, name: str) -> None:
         super()._forget(name)
@@ -95,11 +81,11 @@ class ShiraLinear(WeightDeltaLayer):
         return dense.index_put((rows, cols), values * self.scaling[name])
 
 
-class ShiraMethod(BiasTrainingMethod):
+class ShiraMethod(LayerMethod):
     """SHiRA's method: PEFT's SHiRA has no ``bias`` option, so no base bias is trained."""
 
     def __init__(self) -> None:
-        super().__init__(ShiraLinear, only="")
+        super().__init__(ShiraLinear)
 
     def prepare_load(self, model: nn.Module, name: str, config: AdapterConfig,
                      tensors: dict[str, torch.Tensor]) -> None:

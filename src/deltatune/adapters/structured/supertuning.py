@@ -27,7 +27,7 @@ from ...config import AdapterConfig, SupertuningConfig
 from ...quant.layers import QuantLinear
 from ..linear_base import WeightDeltaLayer
 from ..method import FILE_PREFIX, LayerMethod, register_method
-from .shira import IndexBuffers
+from ..shared import UnsavedBuffers
 
 
 def support_size(numel: int, sparsity: float) -> int:
@@ -50,7 +50,7 @@ class SupertuningLinear(WeightDeltaLayer):
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
         self.supertuning_values = nn.ParameterDict()
-        self.supertuning_indices = IndexBuffers()
+        self.supertuning_indices = UnsavedBuffers()
         self.supertuning_lora_A = nn.ModuleDict()
         self.supertuning_lora_B = nn.ModuleDict()
         self.supertuning_lora_dropout = nn.ModuleDict()

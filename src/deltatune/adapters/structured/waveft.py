@@ -19,9 +19,9 @@ from torch import nn
 from ...config import WaveFTConfig
 from ...targeting import find_targets
 from ..linear_base import WeightDeltaLayer
-from ..method import register_method
+from ..method import LayerMethod, register_method
 from ..shared import linear_in_out
-from .common import BiasTrainingMethod, size_for
+from .common import size_for
 from .fourierft import spectrum_positions
 from .wavelets import inverse_dwt2
 
@@ -82,11 +82,11 @@ class WaveFTLinear(WeightDeltaLayer):
         return full[top:top + out_features, left:left + in_features]
 
 
-class WaveFTMethod(BiasTrainingMethod):
+class WaveFTMethod(LayerMethod):
     """WaveFT layers; ``proportional_parameters`` sizes each layer before they are made."""
 
     def __init__(self) -> None:
-        super().__init__(WaveFTLinear, "waveft_only")
+        super().__init__(WaveFTLinear, bias_only="waveft_only")
 
     def inject(self, model: nn.Module, config: WaveFTConfig, name: str, from_file: bool) -> None:
         if config.proportional_parameters:
