@@ -285,7 +285,7 @@ def method_properties_table(report: dict) -> str:
     for name in COMPARE_FILES:
         path = Path(__file__).parent / name
         if path.exists():
-            compared.update({row["method"]: row for row in json.loads(path.read_text()) if "error" not in row})
+            compared.update({row["method"]: row for row in json.loads(path.read_text())})
     total = report["total_parameters_default_model"]
     rows = []
     for m in report["methods"]:
@@ -293,7 +293,12 @@ def method_properties_table(report: dict) -> str:
         share = f"{trainable:,} ({100 * trainable / total:.2g}%)" if isinstance(trainable, int) else trainable
         parity = f"{m['parity_worst']:.0e}" if m["parity_worst"] else ("0" if m["parity_worst"] == 0 else "no PEFT case")
         c = compared.get(m["method"])
-        score = f"{c['rougeL']:.3f} / {c['exact_match']:.3f}" if c else "not yet compared"
+        if c is None:
+            score = "not yet compared"
+        elif "error" in c:  # e.g. BitFit: the default model has no biases
+            score = f"cannot run on the default job: {c['error']}"
+        else:
+            score = f"{c['rougeL']:.3f} / {c['exact_match']:.3f}"
         rows.append([f"`{m['method']}`", f"`{m['config']}`", share, parity, m["merge"], m["routing"], m["nf4"], score])
     return _table(["method", "config", "trainable on the default model", "PEFT parity (worst abs logit diff)",
                    "merge (merged vs unmerged)", "per-row routing", "NF4 base", "compare: ROUGE-L / exact (test)"], rows)

@@ -52,3 +52,9 @@ def test_rates_are_on_a_three_digit_grid():
 def test_bad_settings_are_named(factor, tries, message):
     with pytest.raises(ValueError, match=message):
         search_rate(lambda lr: 1.0, 1e-3, factor, tries)
+
+
+def test_two_failed_starts_end_the_walk():
+    # e.g. BitFit on a model without biases: every rate fails the same way, so trying more wastes runs
+    chosen, seen, tried = _walk({1e-3: None, 4e-3: None, 2.5e-4: 0.5}, 1e-3)
+    assert tried == [1e-3, 4e-3] and all(math.isinf(v) for v in seen.values())

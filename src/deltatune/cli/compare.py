@@ -212,6 +212,7 @@ def _searched_row(cfg: CompareConfig, method: str, folder: Path, log) -> dict:
     from ..train.methods import RECIPES
 
     runs: dict[float, tuple[Path, dict, Optional[float], Optional[float]]] = {}
+    failures: list[str] = []
     (folder / method).mkdir(parents=True, exist_ok=True)
 
     def validation_loss_at(lr: float) -> Optional[float]:
@@ -221,7 +222,8 @@ def _searched_row(cfg: CompareConfig, method: str, folder: Path, log) -> dict:
             log_path = folder / method / f"lr-{lr:g}.log"
             code, wall, rss = _run_process(_train_command(cfg, method, out, lr, final_eval=False), log_path)
             if code != 0:
-                log(f"{method} at lr {lr:g}: failed ({_last_line(log_path)})")
+                failures.append(_last_line(log_path))
+                log(f"{method} at lr {lr:g}: failed ({failures[-1]})")
                 return None
             summary = json.loads((out / "summary.json").read_text())
         runs[lr] = (out, summary, wall, rss)
@@ -231,7 +233,8 @@ def _searched_row(cfg: CompareConfig, method: str, folder: Path, log) -> dict:
     chosen, losses = search_rate(validation_loss_at, RECIPES[recipe_of(method)].lr, cfg.lr_search,
                                  cfg.lr_search_tries)
     if chosen not in runs:
-        return {"method": method, "error": "every rate tried failed", "validation_loss_by_lr": _by_lr(losses)}
+        return {"method": method, "error": f"every rate tried failed ({failures[-1] if failures else 'no run'})",
+                "validation_loss_by_lr": _by_lr(losses)}
     out, summary, wall, rss = runs[chosen]
     evaluation, split, eval_wall = _test_scores(out, folder / method / "eval.log")
     row = _row(method, out, {**summary, "evaluation_split": split}, evaluation,

@@ -22,7 +22,8 @@ def search_rate(validation_loss_at: Callable[[float], Optional[float]], start: f
     """(chosen rate, {rate: validation loss}) of the walk described in the module docstring.
 
     ``validation_loss_at(lr)`` trains at ``lr``; ``None`` or NaN (a failed or diverged run) counts as
-    infinitely bad, so the walk turns away from it.
+    infinitely bad, so the walk turns away from it; when both starting rates fail, the walk ends
+    there (the cause is not the rate, and the caller reports the failure).
     """
     if factor <= 1:
         raise ValueError(f"lr_search: the factor {factor} must be above 1")
@@ -37,7 +38,10 @@ def search_rate(validation_loss_at: Callable[[float], Optional[float]], start: f
 
     low, high = grid_rate(start), grid_rate(start * factor)
     low_loss = measure(low)
-    rising = measure(high) < low_loss
+    high_loss = measure(high)
+    if math.isinf(low_loss) and math.isinf(high_loss):
+        return low, losses  # both failed: the method cannot run here (a setting, not a rate)
+    rising = high_loss < low_loss
     current, step = (high, factor) if rising else (low, 1 / factor)
     while len(losses) < tries:
         following = grid_rate(current * step)
