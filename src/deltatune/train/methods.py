@@ -35,7 +35,9 @@ RECIPES: dict[str, MethodRecipe] = {
     # up to three passes): chosen on the validation splits of the default job and the docstring
     # task (benchmarks/sweep_defaults.py, docs/training.md)
     "lora": MethodRecipe("LORA", 1e-3, epochs=1.0, min_tokens=24_000),
-    # DyLoRA/QDyLoRA: LoRA's recipe; every step trains a rank drawn from 1..r (adapters/low_rank/dylora.py)
+    # DyLoRA/QDyLoRA: LoRA's recipe; every step trains a rank drawn from 1..r (adapters/low_rank/dylora.py).
+    # Its rate confirmed on validation data by `deltatune compare --lr-search 4 --lr-search-tries 3`
+    # (benchmarks/compare-cpu-catalogue.json): 1e-3 (4e-3 and 2.5e-4 were worse)
     "dylora": MethodRecipe("DYLORA", 1e-3, epochs=1.0, min_tokens=24_000),
     "dora": MethodRecipe("LORA", 2e-4, {"use_dora": True}),
     # LoHa, LoKr and AdaLoRA at 4e-3: chosen over 1e-3 by validation loss (benchmarks/choose_lr.py)
@@ -45,16 +47,20 @@ RECIPES: dict[str, MethodRecipe] = {
                                               "target_modules": "all-linear", "deltaT": 5}),
     "ia3": MethodRecipe("IA3", 3e-3),
     "vera": MethodRecipe("VERA", 1e-2, {"r": 256, "target_modules": "all-linear"}),
-    # HiRA: 4.5e-3, r=32 on q/v (the architecture's default targets), no dropout (PEFT's MetaMathQA
-    # experiment hira/llama-3.2-3B-rank32-lr4.5e-3, weight decay 0 there); not yet chosen on validation data
-    "hira": MethodRecipe("HIRA", 4.5e-3, {"r": 32}),
+    # HiRA: r=32 on q/v (the architecture's default targets), no dropout (PEFT's MetaMathQA experiment
+    # hira/llama-3.2-3B-rank32-lr4.5e-3, weight decay 0 there). Rate chosen on validation data from that
+    # experiment's 4.5e-3 by `deltatune compare --lr-search 4 --lr-search-tries 3`
+    # (benchmarks/compare-cpu-catalogue.json): 1.8e-2 (7.2e-2 diverged)
+    "hira": MethodRecipe("HIRA", 1.8e-2, {"r": 32}),
     # Lily: r=448, scaling 8, num_B 2, stride_A 14 (two A groups on Llama-3.2-3B's 28 layers) on q/v (the
     # architecture's default targets) at that benchmark's default rate 1e-4 (PEFT's MetaMathQA experiment
     # lily/llama-3.2-3B-rank448-a2-b2-s8.0); not yet chosen on validation data
     "lily": MethodRecipe("LILY", 1e-4, {"r": 448, "scaling": 8.0, "stride_A": 14, "num_B": 2}),
-    # PVeRA: VeRA's recipe above (PVeRA is VeRA with a sampled middle; PEFT ships no PVeRA example),
-    # generator_seed set so a run's noise is reproducible; not yet chosen on validation data
-    "pvera": MethodRecipe("PVERA", 1e-2, {"r": 256, "target_modules": "all-linear", "generator_seed": 0}),
+    # PVeRA: VeRA's settings above (PVeRA is VeRA with a sampled middle; PEFT ships no PVeRA example),
+    # generator_seed set so a run's noise is reproducible. Rate chosen on validation data from VeRA's 1e-2 by
+    # `deltatune compare --lr-search 4 --lr-search-tries 3` (benchmarks/compare-cpu-catalogue.json): 4e-2
+    # (1.6e-1 diverged)
+    "pvera": MethodRecipe("PVERA", 4e-2, {"r": 256, "target_modules": "all-linear", "generator_seed": 0}),
     # WaveFT: PEFT's MetaMathQA experiment waveft/llama-3.2-3B-default: the config's defaults (2592
     # coefficients, scaling 25, db1 on q/v) at that benchmark's default rate 1e-4; not yet chosen on
     # validation data
@@ -179,8 +185,9 @@ RECIPES: dict[str, MethodRecipe] = {
     # OSF: PEFT's continual-learning example (examples/orthogonal_subspace_learning: Llama-3.1-8B-Instruct,
     # the seven projections = the architecture's default targets, lr 5e-6, 2 epochs; its middle task keeps
     # effective_rank 0.5 frozen); the trained half of each SVD is a full-rank-like update, hence the low
-    # rate; not yet chosen on validation data
-    "osf": MethodRecipe("OSF", 5e-6, {"effective_rank": 0.5}, epochs=2.0),
+    # rate. Rate chosen on validation data from the example's 5e-6 by `deltatune compare --lr-search 8
+    # --lr-search-tries 3` (benchmarks/compare-cpu-catalogue.json): 4e-5 (3.2e-4 was worse)
+    "osf": MethodRecipe("OSF", 4e-5, {"effective_rank": 0.5}, epochs=2.0),
     # X-LoRA: mixes existing LoRA adapters, which --adapter must name (name -> adapter folder):
     # --adapter '{adapters: {"0": out/a/adapter, "1": out/b/adapter}}' (without them the config says so).
     # PEFT's defaults (a one-layer classifier, softmax over the experts, frozen experts). Rate chosen on
@@ -189,9 +196,10 @@ RECIPES: dict[str, MethodRecipe] = {
     # second and last rate tried, still improving
     "xlora": MethodRecipe("XLORA", 4e-3),
     # Poly / MHR: PEFT's Poly example (examples/poly/peft_poly_seq2seq_with_generate.ipynb: r=8, 2 skills,
-    # 4 heads, lr 5e-5) with one task (the default job's records carry no task id: every row is task 0);
-    # not yet chosen on validation data
-    "poly": MethodRecipe("POLY", 5e-5, {"r": 8, "n_skills": 2, "n_splits": 4, "n_tasks": 1}),
+    # 4 heads) with one task (the default job's records carry no task id: every row is task 0). Rate chosen
+    # on validation data from the example's 5e-5 by `deltatune compare --lr-search 8 --lr-search-tries 3`
+    # (benchmarks/compare-cpu-catalogue.json): 3.2e-3, the walk's third and last rate, still improving
+    "poly": MethodRecipe("POLY", 3.2e-3, {"r": 8, "n_skills": 2, "n_splits": 4, "n_tasks": 1}),
     # Multitask prompt tuning: 50 virtual tokens as PEFT's example (examples/conditional_generation/
     # multitask_prompt_tuning.ipynb, which starts from a TEXT prompt) with prompt tuning's SAMPLE_VOCAB start and
     # rate above, one task (every row is task 0); not yet chosen on validation data
@@ -206,9 +214,10 @@ RECIPES: dict[str, MethodRecipe] = {
                         epochs=5.0),
     # ShadowPEFT: PEFT's MetaMathQA experiment shadow/llama-3.2-3B-default (every block, r=8, alpha 0.1,
     # shadow loss 0.05, a one-layer backbone 32 wide with a 256 MLP) at that benchmark's default rate 1e-4,
-    # with 3 attention heads instead of 8 so that SmolLM2's 3 key/value heads divide them; not yet chosen
-    # on validation data
-    "shadow": MethodRecipe("SHADOW", 1e-4, {"r": 8, "shadow_alpha": 0.1, "auxiliary_loss_weight": 0.05,
+    # with 3 attention heads instead of 8 so that SmolLM2's 3 key/value heads divide them. Rate chosen on
+    # validation data from that benchmark's 1e-4 by `deltatune compare --lr-search 8 --lr-search-tries 3`
+    # (benchmarks/compare-cpu-catalogue.json): 6.4e-3, the walk's third and last rate, still improving
+    "shadow": MethodRecipe("SHADOW", 6.4e-3, {"r": 8, "shadow_alpha": 0.1, "auxiliary_loss_weight": 0.05,
                                             "shadow_num_hidden_layers": 1, "shadow_hidden_size": 32,
                                             "shadow_intermediate_size": 256, "shadow_num_attention_heads": 3}),
 }
