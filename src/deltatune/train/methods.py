@@ -86,12 +86,16 @@ RECIPES: dict[str, MethodRecipe] = {
     # divide. Rate chosen on validation data from that experiment's 5e-4 by `deltatune compare --lr-search 4`
     # (benchmarks/compare-cpu-catalogue.json): 3.2e-2, the walk's fourth and last rate, still improving
     "vblora": MethodRecipe("VBLORA", 3.2e-2, {"r": 4, "num_vectors": 256, "vector_length": 64, "topk": 2}),
-    # GraLoRA: 2e-4, r=32, alpha 64, gralora_k 2 on q/v (PEFT's MetaMathQA comparison
-    # gralora/llama-3.2-3B-rank32); not yet chosen on validation data
-    "gralora": MethodRecipe("GRALORA", 2e-4, {"r": 32, "alpha": 64, "gralora_k": 2}),
-    # Uni-LoRA: 2e-3, r=4, one vector of 131072 on q/v (PEFT's MetaMathQA comparison
-    # unilora/llama-3.2-3B-r4-td131072-lr0.002); not yet chosen on validation data
-    "unilora": MethodRecipe("UNILORA", 2e-3, {"r": 4, "theta_d_length": 131072}),
+    # GraLoRA: r=32, alpha 64, gralora_k 2 on q/v (PEFT's MetaMathQA comparison gralora/llama-3.2-3B-rank32).
+    # Rate chosen on validation data from that experiment's 2e-4 by `deltatune compare --lr-search 4
+    # --lr-search-tries 3` (benchmarks/compare-cpu-catalogue.json): 3.2e-3, the walk's third and last rate,
+    # still improving
+    "gralora": MethodRecipe("GRALORA", 3.2e-3, {"r": 32, "alpha": 64, "gralora_k": 2}),
+    # Uni-LoRA: r=4, one vector of 131072 on q/v (PEFT's MetaMathQA comparison
+    # unilora/llama-3.2-3B-r4-td131072-lr0.002). Rate chosen on validation data from that experiment's 2e-3
+    # by `deltatune compare --lr-search 4 --lr-search-tries 3` (benchmarks/compare-cpu-catalogue.json):
+    # 3.2e-2, the walk's third and last rate, still improving
+    "unilora": MethodRecipe("UNILORA", 3.2e-2, {"r": 4, "theta_d_length": 131072}),
     # TinyLoRA: r=2, u=64, no weight tying on q/v at the comparison's shared lr 1e-4 (PEFT's MetaMathQA
     # comparison tinylora/llama-3.2-3B-default; its weight_tying=1.0 variant ran at 1e-3); not yet chosen
     # on validation data
