@@ -6,13 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
-from .base import (
-    AdapterConfig,
-    TargetedConfig,
-    check_positive_int,
-    check_probability,
-    register_config,
-)
+from .base import AdapterConfig, TargetedConfig, check_positive_int, check_probability, register_config
 from .lora import LoraConfig
 
 

@@ -4,7 +4,7 @@ norm layers) and trainable tokens (chosen rows of the embedding). PEFT's field n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union  # Union: field annotations are resolved at run time
+from typing import Any, ClassVar, Optional, Union  # Union: inherited field annotations resolve in this module
 
 from .base import TargetedConfig, register_config
 

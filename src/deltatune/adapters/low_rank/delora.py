@@ -132,9 +132,5 @@ class DeloraMethod(LayerMethod):
         check_linear_like(module, "DeLoRA")
         return DeloraLinear(module)
 
-    def file_tensors(self, model: nn.Module, name: str, config: DeloraConfig) -> dict[str, torch.Tensor]:
-        out = super().file_tensors(model, name, config)
-        return out
-
 
 register_method("DELORA", DeloraMethod())

@@ -119,9 +119,5 @@ class GraloraMethod(LayerMethod):
         check_linear_like(module, "GraLoRA")
         return GraloraLinear(module, config.fan_in_fan_out)
 
-    def file_tensors(self, model: nn.Module, name: str, config: GraloraConfig) -> dict[str, torch.Tensor]:
-        out = super().file_tensors(model, name, config)
-        return out
-
 
 register_method("GRALORA", GraloraMethod())

@@ -13,24 +13,17 @@ from ...config.lora_experts import check_target_parameters
 from ...targeting_experts import convert_former_moe_targets, warn_untargeted_experts
 from ..method import FILE_PREFIX, LayerMethod, register_method
 from ..selective.trainable_tokens import add_lora_token_rows, lora_token_tensors
+from .moe_inject import (align_nesting, expert_file_tensors, inject_lora_parameters, parameters_only,
+                         targets_modules)
 from .lora import LoraLayer, make_lora_layer
 from .lora_options.alora import attach_alora, detach_alora
 from .lora_options.arrow import attach_arrow
 from .lora_options.bdlora import attach_bdlora
-from .lora_options.kasa import attach_kasa
-from .lora_options.kasa import regularization as kasa_regularization
+from .lora_options.kasa import attach_kasa, regularization as kasa_regularization
 from .lora_options.layer_replication import replicate_layers, restore_layers
-from .lora_options.monteclora import attach_monteclora
-from .lora_options.monteclora import regularization as monteclora_regularization
+from .lora_options.monteclora import attach_monteclora, regularization as monteclora_regularization
 from .lora_options.qalora import attach_qalora, match_file_layout
 from .lora_options.velora import attach_velora
-from .moe_inject import (
-    align_nesting,
-    expert_file_tensors,
-    inject_lora_parameters,
-    parameters_only,
-    targets_modules,
-)
 
 # PEFT stores the full base weight of the input/output embedding when the config names one
 # of these (its "save_embedding_layers" rule), e.g. for adapters trained on a resized vocabulary.

@@ -40,9 +40,6 @@ class ThetaVectors(TrainedOncePerAdapter):
         super().__init__(nn.ParameterDict())
 
 
-
-
-
 def assign_indices(count: int, length: int, seed: int) -> torch.Tensor:
     """``count`` slot numbers in [0, length): each slot ⌊count/length⌋ times, ``count % length``
     distinct slots once more, then shuffled; NumPy's ``default_rng(seed)`` draws as PEFT's do."""

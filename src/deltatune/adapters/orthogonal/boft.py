@@ -24,13 +24,7 @@ from torch import nn
 from ...config import AdapterConfig, BOFTConfig
 from ..method import FILE_PREFIX, LayerMethod, register_method
 from .layer import InputMapLayer
-from .maps import (
-    cayley,
-    dropped_blocks_mask,
-    identity_blocks,
-    permute_features,
-    rotate_blocks,
-)
+from .maps import cayley, dropped_blocks_mask, identity_blocks, permute_features, rotate_blocks
 
 
 def boft_blocks(in_features: int, config: BOFTConfig, key: str) -> tuple[int, int]:

@@ -19,15 +19,8 @@ from torch import nn
 from ...config import OFTConfig
 from ..method import LayerMethod, register_method
 from .layer import InputMapLayer
-from .maps import (
-    cayley,
-    cayley_neumann,
-    clip_skew_norm,
-    dropped_blocks_mask,
-    identity_blocks,
-    rotate_blocks,
-    skew_from_upper,
-)
+from .maps import cayley, cayley_neumann, clip_skew_norm, dropped_blocks_mask, identity_blocks, rotate_blocks, \
+    skew_from_upper
 
 
 def nearest_divisor(width: int, wanted: int) -> int:

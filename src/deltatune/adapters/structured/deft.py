@@ -119,9 +119,5 @@ class DeftMethod(LayerMethod):
         check_linear_like(module, "DEFT")
         return DeftLinear(module, config.fan_in_fan_out)
 
-    def file_tensors(self, model: nn.Module, name: str, config: DeftConfig) -> dict[str, torch.Tensor]:
-        out = super().file_tensors(model, name, config)
-        return out
-
 
 register_method("DEFT", DeftMethod())

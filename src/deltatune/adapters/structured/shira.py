@@ -31,9 +31,6 @@ def random_positions(out_features: int, in_features: int, count: int, seed: Opti
     return torch.stack([flat // in_features, flat % in_features]).to(torch.int32)
 
 
-
-
-
 class ShiraLinear(WeightDeltaLayer):
     """SHiRA around a linear-like layer; ``ΔW`` is scattered densely from the trained entries."""
 
