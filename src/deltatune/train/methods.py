@@ -54,17 +54,19 @@ RECIPES: dict[str, MethodRecipe] = {
     "hira": MethodRecipe("HIRA", 1.8e-2, {"r": 32}),
     # Lily: r=448, scaling 8, num_B 2, stride_A 14 (two A groups on Llama-3.2-3B's 28 layers) on q/v (the
     # architecture's default targets) at that benchmark's default rate 1e-4 (PEFT's MetaMathQA experiment
-    # lily/llama-3.2-3B-rank448-a2-b2-s8.0); not yet chosen on validation data
-    "lily": MethodRecipe("LILY", 1e-4, {"r": 448, "scaling": 8.0, "stride_A": 14, "num_B": 2}),
+    # lily/llama-3.2-3B-rank448-a2-b2-s8.0). Rate chosen on validation data from that 1e-4 by `deltatune compare
+    # --lr-search 8 --lr-search-tries 3` (benchmarks/compare-cpu-catalogue.json): 8e-4 (6.4e-3 diverged)
+    "lily": MethodRecipe("LILY", 8e-4, {"r": 448, "scaling": 8.0, "stride_A": 14, "num_B": 2}),
     # PVeRA: VeRA's settings above (PVeRA is VeRA with a sampled middle; PEFT ships no PVeRA example),
     # generator_seed set so a run's noise is reproducible. Rate chosen on validation data from VeRA's 1e-2 by
     # `deltatune compare --lr-search 4 --lr-search-tries 3` (benchmarks/compare-cpu-catalogue.json): 4e-2
     # (1.6e-1 diverged)
     "pvera": MethodRecipe("PVERA", 4e-2, {"r": 256, "target_modules": "all-linear", "generator_seed": 0}),
     # WaveFT: PEFT's MetaMathQA experiment waveft/llama-3.2-3B-default: the config's defaults (2592
-    # coefficients, scaling 25, db1 on q/v) at that benchmark's default rate 1e-4; not yet chosen on
-    # validation data
-    "waveft": MethodRecipe("WAVEFT", 1e-4, {"n_frequency": 2592, "scaling": 25.0, "wavelet_family": "db1"}),
+    # coefficients, scaling 25, db1 on q/v). Rate chosen on validation data from that benchmark's default 1e-4
+    # by `deltatune compare --lr-search 8 --lr-search-tries 2` (benchmarks/compare-cpu-catalogue.json): 8e-4,
+    # the walk's second and last rate, still improving
+    "waveft": MethodRecipe("WAVEFT", 8e-4, {"n_frequency": 2592, "scaling": 25.0, "wavelet_family": "db1"}),
     "nola": MethodRecipe("NOLA", 5e-3, {"r": 8, "alpha": 16, "target_modules": "all-linear"}),
     # RoAd: road_2, groups of 64 on q/v (PEFT's docs and its MetaMathQA experiment
     # road/llama-3.2-3B-lr_0.001). Rate chosen on validation data from that 1e-3 by `deltatune compare
@@ -97,15 +99,20 @@ RECIPES: dict[str, MethodRecipe] = {
     # 3.2e-2, the walk's third and last rate, still improving
     "unilora": MethodRecipe("UNILORA", 3.2e-2, {"r": 4, "theta_d_length": 131072}),
     # TinyLoRA: r=2, u=64, no weight tying on q/v at the comparison's shared lr 1e-4 (PEFT's MetaMathQA
-    # comparison tinylora/llama-3.2-3B-default; its weight_tying=1.0 variant ran at 1e-3); not yet chosen
-    # on validation data
-    "tinylora": MethodRecipe("TINYLORA", 1e-4, {"r": 2, "u": 64, "weight_tying": 0.0}),
+    # comparison tinylora/llama-3.2-3B-default; its weight_tying=1.0 variant ran at 1e-3). Rate chosen on
+    # validation data from that 1e-4 by `deltatune compare --lr-search 8 --lr-search-tries 2`
+    # (benchmarks/compare-cpu-catalogue.json): 8e-4, the walk's second and last rate, still improving
+    "tinylora": MethodRecipe("TINYLORA", 8e-4, {"r": 2, "u": 64, "weight_tying": 0.0}),
     # DEFT: r=32, alpha 128, relu projection on q/v, at the comparison's shared lr 1e-4 (PEFT's
-    # MetaMathQA comparison deft/llama-3.2-3B-rank32); not yet chosen on validation data
-    "deft": MethodRecipe("DEFT", 1e-4, {"r": 32, "alpha": 128}),
+    # MetaMathQA comparison deft/llama-3.2-3B-rank32). Rate chosen on validation data from that 1e-4 by
+    # `deltatune compare --lr-search 8 --lr-search-tries 2` (benchmarks/compare-cpu-catalogue.json): 8e-4,
+    # the walk's second and last rate, still improving
+    "deft": MethodRecipe("DEFT", 8e-4, {"r": 32, "alpha": 128}),
     # PEANuT: r=32, depth 2, relu, scaling 2 on q/v, at the comparison's shared lr 1e-4 (PEFT's
-    # MetaMathQA comparison peanut/llama-3.2-3B-rank32-relu-depth2-s2.0); not yet chosen on validation data
-    "peanut": MethodRecipe("PEANUT", 1e-4, {"r": 32, "depth": 2, "act_fn": "relu", "scaling": 2.0}),
+    # MetaMathQA comparison peanut/llama-3.2-3B-rank32-relu-depth2-s2.0). Rate chosen on validation data from
+    # that 1e-4 by `deltatune compare --lr-search 8 --lr-search-tries 2` (benchmarks/compare-cpu-catalogue.json):
+    # 8e-4, the walk's second and last rate, still improving
+    "peanut": MethodRecipe("PEANUT", 8e-4, {"r": 32, "depth": 2, "act_fn": "relu", "scaling": 2.0}),
     "bottleneck": MethodRecipe("BOTTLENECK", 1e-3, {"variant": "houlsby", "reduction_factor": 16}),
     "pfeiffer": MethodRecipe("BOTTLENECK", 1e-3, {"variant": "pfeiffer", "reduction_factor": 16}),
     "prompt_tuning": MethodRecipe("PROMPT_TUNING", 3e-2, {"num_virtual_tokens": 20,
@@ -148,12 +155,15 @@ RECIPES: dict[str, MethodRecipe] = {
     "shira": MethodRecipe("SHIRA", 4.8e-3, {"r": 32, "random_seed": 42, "target_modules": ["q_proj", "v_proj"]}),
     # Super-Tuning: sparsity 0.974, the largest entries, on q/v as in PEFT's MetaMathQA comparison
     # (method_comparison/MetaMathQA/experiments/supertuning/llama-3.2-3B-s974-topk, the benchmark's lr 1e-4;
-    # Supra with --adapter '{r: 8}' as in its s99-supra-r8); not yet chosen on validation data
-    "supertuning": MethodRecipe("SUPERTUNING", 1e-4, {"sparsity": 0.974, "target_modules": ["q_proj", "v_proj"]}),
+    # Supra with --adapter '{r: 8}' as in its s99-supra-r8). Rate chosen on validation data from that 1e-4 by
+    # `deltatune compare --lr-search 8 --lr-search-tries 3` (benchmarks/compare-cpu-catalogue.json): 6.4e-3,
+    # the walk's third and last rate, still improving
+    "supertuning": MethodRecipe("SUPERTUNING", 6.4e-3, {"sparsity": 0.974, "target_modules": ["q_proj", "v_proj"]}),
     # GLoRA: r 8, the default forms (lora A/B and C, constant D/E) on q/v as in PEFT's MetaMathQA comparison
-    # (method_comparison/MetaMathQA/experiments/glora/llama-3.2-3B-default, the benchmark's lr 1e-4); not yet
-    # chosen on validation data
-    "glora": MethodRecipe("GLORA", 1e-4, {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
+    # (method_comparison/MetaMathQA/experiments/glora/llama-3.2-3B-default). Rate chosen on validation data from
+    # the benchmark's 1e-4 by `deltatune compare --lr-search 8 --lr-search-tries 2`
+    # (benchmarks/compare-cpu-catalogue.json): 8e-4, the walk's second and last rate, still improving
+    "glora": MethodRecipe("GLORA", 8e-4, {"r": 8, "target_modules": ["q_proj", "v_proj"]}),
     # MiSS: r 64, the balanced (default) variant on q/v as in PEFT's MetaMathQA comparison
     # (method_comparison/MetaMathQA/experiments/miss/llama-3.2-3B-default). Rate chosen on validation data from
     # that benchmark's 1e-4 by `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 1.6e-3
@@ -177,15 +187,20 @@ RECIPES: dict[str, MethodRecipe] = {
     "hra": MethodRecipe("HRA", 1.6e-3, {"r": 32}),
     # PSOFT: r=128, alpha 128, exact Cayley, both vectors on the default targets, at the comparison's
     # shared lr 1e-4 (PEFT's MetaMathQA comparison psoft/llama-3.2-3B-r128; its default experiment's r=256
-    # exceeds SmolLM2's 192-wide k/v projections); not yet chosen on validation data
-    "psoft": MethodRecipe("PSOFT", 1e-4, {"r": 128, "psoft_alpha": 128}),
+    # exceeds SmolLM2's 192-wide k/v projections). Rate chosen on validation data from that 1e-4 by
+    # `deltatune compare --lr-search 8 --lr-search-tries 2` (benchmarks/compare-cpu-catalogue.json): 8e-4,
+    # the walk's second and last rate, still improving
+    "psoft": MethodRecipe("PSOFT", 8e-4, {"r": 128, "psoft_alpha": 128}),
     # AdaMSS: R=100, 32 subspaces of rank 1, orthogonal start, no ASA, lr 1e-4 (PEFT's MetaMathQA comparison
-    # adamss/llama-3.2-3B-rank32); not yet chosen on validation data
-    "adamss": MethodRecipe("ADAMSS", 1e-4, {"r": 100, "num_subspaces": 32, "subspace_rank": 1}),
+    # adamss/llama-3.2-3B-rank32). Rate chosen on validation data from that 1e-4 by `deltatune compare
+    # --lr-search 8 --lr-search-tries 2` (benchmarks/compare-cpu-catalogue.json): 8e-4, the walk's second
+    # and last rate, still improving
+    "adamss": MethodRecipe("ADAMSS", 8e-4, {"r": 100, "num_subspaces": 32, "subspace_rank": 1}),
     # FRoD: sparse_rate 0.01 on the default targets (q/v) at the comparison's shared lr 1e-4 (PEFT's MetaMathQA
-    # comparison frod/llama-3.2-3B-default; its runtime_offload_base_weight changes no value); not yet chosen
-    # on validation data
-    "frod": MethodRecipe("FROD", 1e-4, {"sparse_rate": 0.01}),
+    # comparison frod/llama-3.2-3B-default; its runtime_offload_base_weight changes no value). Rate chosen on
+    # validation data from that 1e-4 by `deltatune compare --lr-search 8 --lr-search-tries 2`
+    # (benchmarks/compare-cpu-catalogue.json): 8e-4, the walk's second and last rate, still improving
+    "frod": MethodRecipe("FROD", 8e-4, {"sparse_rate": 0.01}),
     # OSF: PEFT's continual-learning example (examples/orthogonal_subspace_learning: Llama-3.1-8B-Instruct,
     # the seven projections = the architecture's default targets, lr 5e-6, 2 epochs; its middle task keeps
     # effective_rank 0.5 frozen); the trained half of each SVD is a full-rank-like update, hence the low
