@@ -119,8 +119,10 @@ RECIPES: dict[str, MethodRecipe] = {
                                                            "prompt_tuning_init": "SAMPLE_VOCAB"}),
     "prefix_tuning": MethodRecipe("PREFIX_TUNING", 1e-2, {"num_virtual_tokens": 20}),
     # Cartridges: prefix tuning's recipe (PEFT ships no Cartridges example), the first token frozen as an
-    # attention sink (the paper's advice, quoted in PEFT's CartridgeConfig); not yet chosen on validation data
-    "cartridge": MethodRecipe("CARTRIDGE", 1e-2, {"num_virtual_tokens": 20, "num_frozen_tokens": 1}),
+    # attention sink (the paper's advice, quoted in PEFT's CartridgeConfig). Rate chosen on validation data from
+    # prefix tuning's 1e-2 by `deltatune compare --lr-search 4 --lr-search-tries 2`
+    # (benchmarks/compare-cpu-catalogue.json): 4e-2, the walk's second and last rate, still improving
+    "cartridge": MethodRecipe("CARTRIDGE", 4e-2, {"num_virtual_tokens": 20, "num_frozen_tokens": 1}),
     "p_tuning": MethodRecipe("P_TUNING", 1e-3, {"num_virtual_tokens": 20, "encoder_hidden_size": 128}),
     "bitfit": MethodRecipe("SELECTIVE", 1e-3, {"bitfit": True}),
     "top_layers": MethodRecipe("SELECTIVE", 1e-4, {"top_k_layers": 1}),
@@ -140,8 +142,10 @@ RECIPES: dict[str, MethodRecipe] = {
     # (benchmarks/compare-cpu-catalogue.json): 3.6e-2 (1.44e-1 diverged)
     "adaption_prompt": MethodRecipe("ADAPTION_PROMPT", 3.6e-2, {"adapter_len": 10}),
     # BEFT: value-projection bias vectors (PEFT's default targets). PEFT's docs give no learning
-    # rate; 3e-3 follows the other vector-only recipe here ((IA)³). Not yet chosen on validation data.
-    "beft": MethodRecipe("BEFT", 3e-3),
+    # rate; the walk started from 3e-3, the other vector-only recipe here ((IA)³). Rate chosen on validation
+    # data by `deltatune compare --lr-search 4 --lr-search-tries 2` (benchmarks/compare-cpu-catalogue.json):
+    # 1.2e-2, the walk's second and last rate, still improving
+    "beft": MethodRecipe("BEFT", 1.2e-2),
     # FourierFT: n_frequency 1000 and scaling 300 on q/v as in PEFT's MetaMathQA comparison
     # (method_comparison/MetaMathQA/experiments/fourierft). Rate chosen on validation data from its 1e-3
     # by `deltatune compare --lr-search 4` (benchmarks/compare-cpu-catalogue.json): 6.4e-2, the walk's
@@ -221,8 +225,10 @@ RECIPES: dict[str, MethodRecipe] = {
     "poly": MethodRecipe("POLY", 3.2e-3, {"r": 8, "n_skills": 2, "n_splits": 4, "n_tasks": 1}),
     # Multitask prompt tuning: 50 virtual tokens as PEFT's example (examples/conditional_generation/
     # multitask_prompt_tuning.ipynb, which starts from a TEXT prompt) with prompt tuning's SAMPLE_VOCAB start and
-    # rate above, one task (every row is task 0); not yet chosen on validation data
-    "multitask_prompt_tuning": MethodRecipe("MULTITASK_PROMPT_TUNING", 3e-2, {
+    # one task (every row is task 0). Rate chosen on validation data from prompt tuning's 3e-2 by `deltatune
+    # compare --lr-search 4 --lr-search-tries 2` (benchmarks/compare-cpu-catalogue.json): 1.2e-1, the walk's
+    # second and last rate, still improving
+    "multitask_prompt_tuning": MethodRecipe("MULTITASK_PROMPT_TUNING", 1.2e-1, {
         "num_virtual_tokens": 50, "prompt_tuning_init": "SAMPLE_VOCAB", "num_tasks": 1, "num_ranks": 1}),
     # CPT: PEFT's example (examples/cpt_finetuning/cpt_train_and_inference.ipynb: lr 1e-4, 5 epochs, decay
     # 0.95, input radius 0.2, template radius 0.1); its context is the first CPT_CONTEXT_EXAMPLES training
