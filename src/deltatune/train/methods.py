@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from ..config import CONFIG_REGISTRY, AdapterConfig, LoraConfig
 from ..config.cpt import context_from_examples
-from .config import ConfigError, TrainConfig, to_dict
+from .config import ConfigError, TrainConfig
 from .moe import lora_config_fields
 
 
