@@ -296,10 +296,7 @@ def method_properties_table(report: dict) -> str:
         if c is None:
             score = "not yet compared"
         elif "error" in c:  # e.g. BitFit: the default model has no biases
-            reason = c["error"]
-            if "error: " in reason:  # "every rate tried failed (deltatune train: error: WHY)": WHY
-                reason = reason.split("error: ", 1)[1].removesuffix(")")
-            score = f"cannot run on the default job: {reason}"
+            score = f"cannot run on the default job: {c['reason']}"
         else:
             score = f"{c['rougeL']:.3f} / {c['exact_match']:.3f}"
         rows.append([f"`{m['method']}`", f"`{m['config']}`", share, parity, m["merge"], m["routing"], m["nf4"], score])

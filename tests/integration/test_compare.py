@@ -18,6 +18,7 @@ def test_compare_two_methods(tmp_path, default_tokenizer):
     rows = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in rows] == ["ia3", "bitfit", "lora"]
     assert "no biases" in rows[1]["error"]
+    assert rows[1]["reason"].startswith("SelectiveConfig: ")  # the run's own message, without the CLI's prefix
     for row in (rows[0], rows[2]):
         assert row["trainable_parameters"] > 0 and row["adapter_bytes"] > 0 and row["peak_memory_mib"] > 0
         # the row carries its run's own numbers (not merely something that is not None)

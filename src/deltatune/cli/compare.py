@@ -117,6 +117,12 @@ def _last_line(log_path: Path) -> str:
     return (lines[-1:] or ["?"])[0]
 
 
+def failure_reason(line: str) -> str:
+    """Why a run failed, from its last line: the text after the CLI's ``error:`` prefix
+    (``deltatune train: error: WHY`` gives ``WHY``), or the whole line when it has none."""
+    return line.split("error: ", 1)[1] if "error: " in line else line
+
+
 def _row(method: str, out: Path, summary: dict, evaluation: dict, wall: Optional[float],
          rss: Optional[float]) -> dict:
     tuned = {k: v for k, v in evaluation.items() if k != "base"}
@@ -150,7 +156,8 @@ def _run_one(cfg: CompareConfig, method: str, out: Path, log) -> dict:
     code, wall, rss = _run_process(_train_command(cfg, method, out), log_path)
     if code != 0:
         log(f"{method}: failed ({_last_line(log_path)})")
-        return {"method": method, "error": _last_line(log_path)}
+        line = _last_line(log_path)
+        return {"method": method, "error": line, "reason": failure_reason(line)}
     summary = json.loads((out / "summary.json").read_text())
     row = _row(method, out, summary, summary.get("evaluation", {}), wall, rss)
     _log_row(row, log)
@@ -233,7 +240,8 @@ def _searched_row(cfg: CompareConfig, method: str, folder: Path, log) -> dict:
     chosen, losses = search_rate(validation_loss_at, RECIPES[recipe_of(method)].lr, cfg.lr_search,
                                  cfg.lr_search_tries)
     if chosen not in runs:
-        return {"method": method, "error": f"every rate tried failed ({failures[-1] if failures else 'no run'})",
+        last = failures[-1] if failures else "no run"
+        return {"method": method, "error": f"every rate tried failed ({last})", "reason": failure_reason(last),
                 "validation_loss_by_lr": _by_lr(losses)}
     out, summary, wall, rss = runs[chosen]
     evaluation, split, eval_wall = _test_scores(out, folder / method / "eval.log")
