@@ -139,7 +139,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "quality-cpu.json")
     args = parser.parse_args()
     import torch
-    results = {"machine": {"processor": platform.machine(), "cpus": os.cpu_count(),
+    from deltatune.bench.run import device_name
+    results = {"machine": {"processor": platform.machine(), "name": device_name("cpu"), "cpus": os.cpu_count(),
                            "threads": torch.get_num_threads()},
                "versions": versions(), "tasks": []}
     for task in args.tasks.split(","):

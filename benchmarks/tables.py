@@ -147,6 +147,22 @@ def compile_step_table(result: dict) -> str:
                     f"torch {result['torch']}. Command: `{result['command']}`\n")
 
 
+def cpu_precision_table(result: dict) -> str:
+    """``cpu_precision.py``: the default job's steps at fp32 and bf16 on one CPU, each run."""
+    rows = []
+    for precision in ("fp32", "bf16"):
+        runs = result["runs"][precision]
+        rows.append([precision, ", ".join(f"{r['steps_seconds']:.1f}" for r in runs),
+                     ", ".join(f"{r['validation_seconds']:.1f}" for r in runs),
+                     f"{max(r['peak_memory_mib'] for r in runs):,.0f}"])
+    passes = result["runs"]["fp32"][0]["validation_passes"]
+    table = _table(["precision", f"{result['steps']} steps (s), each run",
+                    f"validation, {passes} passes (s), each run", "peak MiB"], rows)
+    return table + (f"\nbf16 / fp32 step time: {result['bf16_over_fp32']:.2f}. {result['machine']}, bf16 flags: "
+                    f"{', '.join(result['bf16_flags']) or 'none'}; {result['threads']} threads, torch "
+                    f"{result['torch']}. Command: `{result['command'].strip()}`\n")
+
+
 def dequant_speed_table(result: dict) -> str:
     """``dequant_speed.py``: 4-bit dequantization, bitsandbytes against deltatune, per case."""
     rows = []
@@ -367,6 +383,7 @@ RENDERERS: dict[str, Callable[[Any], str]] = {
     "parity-*.json": parity_table,
     "compile-step-*.json": compile_step_table,
     "dequant-speed-*.json": dequant_speed_table,
+    "cpu-precision-*.json": cpu_precision_table,
     "quality-*.json": quality_table,
     "sweep-defaults-*.json": sweep_table,
     "preference-job-*.json": preference_job_table,

@@ -1,9 +1,12 @@
 """What the machine computes fast: the training precision ``auto`` resolves to, and CPU threads.
 
-bf16 halves the bytes every matmul reads, but only pays where the hardware multiplies bf16
-natively: CUDA devices that support it, and CPUs with AVX512-BF16 or AMX. Elsewhere (an AVX2
-CPU, say) PyTorch converts bf16 to float32 around each matmul and a bf16 step is slower than
-a float32 one, so ``auto`` keeps float32 there.
+bf16 halves the bytes every matmul reads, but pays only where the hardware multiplies bf16
+faster than float32: CUDA devices that support it, and CPUs with AMX tiles. On a CPU with
+AVX512-BF16 but no AMX, bf16 autocast made the default job's steps 1.5x slower than float32
+(`python benchmarks/cpu_precision.py`, benchmarks/cpu-precision-cpu.json: the small matmuls of
+a 576-wide model gain nothing from the bf16 dot products, and the casts around them cost), and
+on an AVX2 CPU PyTorch converts bf16 to float32 around each matmul; ``auto`` keeps float32 on
+both.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Optional
 
 import torch
 
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of native bf16 arithmetic
+BF16_CPU_FLAGS = ("amx_bf16",)  # /proc/cpuinfo names of bf16 arithmetic faster than float32
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -31,7 +34,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 
 
 def cpu_has_fast_bf16(flags: Optional[set[str]] = None) -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
+    """Whether this CPU multiplies bf16 faster than float32 (AMX; AVX512-BF16 alone is not, see above)."""
     return bool(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
 
 

@@ -15,10 +15,10 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert hardware.cpu_flags(tmp_path / "missing") == set()
 
 
-def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_natively(tmp_path):
+def test_auto_precision_is_bf16_only_where_the_cpu_multiplies_it_faster(tmp_path):
     cpu = torch.device("cpu")
     assert hardware.auto_precision(cpu, {"avx2", "fma"}) == "fp32"
-    assert hardware.auto_precision(cpu, {"avx2", "avx512_bf16"}) == "bf16"
+    assert hardware.auto_precision(cpu, {"avx2", "avx512_bf16"}) == "fp32"  # measured slower without AMX
     assert hardware.auto_precision(cpu, {"amx_bf16"}) == "bf16"
     info = tmp_path / "cpuinfo"
     info.write_text(SAPPHIRE_RAPIDS)
