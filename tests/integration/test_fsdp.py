@@ -29,7 +29,7 @@ def setup(tmp_path, default_tokenizer):
     return {"model": str(model), "data.path": str(data), "batch_size": 4, "lr": 1e-2, "lora.r": 4,
             "lora.lora_dropout": 0.0, "max_steps": 4, "eval_steps": 2, "seed": 3, "schedule": "cosine",
             "warmup_ratio": 0.0,
-            # float32: under bf16 autocast (the default on CPUs with AVX512-BF16) rows of a 2-row and a
+            # float32: under bf16 autocast (the default on CPUs with AMX) rows of a 2-row and a
             # 4-row matmul round differently on some CPUs (an Intel Xeon: adapters 0.02 apart after 4 steps)
             "precision": "fp32"}
 

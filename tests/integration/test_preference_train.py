@@ -98,7 +98,7 @@ def test_init_adapter_keeps_the_sft_adapter_frozen_as_the_reference(tmp_path, se
     sft_adapter = tmp_path / "sft" / "adapter"
     test_file = _pairs_file(tmp_path / "test.jsonl", 6, start=200)
     dpo = {k: v for k, v in setup.items() if not k.startswith("lora.")}
-    # float32, as the check below scores: under bf16 autocast (the default on CPUs with AVX512-BF16) the
+    # float32, as the check below scores: under bf16 autocast (the default on CPUs with AMX) the
     # run's figures would differ from a float32 recount by bf16 rounding
     summary = _run(tmp_path, "dpo", **{**dpo, "init_adapter": str(sft_adapter), "data.test_path": test_file,
                                        "final_eval": "on", "precision": "fp32"})
