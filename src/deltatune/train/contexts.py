@@ -8,25 +8,18 @@ from typing import Optional
 
 import torch
 
-from ..kernels.dtypes import FrozenCasts
 from .config import ConfigError
 from .recompute import CheapRecompute
 
 
-def autocast(precision: str, device: torch.device, casts: Optional[FrozenCasts] = None):
-    """bf16/fp16 autocast on ``device``, or nothing for fp32; with ``casts``, the frozen
-    weights' casts are kept there and reused by later passes (``kernels.dtypes``)."""
+def autocast(precision: str, device: torch.device):
+    """bf16/fp16 autocast on ``device``, or nothing for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if dtype is None:
         raise ConfigError(f"precision {precision!r} is not supported; use fp32, bf16 or fp16")
-    if casts is None:
-        return torch.autocast(device.type, dtype=dtype)
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=dtype))
-    stack.enter_context(casts.active())
-    return stack
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def saved_activations(offload: bool, device: torch.device, recompute: Optional[CheapRecompute] = None):

@@ -26,7 +26,6 @@ from ..data import collate, pack, prepare_data
 from ..files import write_text_atomically
 from ..hardware import auto_precision, peak_resident_mib, set_cpu_threads
 from ..io import gathered_adapter_tensors, save_adapter
-from ..kernels.dtypes import FrozenCasts
 from ..adapter_ops import add_adapter, get_state, trainable_parameters
 from ..loading import load_model
 from ..loss import TrainingLoss
@@ -240,9 +239,6 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     # FSDP2 swaps a block's weights between shards and whole tensors: recipes would rerun norms on shards
     recompute = (cheap_recompute(model) if cfg.cheap_recompute and not (cfg.gradient_checkpointing
                  or cfg.activation_offload or cfg.compile or dist.sharded) else None)
-    # frozen weights cast to autocast's dtype once a run instead of at every forward (kernels/dtypes.py)
-    casts = (FrozenCasts() if cfg.precision != "fp32" and not (cfg.gradient_checkpointing or cfg.activation_offload
-             or cfg.compile or dist.sharded) else None)
     if cfg.auto_batch:  # the same steps: batch_size x grad_accum examples each, in smaller micro-batches
         with autocast(cfg.precision, dist.device):
             micro, how = choose_micro_batch(training_loss, model, train_rows, lengths, cfg.batch_size, pad_id,
@@ -303,8 +299,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
     metrics = MetricsLog(output_dir / "metrics.jsonl", dist.is_main, truncate_after=step)
     if resume_from is None and validation.at_start:  # the untrained adapter's loss, what training is measured by
         with timer.phase("validation"):
-            initial_eval = (pref.validate(model) if pref
-                            else evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq, casts))
+            initial_eval = pref.validate(model) if pref else evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
         if initial_eval is not None:
             metrics.write({"step": 0, "eval_loss": initial_eval, **(pref.eval_metrics if pref else {})})
     router_load = RouterLoad.attach(model)  # MoE models: tokens per expert in each later validation pass
@@ -334,8 +329,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with dist.micro_batch(ddp_loss, last=accumulated == cfg.grad_accum - 1):
                     lean = recompute if batch["input_ids"].numel() >= RECOMPUTE_MIN_TOKENS else None
-                    with (autocast(cfg.precision, device, casts),
-                          saved_activations(cfg.activation_offload, device, lean)):
+                    with autocast(cfg.precision, device), saved_activations(cfg.activation_offload, device, lean):
                         loss = ddp_loss(batch)
                         penalty = method.loss_penalty(model, "default", adapter_cfg)
                         loss = (loss if penalty is None else loss + penalty) / cfg.grad_accum
@@ -362,8 +356,7 @@ def train(cfg: TrainConfig, on_step_end: Optional[Callable[[StepInfo], None]] = 
                   "loss": last_loss, "lr": lr, **(pref.loss.take_metrics() if pref else {})}
         if step % validation.every == 0 or step == total_steps:
             with timer.phase("validation"):
-                eval_loss = (pref.validate(model) if pref
-                             else evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq, casts))
+                eval_loss = pref.validate(model) if pref else evaluate(scored, val_rows, cfg, pad_id, dist, seq2seq)
             if eval_loss is not None:
                 record.update({"eval_loss": eval_loss, **(pref.eval_metrics if pref else {})})
                 record.update(router_load.take() if router_load else {})

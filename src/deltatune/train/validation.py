@@ -20,7 +20,6 @@ from typing import Optional, Sequence
 import torch
 
 from ..evaluate.generation import loss_sums
-from ..kernels.dtypes import FrozenCasts
 from .config import TrainConfig
 from .contexts import autocast
 from ..distributed import Distributed
@@ -85,17 +84,16 @@ def eval_points(total_steps: int, every: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model, rows: Sequence, cfg: TrainConfig, pad_id: int, dist: Distributed,
-             seq2seq: bool = False, casts: Optional[FrozenCasts] = None) -> Optional[float]:
+             seq2seq: bool = False) -> Optional[float]:
     """Token-weighted mean loss over ``rows`` (all ranks together). ``model`` is the model, or
     under FSDP2 the sharded root module (a ``TrainingLoss``) that every rank runs in step: each
-    rank then scores every row, since the ranks must run the same number of forward passes.
-    ``casts``: the run's kept casts of frozen weights (``contexts.autocast``)."""
+    rank then scores every row, since the ranks must run the same number of forward passes."""
     if not rows:
         return None
     was_training = model.training
     model.eval()
     mine = list(rows) if dist.sharded else list(rows[dist.rank::dist.world])
-    with autocast(cfg.precision, next(model.parameters()).device, casts):
+    with autocast(cfg.precision, next(model.parameters()).device):
         total = loss_sums(model, mine, eval_batch_size(cfg), pad_id, cfg.data.packing, seq2seq,
                           share_prefix=not dist.sharded)
     total = total if dist.sharded else dist.all_reduce_sum(total)
