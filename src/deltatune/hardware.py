@@ -2,7 +2,7 @@
 
 bf16 halves the bytes every matmul reads, but pays only where the hardware multiplies bf16
 faster than float32: CUDA devices that support it, and CPUs with AMX tiles. On a CPU with
-AVX512-BF16 but no AMX, bf16 autocast made the default job's steps 1.5x slower than float32
+AVX512-BF16 but no AMX, bf16 autocast made the default job's steps 1.5-1.7x slower than float32
 (`python benchmarks/cpu_precision.py`, benchmarks/cpu-precision-cpu.json: the small matmuls of
 a 576-wide model gain nothing from the bf16 dot products, and the casts around them cost), and
 on an AVX2 CPU PyTorch converts bf16 to float32 around each matmul; ``auto`` keeps float32 on
