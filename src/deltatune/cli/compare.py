@@ -155,8 +155,8 @@ def _run_one(cfg: CompareConfig, method: str, out: Path, log) -> dict:
     log_path = out.parent / f"{method}.log"
     code, wall, rss = _run_process(_train_command(cfg, method, out), log_path)
     if code != 0:
-        log(f"{method}: failed ({_last_line(log_path)})")
         line = _last_line(log_path)
+        log(f"{method}: failed ({line})")
         return {"method": method, "error": line, "reason": failure_reason(line)}
     summary = json.loads((out / "summary.json").read_text())
     row = _row(method, out, summary, summary.get("evaluation", {}), wall, rss)
