@@ -12,17 +12,42 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Worst |logit difference| per PEFT parity case, printed at the end of the run.
+# pytest-xdist runs the suite in several worker processes (`-n`, set in pyproject.toml). Each
+# worker takes an equal share of the cores for PyTorch's threads: two workers each spinning two
+# threads on two cores made every op wait for the other's. Processes the tests start inherit it.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+MAX_WORKERS = 4  # more workers multiply the models held in memory for little gain
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, at most ``MAX_WORKERS``."""
+    return max(1, min(CORES, MAX_WORKERS))
+
+
+# Worst |logit difference| per PEFT parity case, printed at the end of the run. A test's figures
+# travel in its report's user_properties, so they reach the summary from xdist's workers too.
 PARITY_RESULTS: dict[str, float] = {}
 
 
 @pytest.fixture
-def parity_results() -> dict[str, float]:
-    return PARITY_RESULTS
+def parity_results(request) -> dict[str, float]:
+    found: dict[str, float] = {}
+    yield found
+    request.node.user_properties.extend(("parity", (case, float(diff))) for case, diff in found.items())
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        PARITY_RESULTS.update(dict(value for key, value in report.user_properties if key == "parity"))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if PARITY_RESULTS:
+    if PARITY_RESULTS and not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller's summary only
         terminalreporter.write_sep("-", "PEFT parity: worst |logit difference| per case")
         for case, diff in sorted(PARITY_RESULTS.items()):
             terminalreporter.write_line(f"{case:70s} {diff:.3e}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from deltatune.distributed.sharded_loading import READ_CHUNK_BYTES
 from deltatune.train import ConfigError, load_config, train
 from deltatune.train.checks import check_settings
 from tiny_models import tiny_chat_model_dir, word_meaning_data
@@ -243,8 +244,12 @@ def test_no_rank_holds_the_whole_model_while_loading(tmp_path, default_tokenizer
           f"{grown['sharded']} MiB in shards, {grown['whole']} MiB whole")
     assert len(grown["sharded"]) == len(grown["whole"]) == 2
     assert min(grown["whole"]) >= 0.9 * whole_mib, grown
-    # half the model, plus a chunk of rows being read and (4-bit) one layer's quantization workspace
-    assert max(grown["sharded"]) < 0.7 * whole_mib, grown
+    # half the model, one chunk of rows being read, and up to 15% of the model for the rest (4-bit:
+    # a layer's quantization workspace); the 4-bit model is small (108 MiB, 96 of them its float32
+    # embedding), so the fixed chunk is a large share of it. Still well below a whole copy:
+    limit = 0.5 * whole_mib + READ_CHUNK_BYTES / 2**20 + 0.15 * whole_mib
+    assert limit < 0.9 * whole_mib
+    assert max(grown["sharded"]) < limit, grown
 
 
 def _free_port() -> int:
