@@ -13,20 +13,24 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).parent))
 
 # pytest-xdist runs the suite in several worker processes (`-n`, set in pyproject.toml). Each
-# worker takes an equal share of the cores for PyTorch's threads: two workers each spinning two
-# threads on two cores made every op wait for the other's. Processes the tests start inherit it.
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _threads = str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-    os.environ.setdefault("OMP_NUM_THREADS", _threads)
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# worker takes an equal share of the cores for PyTorch's threads, as deltatune's processes under
+# torchrun do: two workers each spinning two threads on two cores made every op wait for the
+# other's. Processes the tests start inherit the count through OMP_NUM_THREADS.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # (imported here: after TRITON_INTERPRET is set)
+    from deltatune.hardware import set_cpu_threads
+
+    _threads = set_cpu_threads(processes_on_this_machine=int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    if _threads is not None:  # None: OMP_NUM_THREADS was given, and it stays
+        os.environ["OMP_NUM_THREADS"] = str(_threads)
 
 MAX_WORKERS = 4  # more workers multiply the models held in memory for little gain
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: one worker per core, at most ``MAX_WORKERS``."""
-    return max(1, min(CORES, MAX_WORKERS))
+    """``-n auto``: one worker per physical core, at most ``MAX_WORKERS``."""
+    from deltatune.hardware import physical_cores
+
+    return min(physical_cores(), MAX_WORKERS)
 
 
 # Worst |logit difference| per PEFT parity case, printed at the end of the run. A test's figures
