@@ -3,7 +3,8 @@
 The same short ``deltatune train`` (the default model, 4 rows of 400-512 tokens, the long
 records of peak_memory.py) runs under glibc's malloc (``DELTATUNE_ALLOCATOR=system``), under
 each of jemalloc and tcmalloc that the system has, under mimalloc from its wheel (a deltatune
-dependency on Linux), and once more under glibc told to return
+dependency on Linux) as deltatune runs it (purging off) and with mimalloc's default one-second
+purge delay, and once more under glibc told to return
 every freed block at once (``MALLOC_MMAP_THRESHOLD_=131072``), whose peak is the bytes alive at
 once and whose time shows what returning memory costs. The runs alternate, twice each, so a
 slow spell of the machine hits every allocator alike. Writes ``allocators-cpu.json``.
@@ -41,8 +42,9 @@ def allocators() -> dict[str, dict[str, str]]:
         if found:
             runs[name] = {"DELTATUNE_ALLOCATOR": found}
     wheel = mimalloc_from_wheel()
-    if wheel:
+    if wheel:  # as deltatune runs it (purging off), and with mimalloc's own purge delay of one second
         runs["mimalloc"] = {"DELTATUNE_ALLOCATOR": wheel}
+        runs["mimalloc, purging after 1 s"] = {"DELTATUNE_ALLOCATOR": wheel, "MIMALLOC_PURGE_DELAY": "1000"}
     runs["glibc, freed blocks returned"] = {"DELTATUNE_ALLOCATOR": "system", "MALLOC_MMAP_THRESHOLD_": "131072"}
     return runs
 
@@ -60,7 +62,8 @@ def main() -> None:
     from deltatune.loading import default_model_dir
 
     data = long_records(args.work, AutoTokenizer.from_pretrained(str(default_model_dir())))
-    base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "DELTATUNE_ALLOCATOR_ACTIVE")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("LD_PRELOAD", "DELTATUNE_ALLOCATOR_ACTIVE", "MIMALLOC_PURGE_DELAY")}
     base["PYTHONPATH"] = str(ROOT / "src")
     results: dict[str, list] = {}
     for repeat in range(args.repeats):

@@ -12,6 +12,12 @@ preloaded: tcmalloc where the system has it (Debian and Ubuntu package it as
 ``libtcmalloc-minimal4``), else mimalloc, else jemalloc (``libjemalloc2``); PyTorch's own CPU
 launcher preloads allocators the same way. ``DELTATUNE_ALLOCATOR=system`` keeps glibc's;
 ``DELTATUNE_ALLOCATOR=/path/lib.so`` names another library.
+
+mimalloc runs with purging off (``MIMALLOC_PURGE_DELAY=-1``, unless the environment sets it).
+By default it hands pages that stay free for a second back to the system, and a training step
+is longer than that: every step then faults the same gigabytes of pages back in. On a 2-core
+Intel Xeon that made the default job's steps 1.5x slower and a LoRA step at 4 x 256 tokens 2.2x
+slower than with purging off, which costs 2-4% more peak memory (``benchmarks/allocators.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ ACTIVE = "DELTATUNE_ALLOCATOR_ACTIVE"  # set in the relaunched process: what it 
 # jemalloc last
 CANDIDATES = (("tcmalloc", "tcmalloc_minimal"), ("tcmalloc", "tcmalloc"), ("mimalloc", None),
               ("jemalloc", "jemalloc"))
+# settings each allocator runs with where the environment does not give them (see the docstring)
+TUNING = {"mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"}}
 
 
 def mimalloc_from_wheel() -> Optional[str]:
@@ -81,6 +89,11 @@ def _library_path(name: str) -> Optional[str]:
     return None
 
 
+def tuning_for(name: str) -> dict[str, str]:
+    """Environment settings the allocator ``name`` runs with, where the environment lacks them."""
+    return dict(TUNING.get(name, {}))
+
+
 def relaunch_with_allocator(argv: Sequence[str]) -> None:
     """Replace this process with the same ``deltatune`` command under a better allocator, where
     ``find_allocator`` picks one; return (and run as is) otherwise, or when already relaunched."""
@@ -91,7 +104,8 @@ def relaunch_with_allocator(argv: Sequence[str]) -> None:
         return
     name, library = choice
     preload = os.environ.get("LD_PRELOAD", "")
-    env = {**os.environ, "LD_PRELOAD": f"{library}:{preload}" if preload else library, ACTIVE: name}
+    env = {**tuning_for(name), **os.environ, "LD_PRELOAD": f"{library}:{preload}" if preload else library,
+           ACTIVE: name}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "deltatune", *argv], env)

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from deltatune.allocator import ACTIVE, SETTING, find_allocator
+from deltatune.allocator import tuning_for as allocator_tuning
 
 
 def _finder(present: dict):
@@ -58,3 +59,31 @@ def test_the_command_runs_itself_again_under_the_allocator_found():
         out = subprocess.run([sys.executable, "-m", "deltatune", "info"], env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
         assert json.loads(out.stdout)["allocator"] == want, setting
+
+
+@pytest.mark.parametrize("given", [None, "250"])
+def test_mimalloc_runs_without_purging_unless_told_otherwise(monkeypatch, tmp_path, given):
+    """Under mimalloc the relaunched command keeps freed pages (purging made every step fault them
+    back in); a purge delay set in the environment wins."""
+    from deltatune import allocator
+
+    library = tmp_path / "libmimalloc.so.3"
+    library.write_bytes(b"")
+    monkeypatch.delenv(ACTIVE, raising=False)
+    monkeypatch.setenv(SETTING, str(library))
+    if given is None:
+        monkeypatch.delenv("MIMALLOC_PURGE_DELAY", raising=False)
+    else:
+        monkeypatch.setenv("MIMALLOC_PURGE_DELAY", given)
+    launched = {}
+    monkeypatch.setattr(allocator.os, "execve", lambda path, argv, env: launched.update(env=env, argv=argv))
+    allocator.relaunch_with_allocator(["info"])
+    env = launched["env"]
+    assert env[ACTIVE] == "mimalloc" and env["LD_PRELOAD"].startswith(str(library))
+    assert env["MIMALLOC_PURGE_DELAY"] == ("-1" if given is None else given)
+    assert launched["argv"][-1] == "info"
+
+
+def test_other_allocators_get_no_mimalloc_settings():
+    assert allocator_tuning("tcmalloc") == {} and allocator_tuning("jemalloc") == {}
+    assert allocator_tuning("mimalloc") == {"MIMALLOC_PURGE_DELAY": "-1"}
