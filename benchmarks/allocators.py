@@ -85,7 +85,10 @@ def main() -> None:
     for row in rows:
         row["peak_over_glibc"] = row["peak_mib"] / glibc["peak_mib"]
         row["time_over_glibc"] = row["median_steps_seconds"] / glibc["median_steps_seconds"]
-    args.out.write_text(json.dumps({"machine": {"processor": platform.machine(), "cpus": os.cpu_count()},
+    from deltatune.bench.run import device_name
+
+    machine = {"processor": platform.machine(), "name": device_name("cpu"), "cpus": os.cpu_count()}
+    args.out.write_text(json.dumps({"machine": machine,
                                     "batch": args.batch, "steps": args.steps, "records": "400-512 tokens",
                                     "rows": rows}, indent=2))
 

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shlex
 import subprocess
 import sys
@@ -88,18 +89,34 @@ def run_task(task: str, out: Path, model: str, small: bool, defaults_args: list[
         user_args += ["--max-steps", "3"]
     runs["deltatune_defaults"] = _deltatune(user_args + defaults_args, out / task / "deltatune-defaults", model,
                                             out / f"{task}-deltatune-defaults.log")
+    result = {"task": task, "loop_steps": steps, "runs": runs}
+    return score_task(result, files, out, model_dir, 4 if small else settings["max_new_tokens"])
+
+
+def score_task(result: dict, files: dict, out: Path, model_dir: str, max_new_tokens: int) -> dict:
+    """Score every adapter of ``result["runs"]`` and the base on the test split (in place); the ratios."""
+    task, runs = result["task"], result["runs"]
     scores_file = out / f"{task}-scores.json"
     adapters = [f"{name}={run['adapter']}" for name, run in runs.items()]
     _run([sys.executable, str(HERE / "quality_score.py"), "--model", model_dir, "--test", str(files["test"]),
           *[arg for a in adapters for arg in ("--adapter", a)], "--validation", str(files["validation"]),
-          "--max-new-tokens",
-          str(4 if small else settings["max_new_tokens"]), "--out", str(scores_file)], out / f"{task}-score.log")
+          "--max-new-tokens", str(max_new_tokens), "--out", str(scores_file)], out / f"{task}-score.log")
     scores = json.loads(scores_file.read_text())
     for name, run in runs.items():
-        run["score"] = {k: scores[name][k] for k in ("rougeL", "exact_match", "validation_loss")}
-    return {"task": task, "loop_steps": steps,
-            "base_score": {k: scores["base"][k] for k in ("rougeL", "exact_match", "validation_loss")},
-            "runs": runs, "ratios": ratios(runs)}
+        run["score"] = {k: scores[name][k] for k in ("rougeL", "exact_match", "validation_loss", "rougeL_each")}
+    result["base_score"] = {k: scores["base"][k] for k in ("rougeL", "exact_match", "validation_loss")}
+    result["ratios"] = ratios(runs)
+    return result
+
+
+def paired_bootstrap(ours: list[float], theirs: list[float], resamples: int = 10_000,
+                     seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(ours - theirs) over test examples resampled with replacement: how far
+    a difference in ROUGE-L between two adapters on the same few examples can move by chance."""
+    rng = random.Random(seed)
+    diffs = [a - b for a, b in zip(ours, theirs)]
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def training_seconds(run: dict) -> float:
@@ -109,7 +126,9 @@ def training_seconds(run: dict) -> float:
 
 def ratios(runs: dict) -> dict:
     loop, same, defaults = runs["loop"], runs["deltatune_loop_settings"], runs["deltatune_defaults"]
-    return {"defaults_time_over_loop": training_seconds(defaults) / loop["wall_seconds"],
+    each = [r["score"].get("rougeL_each") for r in (defaults, loop)]
+    noise = {"defaults_score_minus_loop_ci95": paired_bootstrap(*each)} if all(each) else {}
+    return {**noise, "defaults_time_over_loop": training_seconds(defaults) / loop["wall_seconds"],
             "defaults_score_minus_loop": defaults["score"]["rougeL"] - loop["score"]["rougeL"],
             "loop_settings_step_speedup": loop["time_seconds"]["steps"] / same["time_seconds"]["steps"],
             "loop_settings_wall_speedup": loop["wall_seconds"] / same["wall_seconds"],
@@ -137,7 +156,13 @@ def main() -> None:
     parser.add_argument("--defaults-args", default="", help="flags added to the deltatune_defaults run")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--out", type=Path, default=HERE / "quality-cpu.json")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train nothing: score the adapters --out records for --tasks again (they must still be "
+                             "under --work), and update their scores and ratios in --out")
     args = parser.parse_args()
+    if args.rescore:
+        rescore(args)
+        return
     import torch
     from deltatune.bench.run import device_name
     results = {"machine": {"processor": platform.machine(), "name": device_name("cpu"), "cpus": os.cpu_count(),
@@ -148,6 +173,19 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2))  # a finished task is kept if a later one fails
     for t in results["tasks"]:
         print(t["task"], json.dumps(t["ratios"]), {n: r["score"]["rougeL"] for n, r in t["runs"].items()})
+
+
+def rescore(args) -> None:
+    """``--rescore``: the recorded runs' adapters scored again (the times stay as recorded)."""
+    results = json.loads(args.out.read_text())
+    model_dir = args.model or _default_model_dir()
+    for task in args.tasks.split(","):
+        entry = next(t for t in results["tasks"] if t["task"] == task)
+        files = task_files(task, args.work, args.small)
+        score_task(entry, files, args.work, model_dir, 4 if args.small else TASKS[task]["max_new_tokens"])
+        entry["rescored"] = time.strftime("%Y-%m-%d")
+        args.out.write_text(json.dumps(results, indent=2))
+        print(task, json.dumps(entry["ratios"]))
 
 
 if __name__ == "__main__":

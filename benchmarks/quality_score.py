@@ -56,7 +56,8 @@ def score(predictions: list[str], references: list[str]) -> dict:
     rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge_l = [rouge.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)]
     exact = [" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references)]
-    return {"rougeL": sum(rouge_l) / len(rouge_l), "exact_match": sum(exact) / len(exact)}
+    return {"rougeL": sum(rouge_l) / len(rouge_l), "exact_match": sum(exact) / len(exact),
+            "rougeL_each": rouge_l}  # per test example, for the paired bootstrap in quality.py
 
 
 def main() -> None:

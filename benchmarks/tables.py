@@ -206,7 +206,11 @@ def quality_ratio_table(result: dict) -> str:
     rows = []
     for task in result["tasks"]:
         r = task["ratios"]
-        rows.append([task["task"], f"{r['defaults_time_over_loop']:.2f}×", f"{r['defaults_score_minus_loop']:+.3f}",
+        diff = f"{r['defaults_score_minus_loop']:+.3f}"
+        if "defaults_score_minus_loop_ci95" in r:  # paired bootstrap over the test examples
+            low, high = r["defaults_score_minus_loop_ci95"]
+            diff += f" (95%: {low:+.3f} to {high:+.3f})"
+        rows.append([task["task"], f"{r['defaults_time_over_loop']:.2f}×", diff,
                      f"{r['loop_settings_step_speedup']:.2f}×", f"{r['loop_settings_wall_speedup']:.2f}×",
                      f"{r['loop_settings_memory_over_loop']:.2f}×"])
     return _table(["task", "defaults: training time / loop's", "defaults: ROUGE-L − loop's",

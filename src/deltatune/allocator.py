@@ -16,8 +16,8 @@ launcher preloads allocators the same way. ``DELTATUNE_ALLOCATOR=system`` keeps 
 mimalloc runs with purging off (``MIMALLOC_PURGE_DELAY=-1``, unless the environment sets it).
 By default it hands pages that stay free for a second back to the system, and a training step
 is longer than that: every step then faults the same gigabytes of pages back in. On a 2-core
-Intel Xeon that made the default job's steps 1.5x slower and a LoRA step at 4 x 256 tokens 2.2x
-slower than with purging off, which costs 2-4% more peak memory (``benchmarks/allocators.py``).
+Intel Xeon that made steps on 4 rows of 400-512 tokens 1.37x slower than with purging off, which
+costs 2% more peak memory (``benchmarks/allocators.py``, docs/measured.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """``deltatune bench`` as a smoke test on a tiny shape (not a timed test: no speed is asserted)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from transformers import LlamaConfig, Qwen3MoeConfig
@@ -38,7 +41,8 @@ def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--cases", "lora,qlora8"], "qlora8"), (["--shape", "nowhere"], "config.json"), (["--dtype", "fp8"], "fp8"),
     (["--r", "0", "--cases", "lora"], "--r"), (["--cases", "lora+offload"], "needs --device cuda"),
-    (["--optimizer", "sgd"], "--optimizer"), (["--cases", "moe-lora"], "not a mixture-of-experts shape")])
+    (["--optimizer", "sgd"], "--optimizer"), (["--cases", "moe-lora"], "not a mixture-of-experts shape"),
+    (["--peft-allocator", "tcmalloc"], "--peft-allocator")])
 def test_bench_refuses_bad_settings(args, message, capsys):
     assert main(["bench", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err
@@ -92,3 +96,25 @@ def test_bench_moe_cases_run_both_tools_with_grouped_experts(tmp_path):
         assert line["same_first_loss"] is True, line
     table = (out / "bench.md").read_text()
     assert "| moe-lora (deltatune experts: grouped) |" in table and "fused expert weights" in table
+
+
+def test_peft_runs_under_glibc_when_asked(tmp_path):
+    """Run as a user runs it (the command relaunches itself under its allocator), ``--peft-allocator
+    system`` gives the PEFT worker glibc's malloc and leaves deltatune's worker under the command's."""
+    from deltatune.allocator import ACTIVE, SETTING, find_allocator
+
+    env = {k: v for k, v in os.environ.items() if k not in (ACTIVE, "LD_PRELOAD", SETTING)}
+    chosen = find_allocator(env)
+    shape = tmp_path / "shape"
+    LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(shape)
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "-m", "deltatune", "bench", "--device", "cpu", "--shape", str(shape),
+                           "--cases", "lora", "--batch-size", "2", "--seq-len", "32", "--steps", "1", "--warmup", "1",
+                           "--no-flops", "--peft-allocator", "system", "--output-dir", str(out)],
+                          env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "bench.json").read_text())
+    used = {r["tool"]: r["allocator"] for r in result["rows"]}
+    assert used == {"deltatune": chosen[0] if chosen else "system", "peft": "system"}
+    assert f"Memory allocator: deltatune {used['deltatune']}, peft system." in (out / "bench.md").read_text()

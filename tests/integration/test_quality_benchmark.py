@@ -47,6 +47,28 @@ def test_quality_benchmark_runs_all_three_and_scores_them(tmp_path, tiny_dir):
     assert task["runs"]["loop"]["steps"] == task["runs"]["deltatune_loop_settings"]["steps"] == 2
     assert task["base_score"]["validation_loss"] > 0
     assert set(task["ratios"]) >= {"defaults_time_over_loop", "loop_settings_step_speedup"}
+    low, high = task["ratios"]["defaults_score_minus_loop_ci95"]
+    assert low <= task["ratios"]["defaults_score_minus_loop"] <= high
+    # --rescore scores the recorded adapters again and keeps the recorded times
+    times = {name: run["time_seconds"] for name, run in task["runs"].items()}
+    subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--small", "--tasks", "docstrings", "--model",
+                    str(tiny_dir), "--work", str(tmp_path / "work"), "--out", str(out), "--rescore"], check=True,
+                   capture_output=True)
+    [again] = json.loads(out.read_text())["tasks"]
+    assert again["rescored"] and {name: run["time_seconds"] for name, run in again["runs"].items()} == times
+    assert again["runs"]["loop"]["score"]["rougeL"] == task["runs"]["loop"]["score"]["rougeL"]  # greedy: the same
+
+
+def test_paired_bootstrap_interval():
+    from quality import paired_bootstrap
+
+    same = [0.2, 0.9, 0.5, 1.0]
+    assert paired_bootstrap(same, same) == (0.0, 0.0)
+    assert paired_bootstrap([x + 0.1 for x in same], same) == pytest.approx((0.1, 0.1))
+    ours, theirs = [1.0, 0.0, 1.0, 1.0, 0.5, 0.8] * 5, [0.9, 0.2, 1.0, 0.7, 0.5, 0.9] * 5
+    low, high = paired_bootstrap(ours, theirs)
+    mean = sum(a - b for a, b in zip(ours, theirs)) / len(ours)
+    assert low < mean < high and high - low < 0.2
 
 
 def test_sweep_writes_rows_and_a_plot(tmp_path, tiny_dir):

@@ -87,3 +87,15 @@ def test_mimalloc_runs_without_purging_unless_told_otherwise(monkeypatch, tmp_pa
 def test_other_allocators_get_no_mimalloc_settings():
     assert allocator_tuning("tcmalloc") == {} and allocator_tuning("jemalloc") == {}
     assert allocator_tuning("mimalloc") == {"MIMALLOC_PURGE_DELAY": "-1"}
+
+
+def test_a_bench_worker_for_glibc_drops_only_the_preloaded_allocator():
+    from deltatune.bench.run import worker_env
+
+    relaunched = {ACTIVE: "mimalloc", "LD_PRELOAD": "/w/libmimalloc.so.3:/opt/libmine.so", "MIMALLOC_PURGE_DELAY": "-1",
+                  "PATH": "/bin"}
+    assert worker_env("same", relaunched) == relaunched
+    assert worker_env("system", relaunched) == {"LD_PRELOAD": "/opt/libmine.so", "PATH": "/bin", SETTING: "system"}
+    # a process that was not relaunched has no allocator of deltatune's in LD_PRELOAD to drop
+    assert worker_env("system", {"LD_PRELOAD": "/opt/libmine.so"}) == {"LD_PRELOAD": "/opt/libmine.so",
+                                                                       SETTING: "system"}

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..allocator import ACTIVE, SETTING, tuning_for
 from ..files import write_atomically, write_text_atomically
 from .cases import CASES
 
@@ -41,12 +42,28 @@ def versions() -> dict:
     return out
 
 
+def worker_env(allocator: str, env: Optional[dict] = None) -> dict:
+    """The environment of a worker: this process's (``same``), or without the allocator the
+    ``deltatune`` command preloaded into itself (``system``: glibc's malloc)."""
+    env = dict(os.environ if env is None else env)
+    if allocator == "system" and env.pop(ACTIVE, None):
+        # the command put its allocator first in LD_PRELOAD when it relaunched itself
+        rest = env.pop("LD_PRELOAD", "").split(":")[1:]
+        if rest:
+            env["LD_PRELOAD"] = ":".join(rest)
+        for name in tuning_for("mimalloc"):
+            env.pop(name, None)
+    if allocator == "system":
+        env[SETTING] = "system"
+    return env
+
+
 def run_one(spec: dict, log: Callable[[str], None]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, out_file = Path(tmp, "spec.json"), Path(tmp, "out.json")
         spec_file.write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, "-m", "deltatune.bench.worker", str(spec_file), str(out_file)],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=worker_env(spec.get("allocator", "same")))
         if proc.returncode != 0:
             lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
             log(f"{spec['case']['name']} / {spec['tool']}: failed: {lines[-1]}")
@@ -123,8 +140,18 @@ def markdown(result: dict) -> str:
     foot = (f"\n{result['device']}; {s['shape']} shape, batch {s['batch_size']} x {s['seq_len']}, {s['dtype']}, "
             f"LoRA r={s['r']} alpha={s['alpha']} on {_targets(s)}, {_optimizer_name(s)}, median of {s['steps']} "
             f"steps after {s['warmup']} warm-up; labels: {s['labels']} ({result['labelled_share']:.0%} of positions "
-            f"trained). Versions: {used}. Command: `{result['command']}`\n")
+            f"trained).{_allocators(result)} Versions: {used}. Command: `{result['command']}`\n")
     return head + "\n".join(body) + "\n" + foot
+
+
+def _allocators(result: dict) -> str:
+    """The host memory allocator each tool's runs used, where the rows record it (CPU runs)."""
+    if result["settings"].get("device") != "cpu":
+        return ""
+    used = {r["tool"]: r["allocator"] for r in result["rows"] if "allocator" in r}
+    if not used:
+        return ""
+    return " Memory allocator: " + ", ".join(f"{tool} {name}" for tool, name in used.items()) + "."
 
 
 def _targets(settings: dict) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..allocator import allocator_in_use
 from .cases import Case, load_base, quantized_folder, sft_batch
 from .moe import expert_notes, lora_targets
 
@@ -196,8 +197,8 @@ def measure(spec: dict) -> dict:
         memory["activations_mib"] = max(0.0, peak - rss_before)
     median = statistics.median(times)
     tokens = spec["batch"] * spec["seq_len"]
-    return {"tool": tool, "case": case.name, "median_step_s": median, "step_seconds": times,
-            "tokens_per_s": tokens / median, "peak_memory_mib": peak, "memory": memory,
+    return {"tool": tool, "case": case.name, "allocator": allocator_in_use(), "median_step_s": median,
+            "step_seconds": times, "tokens_per_s": tokens / median, "peak_memory_mib": peak, "memory": memory,
             "first_loss": first_loss, "trainable_parameters": sum(p.numel() for p in trainable),
             "flops_per_step": flops, **(expert_notes(tool, model) if case.experts else {})}
 

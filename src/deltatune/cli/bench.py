@@ -60,6 +60,8 @@ class BenchConfig:
     """Folder for bench.json, bench.md and bench.png; empty: runs/bench-<time>."""
     seed: int = 0
     """Seed for random shapes and adapter initialisation."""
+    peft_allocator: str = "same"
+    """Host memory allocator of the PEFT runs: same (the one this command runs under, deltatune's choice; see allocator.py) or system (glibc's malloc, as a plain Python script with PEFT runs on Linux)."""
 
 
 def _resolved(cfg: BenchConfig) -> BenchConfig:
@@ -103,6 +105,8 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
 
     if out.optimizer not in OPTIMIZERS:
         raise ValueError(f"--optimizer: {out.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if out.peft_allocator not in ("same", "system"):
+        raise ValueError(f"--peft-allocator: {out.peft_allocator!r} is not same or system")
     if out.labels not in ("answers", "all"):
         raise ValueError(f"--labels: {out.labels!r} is not answers or all")
     if out.shape not in ("default", *SHAPES, *MOE_SHAPES) and not (Path(out.shape) / "config.json").is_file():
@@ -134,7 +138,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             spec = {"tool": tool, "case": CASES[case].to_dict(), "device": cfg.device, "shape": cfg.shape,
                     "dtype": cfg.dtype, "batch": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
                     "alpha": cfg.alpha, "labels": cfg.labels, "optimizer": cfg.optimizer, "steps": cfg.steps,
-                    "warmup": cfg.warmup, "seed": cfg.seed, "count_flops": cfg.flops}
+                    "warmup": cfg.warmup, "seed": cfg.seed, "count_flops": cfg.flops,
+                    "allocator": "system" if tool == "peft" and cfg.peft_allocator == "system" else "same"}
             row = run_one(spec, log)
             if "error" not in row:
                 path = f", experts: {row['expert_path']}" if "expert_path" in row else ""
