@@ -111,6 +111,22 @@ def relaunch_with_allocator(argv: Sequence[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "deltatune", *argv], env)
 
 
+def without_preloaded_allocator(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` as it was before ``relaunch_with_allocator`` added its allocator (the library it put
+    first in ``LD_PRELOAD``, its settings, ``ACTIVE``), set to keep glibc's: for a child process
+    that should run as a plain Python process would."""
+    out = dict(env)
+    name = out.pop(ACTIVE, None)
+    if name:
+        rest = out.pop("LD_PRELOAD", "").split(":")[1:]
+        if rest:
+            out["LD_PRELOAD"] = ":".join(rest)
+        for setting in tuning_for(name):
+            out.pop(setting, None)
+    out[SETTING] = "system"
+    return out
+
+
 def allocator_in_use() -> str:
     """The allocator this process runs with: the preloaded one's name, or ``system``."""
     return os.environ.get(ACTIVE, "system")

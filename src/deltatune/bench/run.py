@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..allocator import ACTIVE, SETTING, tuning_for
+from ..allocator import without_preloaded_allocator
 from ..files import write_atomically, write_text_atomically
 from .cases import CASES
 
@@ -46,16 +46,7 @@ def worker_env(allocator: str, env: Optional[dict] = None) -> dict:
     """The environment of a worker: this process's (``same``), or without the allocator the
     ``deltatune`` command preloaded into itself (``system``: glibc's malloc)."""
     env = dict(os.environ if env is None else env)
-    if allocator == "system" and env.pop(ACTIVE, None):
-        # the command put its allocator first in LD_PRELOAD when it relaunched itself
-        rest = env.pop("LD_PRELOAD", "").split(":")[1:]
-        if rest:
-            env["LD_PRELOAD"] = ":".join(rest)
-        for name in tuning_for("mimalloc"):
-            env.pop(name, None)
-    if allocator == "system":
-        env[SETTING] = "system"
-    return env
+    return without_preloaded_allocator(env) if allocator == "system" else env
 
 
 def run_one(spec: dict, log: Callable[[str], None]) -> dict:
