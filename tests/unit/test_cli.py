@@ -147,3 +147,19 @@ def test_serve_help_and_bad_flags(capsys, tmp_path):
                         (["--batching", "sometimes"], "expected mixed or swap")):
         assert main(["serve", *argv]) == 2
         assert words in capsys.readouterr().err
+
+
+def test_a_torchrun_rank_exits_with_the_commands_code_and_its_output_flushed():
+    """Under torchrun the module ends with os._exit (see cli/__main__.py): output written before
+    it still arrives, and the command's exit code is the process's."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WORLD_SIZE": "2", "DELTATUNE_ALLOCATOR": "system"}
+    done = subprocess.run([sys.executable, "-m", "deltatune.cli", "plan"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0 and "fits:" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "deltatune.cli", "plan", "--labelled-share", "2"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--labelled-share" in bad.stderr
