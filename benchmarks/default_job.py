@@ -33,15 +33,21 @@ def record(run: Path, wall_seconds: float | None) -> dict:
     if not str(config["data"]["path"]).endswith("datasets/velmar/train.jsonl") or config["method"] != "lora":
         raise SystemExit(f"{run} is not a run of the default job (data {config['data']['path']}, "
                          f"method {config['method']})")
-    keep = ("trainable_parameters", "total_parameters", "steps", "seconds", "peak_memory_mib", "train_examples",
-            "validation_examples", "initial_validation_loss", "final_validation_loss", "evaluation_split",
-            "evaluation")
+    keep = ("trainable_parameters", "total_parameters", "steps", "seconds", "precision", "peak_memory_mib",
+            "train_examples", "validation_examples", "initial_validation_loss", "final_validation_loss",
+            "evaluation_split", "evaluation")
     return {"machine": machine(), "wall_seconds": wall_seconds, **{k: summary.get(k) for k in keep}}
 
 
 def machine() -> dict:
-    """The processor and CPU count a figure was measured on."""
-    return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+    """The processor (its model name where /proc/cpuinfo gives one) and CPU count a figure was measured on."""
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+            break
+    return {"processor": name, "cpus": os.cpu_count()}
 
 
 def main() -> None:

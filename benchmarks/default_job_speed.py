@@ -10,6 +10,8 @@ as the default job's figures).
     python benchmarks/default_job_speed.py --before f424d24      # about ten minutes on 2 cores
     python benchmarks/default_job_speed.py --before 08da1e7 --train-args="--quantize nf4" \
         --out benchmarks/default-job-speed-nf4-cpu.json          # the same job on a 4-bit base
+    python benchmarks/default_job_speed.py --before HEAD --before-args="--precision fp32" \
+        --out benchmarks/default-job-speed-precision-cpu.json    # precision auto against float32
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def run_job(src: Path, out: Path, train_args: list[str]) -> dict:
     return {"wall_seconds": wall, "train_seconds": summary["seconds"],
             "validation_loss_before": summary["initial_validation_loss"],
             "validation_loss_after": summary["final_validation_loss"], "evaluation_split": summary["evaluation_split"],
-            "exact_match": tuned["exact_match"], "rougeL": tuned["rougeL"]}
+            "exact_match": tuned["exact_match"], "rougeL": tuned["rougeL"], "precision": summary.get("precision")}
 
 
 def main() -> None:
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="the earlier git revision")
     parser.add_argument("--out", type=Path, default=HERE / "default-job-speed-cpu.json")
     parser.add_argument("--train-args", default="", help="arguments added to `deltatune train` in both runs")
+    parser.add_argument("--before-args", default="", help="arguments added to the earlier revision's run only")
     args = parser.parse_args()
     train_args = shlex.split(args.train_args)
     revision = subprocess.run(["git", "rev-parse", "--short", args.before], cwd=ROOT, check=True, capture_output=True,
@@ -59,7 +62,7 @@ def main() -> None:
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), revision], cwd=ROOT, check=True,
                        capture_output=True)
         try:
-            before = run_job(tree / "src", runs / "before", train_args)
+            before = run_job(tree / "src", runs / "before", train_args + shlex.split(args.before_args))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
         after = run_job(ROOT / "src", runs / "after", train_args)
@@ -67,7 +70,7 @@ def main() -> None:
     from default_job import machine
     from tables import default_job_speed_table
 
-    result = {"machine": machine(), "train_args": args.train_args,
+    result = {"machine": machine(), "train_args": args.train_args, "before_args": args.before_args,
               "before": {"revision": revision, **before}, "after": {"revision": now, **after},
               "speedup": before["train_seconds"] / after["train_seconds"]}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

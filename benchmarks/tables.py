@@ -104,7 +104,8 @@ def default_job_table(result: dict) -> str:
            ["steps", str(result["steps"])],
            ["validation loss before → after", f"{result['initial_validation_loss']:.3f} → "
                                                f"{result['final_validation_loss']:.3f}"],
-           ["loading and training (s)", f"{result['seconds']:.0f}"],
+           ["loading and training (s)", f"{result['seconds']:.0f}"
+                                        + (f" ({result['precision']})" if result.get("precision") else "")],
            ["peak memory (MiB)", f"{result['peak_memory_mib']:.0f}"],
            ["machine", f"{result['machine']['cpus']} CPUs, {result['machine']['processor']}"],
            ["scores below measured on", f"the {result['evaluation_split']} split"]]
@@ -116,7 +117,8 @@ def default_job_speed_table(result: dict) -> str:
     rows = []
     for key in ("before", "after"):
         r = result[key]
-        rows.append([f"{key} ({r['revision']})", f"{r['train_seconds']:.0f}", f"{r['wall_seconds']:.0f}",
+        code = f"{key} ({r['revision']}" + (f", {r['precision']})" if r.get("precision") else ")")
+        rows.append([code, f"{r['train_seconds']:.0f}", f"{r['wall_seconds']:.0f}",
                      f"{r['validation_loss_before']:.3f} → {r['validation_loss_after']:.3f}",
                      f"{r['exact_match']:.3f}", f"{r['rougeL']:.3f}"])
     return _table(["code", "loading + training (s)", "whole command (s)", "validation loss before → after",
@@ -158,7 +160,11 @@ def cpu_precision_table(result: dict) -> str:
     passes = result["runs"]["fp32"][0]["validation_passes"]
     table = _table(["precision", f"{result['steps']} steps (s), each run",
                     f"validation, {passes} passes (s), each run", "peak MiB"], rows)
-    return table + (f"\nbf16 / fp32 step time: {result['bf16_over_fp32']:.2f}. {result['machine']}, bf16 flags: "
+    probe = ""
+    if "bf16_matmul_speedup" in result:  # recorded since precision auto times a matmul on such CPUs
+        probe = (f" The timed matmul `precision: auto` decides by: bf16 {result['bf16_matmul_speedup']:.2f}x as fast "
+                 f"as float32, so auto takes {result['auto']}.")
+    return table + (f"\nbf16 / fp32 step time: {result['bf16_over_fp32']:.2f}.{probe} {result['machine']}, bf16 flags: "
                     f"{', '.join(result['bf16_flags']) or 'none'}; {result['threads']} threads, torch "
                     f"{result['torch']}. Command: `{result['command'].strip()}`\n")
 

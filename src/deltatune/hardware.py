@@ -1,23 +1,31 @@
 """What the machine computes fast: the training precision ``auto`` resolves to, and CPU threads.
 
 bf16 halves the bytes every matmul reads, but pays only where the hardware multiplies bf16
-faster than float32: CUDA devices that support it, and CPUs with AMX tiles. On a CPU with
-AVX512-BF16 but no AMX, bf16 autocast made the default job's steps 1.5-1.7x slower than float32
-(`python benchmarks/cpu_precision.py`, benchmarks/cpu-precision-cpu.json: the small matmuls of
-a 576-wide model gain nothing from the bf16 dot products, and the casts around them cost), and
-on an AVX2 CPU PyTorch converts bf16 to float32 around each matmul; ``auto`` keeps float32 on
-both.
+faster than float32: CUDA devices that support it, CPUs with AMX tiles, and some CPUs with
+AVX512-BF16 alone. Which of the last it is, the flags do not tell: on a 2-core Intel Xeon with
+AVX512-BF16 and no AMX, a bf16 matmul ran at about 0.6x float32's speed and bf16 autocast made
+the default job's steps 1.5-1.7x slower; on a 2-core AMD EPYC (Zen 4) with the same flags, bf16
+matmuls ran 2.2-4x faster than float32 and the default job's steps 1.5x faster
+(`python benchmarks/cpu_precision.py`, benchmarks/cpu-precision-cpu.json). So on such a CPU
+``auto`` times one matmul in each dtype (about 0.2 s, once per process) and takes bf16 where it
+is at least ``BF16_SPEEDUP_NEEDED`` times faster, enough to pay for the casts around it. On an
+AVX2 CPU PyTorch converts bf16 to float32 around each matmul, and ``auto`` keeps float32
+without timing anything.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 BF16_CPU_FLAGS = ("amx_bf16",)  # /proc/cpuinfo names of bf16 arithmetic faster than float32
+BF16_MAYBE_FAST_FLAGS = ("avx512_bf16",)  # bf16 dot products that may or may not beat float32: timed
+BF16_SPEEDUP_NEEDED = 1.5  # how much faster a bf16 matmul must be than float32 for autocast to pay
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -33,13 +41,40 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def cpu_has_fast_bf16(flags: Optional[set[str]] = None) -> bool:
-    """Whether this CPU multiplies bf16 faster than float32 (AMX; AVX512-BF16 alone is not, see above)."""
-    return bool(set(BF16_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_speedup(size: int = 1024, repeats: int = 3) -> float:
+    """How many times faster this CPU multiplies two ``size`` x ``size`` matrices in bf16 than
+    in float32 (the best of ``repeats`` timings of each, after one untimed run)."""
+
+    def best_seconds(dtype: torch.dtype) -> float:
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        a @ b  # the first call picks and prepares the kernel
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
 
 
-def auto_precision(device: torch.device, flags: Optional[set[str]] = None) -> str:
-    """``bf16`` where ``device`` computes it natively, else ``fp32``.
+def cpu_has_fast_bf16(flags: Optional[set[str]] = None,
+                      speedup: Callable[[], float] = bf16_matmul_speedup) -> bool:
+    """Whether this CPU multiplies bf16 fast enough for autocast to pay: AMX always; AVX512-BF16
+    where ``speedup()`` (a timed matmul) is at least ``BF16_SPEEDUP_NEEDED``; nothing else."""
+    flags = cpu_flags() if flags is None else flags
+    if set(BF16_CPU_FLAGS) & flags:
+        return True
+    if set(BF16_MAYBE_FAST_FLAGS) & flags:
+        return speedup() >= BF16_SPEEDUP_NEEDED
+    return False
+
+
+def auto_precision(device: torch.device, flags: Optional[set[str]] = None,
+                   speedup: Callable[[], float] = bf16_matmul_speedup) -> str:
+    """``bf16`` where ``device`` computes it fast (``cpu_has_fast_bf16`` on a CPU), else ``fp32``.
 
     Under bf16 autocast the adapter's weights, gradients and optimizer states stay float32
     (the master copy); only the matmuls read bf16.
@@ -47,7 +82,7 @@ def auto_precision(device: torch.device, flags: Optional[set[str]] = None) -> st
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if cpu_has_fast_bf16(flags) else "fp32"
+        return "bf16" if cpu_has_fast_bf16(flags, speedup) else "fp32"
     return "fp32"
 
 

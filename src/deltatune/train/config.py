@@ -106,7 +106,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0: no clipping)."""
     precision: str = "auto"
-    """fp32, bf16 or fp16 autocast (fp16 uses loss scaling); auto: bf16 where the device multiplies it faster (CUDA with bf16, CPUs with AMX), else fp32. Adapter weights and optimizer states stay float32 either way."""
+    """fp32, bf16 or fp16 autocast (fp16 uses loss scaling); auto: bf16 where the device multiplies it faster (CUDA with bf16, CPUs with AMX, CPUs with AVX512-BF16 where a timed matmul says so), else fp32. Adapter weights and optimizer states stay float32 either way."""
     compile: bool = False
     """Compile each transformer block with torch.compile: faster steps after a compile time up front (the log reports it), so it pays in long runs only; benchmarks/compile_step.py measures when on a machine."""
     distributed: str = "auto"
