@@ -38,11 +38,23 @@ def test_bench_runs_both_tools_and_writes_its_table(tmp_path):
     assert (out / "bench.png").stat().st_size > 0
 
 
+def test_bench_runs_both_tools_under_bf16_autocast_when_asked(tmp_path):
+    result = _bench(tmp_path, 32, "lora", "--precision", "bf16", "--no-flops")
+    assert {r["tool"]: r["precision"] for r in result["rows"]} == {"deltatune": "bf16", "peft": "bf16"}
+    fp32 = _bench(tmp_path / "fp32", 32, "lora", "--no-flops")
+    assert {r["precision"] for r in fp32["rows"]} == {"fp32"}
+    # bf16 matmuls really ran: the first loss moves off float32's, for both tools alike
+    ours, theirs = (result["summary"][0][tool]["first_loss"] for tool in ("deltatune", "peft"))
+    assert ours != fp32["summary"][0]["deltatune"]["first_loss"]
+    assert result["summary"][0]["same_first_loss"] is True, (ours, theirs)
+    assert "float32, bf16 autocast," in (tmp_path / "bench" / "bench.md").read_text()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--cases", "lora,qlora8"], "qlora8"), (["--shape", "nowhere"], "config.json"), (["--dtype", "fp8"], "fp8"),
     (["--r", "0", "--cases", "lora"], "--r"), (["--cases", "lora+offload"], "needs --device cuda"),
     (["--optimizer", "sgd"], "--optimizer"), (["--cases", "moe-lora"], "not a mixture-of-experts shape"),
-    (["--peft-allocator", "tcmalloc"], "--peft-allocator")])
+    (["--peft-allocator", "tcmalloc"], "--peft-allocator"), (["--precision", "fp16"], "--precision")])
 def test_bench_refuses_bad_settings(args, message, capsys):
     assert main(["bench", "--device", "cpu", *args]) == 2
     assert message in capsys.readouterr().err

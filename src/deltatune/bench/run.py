@@ -128,7 +128,8 @@ def markdown(result: dict) -> str:
                     f"| {work(ours)} |")
     s = result["settings"]
     used = ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v)
-    foot = (f"\n{result['device']}; {s['shape']} shape, batch {s['batch_size']} x {s['seq_len']}, {s['dtype']}, "
+    dtype = s["dtype"] + (", bf16 autocast" if s.get("precision") == "bf16" else "")
+    foot = (f"\n{result['device']}; {s['shape']} shape, batch {s['batch_size']} x {s['seq_len']}, {dtype}, "
             f"LoRA r={s['r']} alpha={s['alpha']} on {_targets(s)}, {_optimizer_name(s)}, median of {s['steps']} "
             f"steps after {s['warmup']} warm-up; labels: {s['labels']} ({result['labelled_share']:.0%} of positions "
             f"trained).{_allocators(result)} Versions: {used}. Command: `{result['command']}`\n")

@@ -151,12 +151,15 @@ def measure(spec: dict) -> dict:
 
     optimizer = make_optimizer(trainable, spec.get("optimizer", "adamw"), lr=1e-5, weight_decay=0.01)
 
+    precision = spec.get("precision", "fp32")
+
     def step() -> float:
-        if case.offload:
-            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if case.offload:
+                with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                    loss = loss_fn(batch)
+            else:
                 loss = loss_fn(batch)
-        else:
-            loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -197,7 +200,8 @@ def measure(spec: dict) -> dict:
         memory["activations_mib"] = max(0.0, peak - rss_before)
     median = statistics.median(times)
     tokens = spec["batch"] * spec["seq_len"]
-    return {"tool": tool, "case": case.name, "allocator": allocator_in_use(), "median_step_s": median,
+    return {"tool": tool, "case": case.name, "allocator": allocator_in_use(), "precision": precision,
+            "median_step_s": median,
             "step_seconds": times, "tokens_per_s": tokens / median, "peak_memory_mib": peak, "memory": memory,
             "first_loss": first_loss, "trainable_parameters": sum(p.numel() for p in trainable),
             "flops_per_step": flops, **(expert_notes(tool, model) if case.experts else {})}

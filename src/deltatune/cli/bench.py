@@ -40,6 +40,8 @@ class BenchConfig:
     """Tokens per row; 0: 256 on cpu, 2048 on cuda."""
     dtype: str = ""
     """float32 or bfloat16 for the base and the adapters; empty: float32 on cpu, bfloat16 on cuda."""
+    precision: str = "fp32"
+    """The step's arithmetic for every tool: fp32, bf16 (autocast: bf16 matmuls, weights and optimizer states as stored), or auto (what deltatune train picks on this device: bf16 on GPUs, and on CPUs that multiply bf16 faster than float32)."""
     r: int = 16
     """LoRA rank."""
     alpha: int = 32
@@ -101,6 +103,12 @@ def _resolved(cfg: BenchConfig) -> BenchConfig:
         raise ValueError(f"--tools: {bad_tools or out.tools} — choose from deltatune, peft")
     if out.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype: {out.dtype!r} is not float32 or bfloat16")
+    if out.precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"--precision: {out.precision!r} is not fp32, bf16 or auto")
+    if out.precision == "auto":
+        from ..hardware import auto_precision
+
+        out.precision = auto_precision(torch.device(device))
     from ..train.optimizers import OPTIMIZERS
 
     if out.optimizer not in OPTIMIZERS:
@@ -136,7 +144,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     for case in cfg.cases:
         for tool in tools_for(case, cfg.tools):
             spec = {"tool": tool, "case": CASES[case].to_dict(), "device": cfg.device, "shape": cfg.shape,
-                    "dtype": cfg.dtype, "batch": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
+                    "dtype": cfg.dtype, "precision": cfg.precision, "batch": cfg.batch_size, "seq_len": cfg.seq_len, "r": cfg.r,
                     "alpha": cfg.alpha, "labels": cfg.labels, "optimizer": cfg.optimizer, "steps": cfg.steps,
                     "warmup": cfg.warmup, "seed": cfg.seed, "count_flops": cfg.flops,
                     "allocator": "system" if tool == "peft" and cfg.peft_allocator == "system" else "same"}
